@@ -1,0 +1,3 @@
+"""trustray: trustworthy language models on Ray."""
+
+__version__ = "0.1.0"

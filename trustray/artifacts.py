@@ -1,0 +1,74 @@
+"""Self-describing artifact folders: contents plus `metadata.json`, written atomically, checked on reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+METADATA_FILE = "metadata.json"
+
+
+class ArtifactMismatchError(ValueError):
+    """An existing artifact was made with other settings than the ones asked for."""
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_metadata(folder: str | Path, expected: Mapping[str, Any], kind: str = "artifact") -> bool:
+    """True when `folder` holds a finished artifact whose metadata agrees with `expected` on every key given.
+
+    False when there is no finished artifact; `ArtifactMismatchError` naming the differing keys when there is
+    one made with other settings (reusing it silently would mix results of different configurations).
+    """
+    found = read_metadata(folder)
+    if found is None:
+        return False
+    differing = {key: (found.get(key), value) for key, value in expected.items() if found.get(key) != value}
+    if differing:
+        detail = "; ".join(f"{key}: found {old!r}, asked {new!r}" for key, (old, new) in sorted(differing.items()))
+        raise ArtifactMismatchError(
+            f"{kind} at {folder} was made with other settings ({detail}). "
+            f"Choose another output folder or delete it to rebuild."
+        )
+    return True
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_metadata(folder: str | Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `metadata.json` (with a creation time) into `folder`; returns what was written."""
+    record = {**metadata, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_text(Path(folder) / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True, default=str))
+    return record
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Framework-free algorithms: plain torch/numpy, never ray, fastapi or vllm."""

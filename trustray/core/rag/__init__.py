@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: passages, dense index, prompts, answer metrics."""

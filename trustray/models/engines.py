@@ -1,0 +1,365 @@
+"""Generation engines behind one protocol.
+
+`HFEngine` runs transformers (the embedded default on CPU); `VLLMEngine` runs vLLM, imported only when it is
+chosen. Everything above this module talks to the `Engine` protocol, never to a backend.
+
+A request is either a list of chat messages (`[{"role": ..., "content": ...}]`, rendered with the model's chat
+template) or a plain string prompt (sent as is, for `/v1/completions` and scoring).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, Union, runtime_checkable
+
+import torch
+from pydantic import Field
+
+from trustray.config import BaseConfig
+from trustray.models.sources import DEFAULT_CHAT_MODEL, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+Message = Mapping[str, str]
+Request = Union[str, Sequence[Message]]
+
+
+class SamplingParams(BaseConfig):
+    """Decoding settings shared by every engine (OpenAI semantics: temperature 0 means greedy)."""
+
+    max_tokens: int = Field(64, ge=1, le=4096, description="Most new tokens to generate.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 decodes greedily; above 0 samples.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    stop: list[str] = Field(default_factory=list, description="Generation ends before the first of these strings.")
+    seed: int | None = Field(None, description="Seed for sampling; None leaves the generator as it is.")
+
+
+class EngineConfig(BaseConfig):
+    """Which model to load and with which backend; resources are given to the actor, not here."""
+
+    model: str = Field(DEFAULT_CHAT_MODEL, description="Built-in name, local folder or Hugging Face id.")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="`auto` picks vLLM only when it imports and a GPU is visible, else transformers."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto` is bfloat16 on GPU and float32 on CPU."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Most sequences run through the model at once.")
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt plus completion, in tokens.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (None: torch's default).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM only: share of GPU memory to use.")
+    enable_lora: bool = Field(True, description="vLLM only: reserve LoRA slots so adapters can be loaded.")
+    max_lora_rank: int = Field(64, ge=1, description="vLLM only: largest LoRA rank that can be loaded.")
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model_name: str
+
+    def generate(
+        self, requests: Sequence[Request], sampling: SamplingParams, adapter: str | None = None
+    ) -> list[Completion]: ...
+
+    def stream(self, request: Request, sampling: SamplingParams, adapter: str | None = None) -> Iterator[str]: ...
+
+    def score(
+        self, prompts: Sequence[str], continuations: Sequence[str], adapter: str | None = None
+    ) -> list[list[float]]: ...
+
+    def load_adapter(self, name: str, path: str) -> None: ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor]) -> None: ...
+
+    def revert_delta(self, name: str) -> None: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def render(self, request: Request) -> str: ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` before the earliest stop string; report whether one was found."""
+    cut = min((index for s in stop if s and (index := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class HFEngine:
+    """transformers backend: batched generation, per-token scoring, peft LoRA adapters and weight deltas."""
+
+    def __init__(self, config: EngineConfig | None = None, device: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config or EngineConfig()
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model_name = self.config.model
+        path = resolve_model_source(self.config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        dtype = _resolve_dtype(self.config.dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.adapters: set[str] = set()
+        self._saved_weights: dict[str, dict[str, torch.Tensor]] = {}
+        # One model, many callers (Serve runs requests concurrently): forward passes are serialised.
+        self._lock = threading.RLock()
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def render(self, request: Request) -> str:
+        if isinstance(request, str):
+            return request
+        messages = [dict(message) for message in request]
+        if not messages:
+            raise ValueError("a chat request needs at least one message")
+        if self.tokenizer.chat_template is None:
+            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        if batch["input_ids"].shape[1] >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {batch['input_ids'].shape[1]} tokens does not fit max_model_len={self.config.max_model_len}"
+            )
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def _generate_kwargs(self, sampling: SamplingParams, prompt_len: int) -> dict:
+        max_new = min(sampling.max_tokens, self.config.max_model_len - prompt_len)
+        kwargs = {
+            "max_new_tokens": max_new,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+        }
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def _use_adapter(self, adapter: str | None):
+        """Context manager running the model with `adapter` active, or the base model when None."""
+        from contextlib import nullcontext
+
+        if adapter is None:
+            return self.model.disable_adapter() if self.adapters else nullcontext()
+        if adapter not in self.adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters)})")
+        self.model.set_adapter(adapter)
+        return nullcontext()
+
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        with self._lock:
+            if name in self.adapters:
+                self.model.delete_adapter(name)
+                self.adapters.discard(name)
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            self.adapters.add(name)
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self.adapters:
+                raise KeyError(f"adapter {name!r} is not loaded")
+            if len(self.adapters) == 1:
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
+            self.adapters.discard(name)
+
+    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor]) -> None:
+        """Add `delta` (parameter name → tensor) to the weights in place; `revert_delta(name)` undoes it exactly."""
+        with self._lock:
+            if name in self._saved_weights:
+                raise ValueError(f"a delta named {name!r} is already applied; revert it first")
+            params = dict(self.model.named_parameters())
+            missing = sorted(set(delta) - set(params))
+            if missing:
+                raise KeyError(f"delta names parameters the model lacks: {missing[:5]}")
+            saved = {}
+            for key, change in delta.items():
+                param = params[key]
+                if change.shape != param.shape:
+                    raise ValueError(f"delta for {key} has shape {tuple(change.shape)}, weight has {tuple(param.shape)}")
+                saved[key] = param.detach().clone()
+                param.data.add_(change.to(param.device, param.dtype))
+            self._saved_weights[name] = saved
+
+    def revert_delta(self, name: str) -> None:
+        with self._lock:
+            if name not in self._saved_weights:
+                raise KeyError(f"no delta named {name!r} is applied")
+            params = dict(self.model.named_parameters())
+            for key, original in self._saved_weights.pop(name).items():
+                params[key].data.copy_(original)
+
+    # -- generation --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, requests: Sequence[Request], sampling: SamplingParams, adapter: str | None = None
+    ) -> list[Completion]:
+        prompts = [self.render(request) for request in requests]
+        results: list[Completion] = []
+        with self._lock, self._use_adapter(adapter):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            for start in range(0, len(prompts), self.config.max_batch_size):
+                results.extend(self._generate_batch(prompts[start : start + self.config.max_batch_size], sampling))
+        return results
+
+    def _generate_batch(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Completion]:
+        batch = self._encode(prompts)
+        prompt_len = batch["input_ids"].shape[1]
+        output = self.model.generate(**batch, **self._generate_kwargs(sampling, prompt_len))
+        new_tokens = output[:, prompt_len:]
+        eos_ids = self._eos_ids()
+        completions = []
+        for row, mask in zip(new_tokens, batch["attention_mask"]):
+            ids = row.tolist()
+            ended = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+            if ended is not None:
+                ids = ids[:ended]
+            text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
+            n_completion = self.count_tokens(text) if stopped else len(ids)
+            completions.append(
+                Completion(
+                    text=text,
+                    prompt_tokens=int(mask.sum()),
+                    completion_tokens=n_completion,
+                    finish_reason="stop" if (ended is not None or stopped) else "length",
+                )
+            )
+        return completions
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def stream(self, request: Request, sampling: SamplingParams, adapter: str | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (the stop strings are honoured across pieces)."""
+        from transformers import TextIteratorStreamer
+
+        prompt = self.render(request)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(), self._lock, self._use_adapter(adapter):
+                    if sampling.seed is not None:
+                        torch.manual_seed(sampling.seed)
+                    batch = self._encode([prompt])
+                    kwargs = self._generate_kwargs(sampling, batch["input_ids"].shape[1])
+                    self.model.generate(**batch, **kwargs, streamer=streamer)
+            except BaseException as error:  # re-raised in the caller's thread below
+                errors.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        received, emitted = "", 0
+        # Hold back a tail that could be the start of a stop string split across pieces.
+        holdback = max((len(s) for s in sampling.stop), default=1) - 1
+        for piece in streamer:
+            received += piece
+            text, stopped = cut_at_stop(received, sampling.stop)
+            if stopped:
+                if len(text) > emitted:
+                    yield text[emitted:]
+                emitted = len(received)
+                break
+            if len(received) - holdback > emitted:
+                yield received[emitted : len(received) - holdback]
+                emitted = len(received) - holdback
+        if emitted < len(received):
+            yield received[emitted:]
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    # -- scoring -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(
+        self, prompts: Sequence[str], continuations: Sequence[str], adapter: str | None = None
+    ) -> list[list[float]]:
+        """Per-token log-probabilities of each continuation given its prompt (prompt and continuation are
+        tokenized separately and concatenated, so the continuation's tokens do not depend on the prompt)."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        pairs = []
+        for prompt, continuation in zip(prompts, continuations):
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not prompt_ids:
+                prompt_ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
+            pairs.append((prompt_ids, cont_ids))
+        results: list[list[float]] = []
+        pad = self.tokenizer.pad_token_id
+        with self._lock, self._use_adapter(adapter):
+            for start in range(0, len(pairs), self.config.max_batch_size):
+                chunk = pairs[start : start + self.config.max_batch_size]
+                length = max(len(p) + len(c) for p, c in chunk)
+                ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), length), dtype=torch.long)
+                for row, (p, c) in enumerate(chunk):  # right padding keeps positions aligned with a single run
+                    ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+                    mask[row, : len(p) + len(c)] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                for row, (p, c) in enumerate(chunk):
+                    positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=self.device)
+                    targets = torch.tensor(c, device=self.device)
+                    results.append(logprobs[row, positions, targets].tolist())
+        return results
+
+
+def vllm_available() -> bool:
+    """True when vllm imports and a CUDA GPU is visible (the only case `engine: auto` picks vLLM)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def create_engine(config: EngineConfig) -> Engine:
+    """Build the engine named by `config.engine` (`auto`: vLLM when available, else transformers)."""
+    choice = config.engine
+    if choice == "auto":
+        choice = "vllm" if vllm_available() else "hf"
+    if choice == "vllm":
+        from trustray.models.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
+    return HFEngine(config)

