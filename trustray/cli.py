@@ -1,0 +1,175 @@
+"""`trustray` command line: quickstart, serve, run <pipeline>, eval <what>."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+
+from trustray.runtime import apply_offline_defaults, setup_logging
+
+logger = logging.getLogger("trustray")
+
+# Pipelines runnable as `trustray run NAME --config FILE [key=value ...]` (each module has `main(argv)`).
+PIPELINES = {
+    "build_index": "trustray.pipelines.build_index",
+    "eval_rag": "trustray.pipelines.eval_rag",
+}
+EVALUATIONS = {"rag": "trustray.pipelines.eval_rag"}
+
+SAMPLE_QUESTIONS = [
+    "Who is the Eiffel Tower named after?",
+    "Which planet is the largest in the Solar System?",
+    "Who painted the Mona Lisa?",
+]
+
+
+def _pipeline_argv(args: argparse.Namespace) -> list[str]:
+    return (["--config", args.config] if args.config else []) + list(args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.pipeline not in PIPELINES:
+        raise SystemExit(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(sorted(PIPELINES))}")
+    importlib.import_module(PIPELINES[args.pipeline]).main(_pipeline_argv(args))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    module = importlib.import_module(EVALUATIONS[args.what])
+    summary = module.main(_pipeline_argv(args))
+    print(module.format_table(summary))
+    print(f"written: {summary['config']['output']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from trustray.config import load_config
+    from trustray.serve_apps.config import ServeConfig
+    from trustray.serve_apps.openai_app import run_app, shutdown
+
+    config = load_config(ServeConfig, args.config, args.overrides)
+    url = run_app(config)
+    print(f"serving the OpenAI-compatible API at {url}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Local Ray → embedded model → index (built or reused) → Serve on 127.0.0.1 → three questions over HTTP."""
+    import httpx
+    import ray
+
+    from trustray.actors.cluster import init_ray
+    from trustray.config import load_config
+    from trustray.models.sources import resolve_model_source
+    from trustray.pipelines import build_index
+    from trustray.serve_apps.config import ServeConfig
+    from trustray.serve_apps.openai_app import run_app, shutdown
+
+    started = time.perf_counter()
+    steps: list[tuple[str, float]] = []
+
+    def step(name: str, since: float) -> float:
+        now = time.perf_counter()
+        steps.append((name, now - since))
+        print(f"[{now - started:6.1f}s] {name} ({now - since:.1f}s)", flush=True)
+        return now
+
+    t = time.perf_counter()
+    init_ray()
+    t = step("local Ray started on 127.0.0.1", t)
+    resolve_model_source("smollm2-135m-instruct")
+    t = step("embedded chat model ready (smollm2-135m-instruct)", t)
+    index_config = load_config(build_index.BuildIndexConfig, None, args.index_overrides)
+    index_dir = build_index.run(index_config)
+    t = step(f"index ready at {index_dir}", t)
+    serve_config = load_config(
+        ServeConfig, None, [f"port={args.port}", f"rag.index_dir={index_dir}", *args.serve_overrides]
+    )
+    url = run_app(serve_config)
+    t = step(f"Serve app up at {url}", t)
+
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for question in SAMPLE_QUESTIONS:
+                asked = time.perf_counter()
+                response = client.post(
+                    "/v1/chat/completions",
+                    json={"model": "rag", "messages": [{"role": "user", "content": question}], "max_tokens": 48},
+                )
+                response.raise_for_status()
+                body = response.json()
+                elapsed = time.perf_counter() - asked
+                print(f"\nQ: {question}\nA: {body['choices'][0]['message']['content'].strip()}")
+                for source in body.get("sources", []):
+                    print(f"   source: {source['title']} ({source['id']}, score {source['score']:.3f})")
+                usage = body["usage"]
+                print(
+                    f"   {elapsed:.2f}s, prompt {usage['prompt_tokens']} tokens "
+                    f"(retrieved context {usage.get('context_tokens', 0)}), answer {usage['completion_tokens']} tokens"
+                )
+        t = step("answered 3 questions over HTTP", t)
+        if args.serve:
+            print(f"\nserving at {url}/v1 (Ctrl-C stops)", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+        ray.shutdown()
+    print(f"\nquickstart finished in {time.perf_counter() - started:.1f}s", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trustray", description="Trustworthy language models on Ray.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quick = commands.add_parser("quickstart", help="RAG chat service on the embedded default, end to end")
+    quick.add_argument("--serve", action="store_true", help="keep serving after the sample questions")
+    quick.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    quick.add_argument("--index", dest="index_overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="overrides for the index build (e.g. limit=500)")
+    quick.add_argument("--serve-config", dest="serve_overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="overrides for the Serve app")
+    quick.set_defaults(func=cmd_quickstart)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible Serve app until Ctrl-C")
+    serve.add_argument("--config", help="YAML, e.g. configs/serve/cpu.yaml")
+    serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    serve.set_defaults(func=cmd_serve)
+
+    run = commands.add_parser("run", help="run a pipeline")
+    run.add_argument("pipeline", help=f"one of: {', '.join(sorted(PIPELINES))}")
+    run.add_argument("--config", help="YAML preset, e.g. configs/build_index/cpu.yaml")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run.set_defaults(func=cmd_run)
+
+    evaluate = commands.add_parser("eval", help="run an evaluation")
+    evaluate.add_argument("what", choices=sorted(EVALUATIONS))
+    evaluate.add_argument("--config", help="YAML preset, e.g. configs/eval_rag/cpu.yaml")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
