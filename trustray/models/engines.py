@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Union, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import Field
@@ -24,7 +24,7 @@ from trustray.models.sources import DEFAULT_CHAT_MODEL, resolve_model_source
 logger = logging.getLogger(__name__)
 
 Message = Mapping[str, str]
-Request = Union[str, Sequence[Message]]
+Request = str | Sequence[Message]
 
 
 class SamplingParams(BaseConfig):
@@ -96,6 +96,64 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def render_request(tokenizer, request: Request) -> str:
+    """Prompt text for a request: chat messages go through the tokenizer's chat template, strings pass as is."""
+    if isinstance(request, str):
+        return request
+    messages = [dict(message) for message in request]
+    if not messages:
+        raise ValueError("a chat request needs at least one message")
+    if getattr(tokenizer, "chat_template", None) is None:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_pairs(
+    tokenizer, prompts: Sequence[str], continuations: Sequence[str], max_model_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each (prompt, continuation) for scoring, tokenized separately so the continuation's tokens
+    do not depend on the prompt; an empty prompt becomes one BOS (or EOS) token to condition on."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    pairs = []
+    for prompt, continuation in zip(prompts, continuations, strict=True):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        if not prompt_ids:
+            bos = tokenizer.bos_token_id
+            prompt_ids = [bos if bos is not None else tokenizer.eos_token_id]
+        cont_ids = tokenizer.encode(continuation, add_special_tokens=False)
+        if len(prompt_ids) + len(cont_ids) > max_model_len:
+            raise ValueError(
+                f"prompt plus continuation of {len(prompt_ids) + len(cont_ids)} tokens does not fit "
+                f"max_model_len={max_model_len}"
+            )
+        pairs.append((prompt_ids, cont_ids))
+    return pairs
+
+
+def hf_parameter_name(name: str) -> str:
+    """A parameter's plain Hugging Face name: drops the prefix and `.base_layer` that LoRA wrapping adds
+    (peft here, vLLM's LoRA layers there), so deltas keep naming the same weights with adapters loaded."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+class _StopOnStrings:
+    """Stopping criterion (transformers' `StoppingCriteria` interface): a row is done once its generated text
+    holds a stop string. transformers' own `stop_strings` also match across the end of the prompt, which would
+    end a completion early without any stop string in it."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
+        # A stop string completed by the newest token lies within its last 4 bytes per character (UTF-8), and
+        # every token holds at least one byte; two more tokens absorb a character cut at the window's start.
+        self.window = 4 * max(len(s) for s in self.stop) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        return torch.tensor([cut_at_stop(text, self.stop)[1] for text in texts], device=input_ids.device)
+
+
 def _resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
@@ -127,17 +185,10 @@ class HFEngine:
 
     # -- prompts -----------------------------------------------------------------------------------
     def render(self, request: Request) -> str:
-        if isinstance(request, str):
-            return request
-        messages = [dict(message) for message in request]
-        if not messages:
-            raise ValueError("a chat request needs at least one message")
-        if self.tokenizer.chat_template is None:
-            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_request(self.tokenizer, request)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
@@ -159,7 +210,11 @@ class HFEngine:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_StopOnStrings(self.tokenizer, sampling.stop, prompt_len)]
+            )
         return kwargs
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -202,26 +257,33 @@ class HFEngine:
         with self._lock:
             if name in self._saved_weights:
                 raise ValueError(f"a delta named {name!r} is already applied; revert it first")
-            params = dict(self.model.named_parameters())
+            params = self._parameters()
             missing = sorted(set(delta) - set(params))
             if missing:
                 raise KeyError(f"delta names parameters the model lacks: {missing[:5]}")
+            # Check every shape before touching any weight, so a bad delta leaves the model as it was.
+            for key, change in delta.items():
+                if change.shape != params[key].shape:
+                    raise ValueError(
+                        f"delta for {key} has shape {tuple(change.shape)}, weight has {tuple(params[key].shape)}"
+                    )
             saved = {}
             for key, change in delta.items():
-                param = params[key]
-                if change.shape != param.shape:
-                    raise ValueError(f"delta for {key} has shape {tuple(change.shape)}, weight has {tuple(param.shape)}")
-                saved[key] = param.detach().clone()
-                param.data.add_(change.to(param.device, param.dtype))
+                saved[key] = params[key].detach().clone()
+                params[key].data.add_(change.to(params[key].device, params[key].dtype))
             self._saved_weights[name] = saved
 
     def revert_delta(self, name: str) -> None:
         with self._lock:
             if name not in self._saved_weights:
                 raise KeyError(f"no delta named {name!r} is applied")
-            params = dict(self.model.named_parameters())
+            params = self._parameters()
             for key, original in self._saved_weights.pop(name).items():
                 params[key].data.copy_(original)
+
+    def _parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Base-model parameters by their Hugging Face names, whether or not peft adapters wrap them."""
+        return {hf_parameter_name(key): param for key, param in self.model.named_parameters() if "lora_" not in key}
 
     # -- generation --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -244,7 +306,7 @@ class HFEngine:
         new_tokens = output[:, prompt_len:]
         eos_ids = self._eos_ids()
         completions = []
-        for row, mask in zip(new_tokens, batch["attention_mask"]):
+        for row, mask in zip(new_tokens, batch["attention_mask"], strict=True):
             ids = row.tolist()
             ended = next((i for i, token in enumerate(ids) if token in eos_ids), None)
             if ended is not None:
@@ -317,15 +379,7 @@ class HFEngine:
     ) -> list[list[float]]:
         """Per-token log-probabilities of each continuation given its prompt (prompt and continuation are
         tokenized separately and concatenated, so the continuation's tokens do not depend on the prompt)."""
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        pairs = []
-        for prompt, continuation in zip(prompts, continuations):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            if not prompt_ids:
-                prompt_ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
-            pairs.append((prompt_ids, cont_ids))
+        pairs = tokenize_pairs(self.tokenizer, prompts, continuations, self.config.max_model_len)
         results: list[list[float]] = []
         pad = self.tokenizer.pad_token_id
         with self._lock, self._use_adapter(adapter):

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from filelock import FileLock
@@ -97,14 +97,17 @@ def _manifest_ok(target: Path) -> bool:
     manifest_path = target / "trustray_manifest.json"
     if not manifest_path.is_file():
         return False
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("conversion_version") != _CONVERSION_VERSION:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:  # a damaged manifest is a damaged cache: convert again
+        return False
+    if not isinstance(manifest, dict) or manifest.get("conversion_version") != _CONVERSION_VERSION:
         return False
     weights = target / "model.safetensors"
-    return weights.is_file() and sha256_file(weights) == manifest["weights_sha256"]
+    return weights.is_file() and sha256_file(weights) == manifest.get("weights_sha256")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _prepare_builtin_chat_model() -> str:
     target = cache_dir() / "models" / DEFAULT_CHAT_MODEL
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,7 @@ def build_tiny_bert_embedder(folder: str | Path, seed: int = 0, hidden_size: int
     BertModel(config).save_pretrained(encoder_folder)
     tokenizer.save_pretrained(encoder_folder)
     transformer = models.Transformer(str(encoder_folder), max_seq_length=128)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(folder))
     return folder
 
