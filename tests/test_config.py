@@ -59,7 +59,6 @@ def test_override_values_are_typed():
     assert load_config(Train, overrides=["optimizer.name=a=b"]).optimizer.name == "a=b"  # split at the first =
 
 
-@pytest.mark.xfail(strict=True, reason="a numeric-looking value for a str field is parsed as a YAML int")
 def test_numeric_looking_string_override():
     assert load_config(Train, overrides=["optimizer.name=2024"]).optimizer.name == "2024"
 

@@ -18,7 +18,8 @@ ConfigT = TypeVar("ConfigT", bound="BaseConfig")
 class BaseConfig(BaseModel):
     """Base of every trustray config: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Overrides are parsed as YAML, so `name=2024` arrives as an int: let str fields take numbers.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
 
 
 class Resources(BaseConfig):

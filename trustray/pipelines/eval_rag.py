@@ -73,7 +73,7 @@ def run(config: EvalRagConfig) -> dict:
     rows = [{"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"]} for q in questions]
     for mode in config.modes:
         if mode == "rag":
-            requests = [rag_messages(q["question"], [(p.title, p.text) for p in ps]) for q, ps in zip(questions, passages)]
+            requests = [rag_messages(q["question"], [(p.title, p.text) for p in ps]) for q, ps in zip(questions, passages, strict=True)]
         else:
             requests = [closed_book_messages(q["question"]) for q in questions]
         started = time.perf_counter()
@@ -85,7 +85,7 @@ def run(config: EvalRagConfig) -> dict:
             "prompt_tokens_mean": sum(c.prompt_tokens for c in completions) / len(completions),
             "seconds_per_question": seconds / len(questions),
         }
-        for row, answer, golden, found in zip(rows, answers, goldens, passages):
+        for row, answer, golden, found in zip(rows, answers, goldens, passages, strict=True):
             row[mode] = {
                 "answer": answer,
                 "em": exact_match(answer, golden),
