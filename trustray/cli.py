@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -12,12 +11,8 @@ from trustray.runtime import apply_offline_defaults, setup_logging
 
 logger = logging.getLogger("trustray")
 
-# Pipelines runnable as `trustray run NAME --config FILE [key=value ...]` (each module has `main(argv)`).
-PIPELINES = {
-    "build_index": "trustray.pipelines.build_index",
-    "eval_rag": "trustray.pipelines.eval_rag",
-}
-EVALUATIONS = {"rag": "trustray.pipelines.eval_rag"}
+# `trustray eval WHAT` runs the pipeline module named here; `trustray run NAME` any module in trustray.pipelines.
+EVALUATIONS = {"rag": "eval_rag"}
 
 SAMPLE_QUESTIONS = [
     "Who is the Eiffel Tower named after?",
@@ -31,18 +26,31 @@ def _pipeline_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.pipeline not in PIPELINES:
-        raise SystemExit(f"unknown pipeline {args.pipeline!r}; choose from {', '.join(sorted(PIPELINES))}")
-    importlib.import_module(PIPELINES[args.pipeline]).main(_pipeline_argv(args))
+    from trustray.pipelines import load_pipeline, pipeline_main
+
+    try:
+        pipeline = load_pipeline(args.pipeline)
+    except ValueError as error:
+        raise SystemExit(f"{error}; available: {', '.join(available_pipelines())}") from error
+    pipeline_main(pipeline, _pipeline_argv(args), prog=f"trustray run {args.pipeline}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    module = importlib.import_module(EVALUATIONS[args.what])
-    summary = module.main(_pipeline_argv(args))
-    print(module.format_table(summary))
+    from trustray.pipelines import eval_rag, load_pipeline, pipeline_main
+
+    summary = pipeline_main(load_pipeline(EVALUATIONS[args.what]), _pipeline_argv(args), prog=f"trustray eval {args.what}")
+    print(eval_rag.format_table(summary))
     print(f"written: {summary['config']['output']}")
     return 0
+
+
+def available_pipelines() -> list[str]:
+    import pkgutil
+
+    import trustray.pipelines
+
+    return sorted(m.name for m in pkgutil.iter_modules(trustray.pipelines.__path__))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     run = commands.add_parser("run", help="run a pipeline")
-    run.add_argument("pipeline", help=f"one of: {', '.join(sorted(PIPELINES))}")
+    run.add_argument("pipeline", help="a module of trustray.pipelines, e.g. build_index")
     run.add_argument("--config", help="YAML preset, e.g. configs/build_index/cpu.yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     run.set_defaults(func=cmd_run)

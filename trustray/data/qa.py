@@ -64,7 +64,7 @@ def load_fanoutqa_single_hop() -> list[dict[str, Any]]:
     """Every single-hop question of FanOutQA dev (leaves of the decomposition trees), deduplicated by id.
 
     Identical sub-questions ("What is the capital of China?") recur under several parents with the same id;
-    the first occurrence is kept.
+    the first occurrence is kept. Questions whose answer is empty are skipped.
     """
     path = package_folder(FANOUTQA_PACKAGE) / FANOUTQA_DEV_FILE
     if not path.is_file():
@@ -75,8 +75,13 @@ def load_fanoutqa_single_hop() -> list[dict[str, Any]]:
     unique: dict[str, dict[str, Any]] = {}
     for row in rows:
         unique.setdefault(row["id"], row)
-    logger.debug("FanOutQA dev: %d single-hop questions, %d unique ids", len(rows), len(unique))
-    return list(unique.values())
+    # A question without a gold answer cannot be scored (one in dev 1.1.1: an empty string).
+    answered = [row for row in unique.values() if row["golden_answers"]]
+    logger.debug(
+        "FanOutQA dev: %d single-hop questions, %d unique ids, %d without an answer skipped",
+        len(rows), len(unique), len(unique) - len(answered),
+    )
+    return answered
 
 
 def rag_dev_ids() -> list[str]:

@@ -7,7 +7,6 @@ JSONL. The prompt is `trustray.core.rag.prompting`, the same one the service use
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -21,14 +20,14 @@ from trustray.actors.chat import start_chat_actor
 from trustray.actors.cluster import init_ray
 from trustray.actors.retriever import RetrieverActor
 from trustray.artifacts import atomic_write_text
-from trustray.config import BaseConfig, Resources, load_config
+from trustray.config import BaseConfig, Resources
 from trustray.core.rag.metrics import answer_contained, exact_match, score_answers, token_f1
 from trustray.core.rag.prompting import closed_book_messages, rag_messages
 from trustray.data.io import write_jsonl
 from trustray.data.qa import load_qa
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig, SamplingParams
-from trustray.runtime import machine_info, setup_logging
+from trustray.runtime import machine_info
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +119,18 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+PIPELINE = {"config": EvalRagConfig, "run": run}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m trustray.pipelines.eval_rag", description=__doc__)
-    parser.add_argument("--config", help="YAML preset, e.g. configs/eval_rag/cpu.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. top_k=5 chat.max_batch_size=8")
-    args = parser.parse_args(argv)
-    setup_logging()
-    summary = run(load_config(EvalRagConfig, args.config, args.overrides))
-    logging.getLogger(__name__).info("results:\n%s", format_table(summary))
+    from trustray.pipelines import pipeline_main
+
+    summary = pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.eval_rag")
+    logger.info("results:\n%s", format_table(summary))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    from trustray.pipelines.eval_rag import main as module_main
+
+    module_main()

@@ -48,8 +48,8 @@ class PassageIndex:
             raise ValueError(f"query dimension {queries.shape[1]} does not match the index dimension {self.dim}")
         scores, rows = self.index.search(queries, min(k, len(self)))
         return [
-            [Passage(self.ids[r], self.titles[r], self.texts[r], float(s)) for s, r in zip(srow, rrow) if r >= 0]
-            for srow, rrow in zip(scores, rows)
+            [Passage(self.ids[r], self.titles[r], self.texts[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
+            for srow, rrow in zip(scores, rows, strict=True)
         ]
 
     def save(self, folder: str | Path) -> None:

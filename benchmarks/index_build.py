@@ -1,0 +1,110 @@
+"""Index-build throughput: the build_index Ray Data pipeline vs a plain single-process sentence-transformers loop.
+
+Both embed the SAME passages (the ones the pipeline produced) with the built-in MiniLM, in this one process.
+The pipeline runs on local Ray with the cpu preset's pool (2 actors x 0.5 CPU, torch_threads=1 each); the loop
+is `Embedder.encode` in this process with torch's default threads.
+
+One-off startup is included on both sides: the pipeline's clock covers Ray worker start, torch import and model
+load in the actors, splitting and embedding; the loop's covers model load and encoding (torch is already imported
+in this process, so this favours the loop). Per-batch arrival times at the driver cannot isolate steady state:
+Ray Data hands the driver a few coalesced blocks, often all at once.
+
+    python benchmarks/index_build.py [--docs 2000|all] [--config configs/build_index/cpu.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULT = Path(__file__).resolve().parent / "results" / "index_build.json"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", default="2000", help="number of Wikipedia intros, or 'all' (10,033)")
+    parser.add_argument("--config", default=str(REPO / "configs/build_index/cpu.yaml"))
+    parser.add_argument("--output", default=str(RESULT))
+    parser.add_argument("overrides", nargs="*", help="build_index config overrides, e.g. resources.size=1")
+    args = parser.parse_args(argv)
+
+    from trustray.runtime import apply_offline_defaults, setup_logging
+
+    apply_offline_defaults()
+    setup_logging("WARNING")
+    import ray
+    import torch
+
+    from trustray.actors.cluster import init_ray
+    from trustray.config import load_config
+    from trustray.data.corpus import load_corpus
+    from trustray.models.embedders import Embedder, EmbedderConfig
+    from trustray.pipelines.build_index import BuildIndexConfig, collect_passages, passage_dataset
+
+    limit = None if args.docs == "all" else int(args.docs)
+    # Only the dataset plan is used: nothing is written to the config's output_dir.
+    config = load_config(BuildIndexConfig, args.config, args.overrides)
+    rows = load_corpus(config.corpus, limit)
+    init_ray()
+
+    start = time.perf_counter()
+    passages = collect_passages(passage_dataset(config, rows).iter_batches(batch_size=None, batch_format="numpy"))
+    pipeline_seconds = time.perf_counter() - start
+    count = len(passages["id"])
+    ray.shutdown()
+
+    # Loop: the same passage texts, one process, default torch threads (the driver has no thread limit set).
+    texts = passages["text"].tolist()
+    loop_config = EmbedderConfig(model=config.embedder.model, batch_size=config.embedder.batch_size)
+    start = time.perf_counter()
+    vectors = Embedder(loop_config).encode(texts)
+    loop_seconds = time.perf_counter() - start
+    max_diff = float(abs(vectors - passages["embedding"]).max())
+
+    pipeline_rate = count / pipeline_seconds
+    loop_rate = count / loop_seconds
+    result = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "torch_threads_loop": torch.get_num_threads(),
+            "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "docs": len(rows),
+        "passages": count,
+        "pipeline": {
+            "pool_size": config.resources.size,
+            "actor_num_cpus": config.resources.num_cpus,
+            "actor_torch_threads": config.embedder.torch_threads,
+            "batch_size": config.batch_size,
+            "embedder_batch_size": config.embedder.batch_size,
+            "passage_tokens": config.passage_tokens,
+        },
+        "startup": "included on both sides (pipeline: Ray workers, torch import and model load in the actors, "
+        "splitting; loop: model load in this process, torch already imported)",
+        "pipeline_seconds": round(pipeline_seconds, 2),
+        "loop_seconds": round(loop_seconds, 2),
+        "pipeline_passages_per_s": round(pipeline_rate, 2),
+        "loop_passages_per_s": round(loop_rate, 2),
+        "ratio": round(pipeline_rate / loop_rate, 3),
+        "max_abs_embedding_difference": max_diff,
+        "command": " ".join(["python", "benchmarks/index_build.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

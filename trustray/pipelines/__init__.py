@@ -1,0 +1,56 @@
+"""Ray Data / Ray Train jobs, one module per pipeline, each runnable as `python -m trustray.pipelines.X`.
+
+Convention: every pipeline module defines `PIPELINE = {"config": <BaseConfig subclass>, "run": run}` where
+`run(config)` does the work (connecting to Ray itself) and returns the artifact path, plus
+`main(argv=None)` that calls `pipeline_main(PIPELINE, argv, prog=...)`. `trustray run NAME --config F k=v`
+dispatches through `load_pipeline(NAME)` and `pipeline_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trustray.config import BaseConfig, load_config
+from trustray.runtime import setup_logging
+
+logger = logging.getLogger(__name__)
+
+PipelineSpec = dict[str, Any]
+
+
+def load_pipeline(name: str) -> PipelineSpec:
+    """The `PIPELINE` spec of `trustray.pipelines.<name>`, with a readable error for unknown names."""
+    try:
+        module = importlib.import_module(f"trustray.pipelines.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"trustray.pipelines.{name}":
+            raise
+        raise ValueError(f"unknown pipeline {name!r}") from error
+    spec = getattr(module, "PIPELINE", None)
+    if not isinstance(spec, dict) or not {"config", "run"} <= spec.keys():
+        raise ValueError(f"trustray.pipelines.{name} defines no PIPELINE = {{'config': ..., 'run': ...}}")
+    return spec
+
+
+def pipeline_main(pipeline: PipelineSpec, argv: list[str] | None = None, prog: str | None = None) -> Path:
+    """Parse `--config FILE` plus `key.sub=value` overrides, connect to Ray, run the pipeline."""
+    from trustray.actors.cluster import init_ray
+
+    parser = argparse.ArgumentParser(prog=prog, description=(pipeline["run"].__doc__ or "").strip() or None)
+    parser.add_argument("--config", help="YAML preset (e.g. configs/build_index/cpu.yaml)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as limit=100 embedder.batch_size=32")
+    args = parser.parse_args(argv)
+    setup_logging()
+    config_cls: type[BaseConfig] = pipeline["config"]
+    config = load_config(config_cls, args.config, args.overrides)
+    init_ray(args.address)
+    run: Callable[[BaseConfig], Path] = pipeline["run"]
+    result = run(config)
+    logger.info("done: %s", result)
+    return result

@@ -1,0 +1,257 @@
+"""Build a dense passage index on Ray Data: corpus rows -> sentence-aware passages -> embeddings -> FAISS.
+
+    python -m trustray.pipelines.build_index --config configs/build_index/cpu.yaml [key=value ...]
+
+The result is a self-describing folder (`index.faiss`, `passages.parquet`, `metadata.json`) written atomically;
+rerunning with the same settings reuses it, other settings raise `ArtifactMismatchError` unless `force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+import trustray
+from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
+from trustray.config import BaseConfig, Resources
+from trustray.core.rag.index import PassageIndex
+from trustray.core.rag.passages import split_passages
+from trustray.data.corpus import load_corpus
+from trustray.models.embedders import Embedder, EmbedderConfig
+from trustray.models.sources import model_fingerprint, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_KIND = "passage_index"
+# [CLS] and [SEP] are added around every passage when it is embedded.
+SPECIAL_TOKENS = 2
+# Documents per input block: Ray Data's default of one block per item makes thousands of tiny split tasks.
+DOCS_PER_BLOCK = 250
+
+
+class PoolResources(Resources):
+    """The embedding actor pool: how many actors and what each one reserves."""
+
+    size: int = Field(2, ge=1, description="Number of embedding actors in the Ray Data actor pool.")
+    num_cpus: float = Field(
+        0.5,
+        ge=0,
+        description="CPUs per embedding actor. Keep it fractional on small machines: whole-CPU actors can take "
+        "every CPU and starve Ray Data's read/split tasks, which then hang.",
+    )
+
+
+class BuildIndexConfig(BaseConfig):
+    corpus: str = Field("wiki", description="'wiki' (bundled Wikipedia intros) or a JSONL/Parquet corpus path.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N documents (None: all).")
+    output_dir: str = Field("outputs/index/wiki-minilm", description="Folder the index is written to.")
+    passage_tokens: int = Field(
+        200, ge=8, description="Token budget per passage (embedder tokens; MiniLM's max_seq_length is 256)."
+    )
+    overlap_sentences: int = Field(0, ge=0, description="Trailing sentences repeated at the next passage's start.")
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Passage embedder.")
+    batch_size: int = Field(256, ge=1, description="Passages per map_batches call on an embedding actor.")
+    resources: PoolResources = Field(default_factory=PoolResources, description="Embedding actor pool.")
+    force: bool = Field(False, description="Rebuild even when a matching or mismatching index exists.")
+
+
+def corpus_fingerprint(rows: list[dict[str, str]]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("id", "title", "text"):
+            digest.update(row[key].encode("utf-8"))
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def expected_metadata(config: BuildIndexConfig, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """What an existing index must agree on to be reused."""
+    return {
+        "kind": ARTIFACT_KIND,
+        "corpus": config.corpus,
+        "limit": config.limit,
+        "num_docs": len(rows),
+        "corpus_fingerprint": corpus_fingerprint(rows),
+        "embedder": config.embedder.model,
+        "embedder_fingerprint": model_fingerprint(config.embedder.model),
+        "normalize": config.embedder.normalize,
+        "passage_tokens": config.passage_tokens,
+        "overlap_sentences": config.overlap_sentences,
+        "trustray_version": trustray.__version__,
+    }
+
+
+def embedder_max_tokens(model: str) -> int | None:
+    """Tokens the embedder reads per text: sentence-transformers' max_seq_length (older folders record it in
+    `sentence_bert_config.json`), else the tokenizer's `model_max_length`; None when neither is recorded."""
+    folder = Path(resolve_model_source(model))
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get(key)
+            # Tokenizers without a limit record a huge sentinel (1e30) instead of leaving it out.
+            if isinstance(value, int) and value < 1_000_000:
+                return value
+    return None
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    # Cached per worker process: Ray Data reuses workers, so each loads the tokenizer once, not per row.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_source(model))
+
+
+def split_document(row: dict[str, Any], model: str, passage_tokens: int, overlap_sentences: int) -> list[dict]:
+    """One corpus row -> its passages `{id: "<doc_id>#<i>", doc_id, title, text, ...}`."""
+    tokenizer = _tokenizer(model)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    texts = split_passages(row["text"], passage_tokens, count_tokens, overlap_sentences)
+    return [
+        {
+            "id": f"{row['id']}#{i}",
+            "doc_id": row["id"],
+            "doc_rank": row["doc_rank"],
+            "passage_index": i,
+            "title": row["title"],
+            "text": text,
+        }
+        for i, text in enumerate(texts)
+    ]
+
+
+class EmbedBatch:
+    """Ray Data callable class: loads the embedder once per actor and adds an `embedding` column."""
+
+    def __init__(self, config: EmbedderConfig):
+        self.embedder = Embedder(config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["embedding"] = self.embedder.encode([str(text) for text in batch["text"]])
+        return batch
+
+
+def passage_dataset(config: BuildIndexConfig, rows: list[dict[str, str]]):
+    """The lazy Ray Data plan: corpus rows -> passages (tasks) -> passages with `embedding` (actor pool)."""
+    import ray
+
+    from trustray.actors.cluster import init_ray
+
+    init_ray()
+    items = [{**row, "doc_rank": rank} for rank, row in enumerate(rows)]
+    pool = config.resources
+    # At least two blocks per actor so every actor gets work, even for a small corpus.
+    num_blocks = min(len(items), max(2 * pool.size, -(-len(items) // DOCS_PER_BLOCK)))
+    return (
+        ray.data.from_items(items, override_num_blocks=num_blocks)
+        .flat_map(
+            split_document,
+            fn_kwargs={
+                "model": config.embedder.model,
+                "passage_tokens": config.passage_tokens,
+                "overlap_sentences": config.overlap_sentences,
+            },
+        )
+        .map_batches(
+            EmbedBatch,
+            fn_constructor_kwargs={"config": config.embedder},
+            compute=ray.data.ActorPoolStrategy(size=pool.size),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            batch_size=config.batch_size,
+            batch_format="numpy",
+        )
+    )
+
+
+def collect_passages(batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate embedded batches and sort them to corpus order."""
+    columns: dict[str, list] = {key: [] for key in ("id", "title", "text", "doc_rank", "passage_index", "embedding")}
+    for batch in batches:
+        for key in columns:
+            columns[key].append(batch[key])
+    if not columns["id"]:
+        raise ValueError("the corpus produced no passages (are all texts empty?)")
+    merged = {key: np.concatenate(parts) for key, parts in columns.items()}
+    # Blocks arrive in completion order; sort to corpus order so the same input gives the same index.
+    order = np.lexsort((merged["passage_index"], merged["doc_rank"]))
+    return {key: values[order] for key, values in merged.items()}
+
+
+def embed_passages(config: BuildIndexConfig, rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """Split and embed on Ray Data; returns the passages in corpus order with their vectors."""
+    dataset = passage_dataset(config, rows)
+    return collect_passages(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def run(config: BuildIndexConfig) -> Path:
+    """Build (or reuse) the passage index described by `config`; returns its folder."""
+    output_dir = Path(config.output_dir)
+    rows = load_corpus(config.corpus, config.limit)
+    expected = expected_metadata(config, rows)
+    if config.force:
+        if read_metadata(output_dir) is not None:
+            logger.info("force=true: rebuilding %s", output_dir)
+    elif check_metadata(output_dir, expected, kind="passage index"):
+        logger.info("reusing the passage index at %s (same corpus, embedder and settings)", output_dir)
+        return output_dir
+    max_tokens = embedder_max_tokens(config.embedder.model)
+    if max_tokens is not None and config.passage_tokens + SPECIAL_TOKENS > max_tokens:
+        raise ValueError(
+            f"passage_tokens={config.passage_tokens} does not fit the embedder's max_seq_length={max_tokens} "
+            f"(with {SPECIAL_TOKENS} special tokens); longer passages would be truncated when embedded"
+        )
+
+    start = time.perf_counter()
+    logger.info("building a passage index of %d documents from %r into %s", len(rows), config.corpus, output_dir)
+    passages = embed_passages(config, rows)
+    elapsed = time.perf_counter() - start
+    count = len(passages["id"])
+    index = PassageIndex(
+        passages["embedding"], passages["id"].tolist(), passages["title"].tolist(), passages["text"].tolist()
+    )
+    with atomic_folder(output_dir) as tmp:
+        index.save(tmp)
+        write_metadata(
+            tmp,
+            {
+                **expected,
+                "dim": index.dim,
+                "num_passages": count,
+                "build_seconds": round(elapsed, 2),
+                "config": config.model_dump(mode="json"),
+            },
+        )
+    logger.info("indexed %d passages from %d documents in %.1f s (%.1f passages/s)",
+                count, len(rows), elapsed, count / elapsed)
+    return output_dir
+
+
+PIPELINE = {"config": BuildIndexConfig, "run": run}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trustray.pipelines import pipeline_main
+
+    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.build_index")
+
+
+if __name__ == "__main__":
+    # Run through the importable module, not `__main__`: Ray pickles functions defined in `__main__` by value,
+    # and workers cannot resolve their module-level helpers.
+    from trustray.pipelines.build_index import main as module_main
+
+    module_main()
