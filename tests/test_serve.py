@@ -1,0 +1,253 @@
+"""The OpenAI-compatible Serve app with tiny models: the real `openai` client, streaming, RAG and bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from trustray.config import load_config
+from trustray.serve_apps.config import ServeConfig
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "tiny.yaml"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _build_index(folder: Path, embedder_dir: str) -> Path:
+    from trustray.artifacts import write_metadata
+    from trustray.core.rag.index import PassageIndex
+    from trustray.models.embedders import Embedder, EmbedderConfig
+    from trustray.models.tiny import TINY_CORPUS
+
+    embedder = Embedder(EmbedderConfig(model=embedder_dir, torch_threads=1))
+    texts = TINY_CORPUS[:10]
+    titles = [text.split(" is ")[0] for text in texts]
+    PassageIndex(embedder.encode(texts), [f"p{i}" for i in range(len(texts))], titles, texts).save(folder)
+    write_metadata(folder, {"embedder_model": embedder_dir, "embedder_fingerprint": embedder.fingerprint})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def serve_config(tiny_llama_dir, tiny_embedder_dir, tmp_path_factory) -> ServeConfig:
+    index_dir = _build_index(tmp_path_factory.mktemp("serve-index"), tiny_embedder_dir)
+    return load_config(
+        ServeConfig,
+        TINY_CONFIG,
+        [
+            f"port={_free_port()}",
+            f"chat.model={tiny_llama_dir}",
+            f"rag.index_dir={index_dir}",
+            f"rag.embedder.model={tiny_embedder_dir}",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, serve_config):
+    from trustray.serve_apps.openai_app import run_app, shutdown
+
+    base = run_app(serve_config)
+    yield base
+    # Later test modules need the CPUs the replicas hold.
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local_engine(serve_config):
+    from trustray.models.engines import HFEngine
+
+    return HFEngine(serve_config.chat)
+
+
+def test_models_lists_chat_and_rag(client, serve_config):
+    ids = [model.id for model in client.models.list().data]
+    assert ids == [serve_config.model_name, serve_config.rag.model_name]
+
+
+def test_chat_matches_in_process_engine(client, serve_config, local_engine):
+    from trustray.models.engines import SamplingParams
+
+    expected = local_engine.generate([MESSAGES], SamplingParams(max_tokens=12, temperature=0))[0]
+    response = client.chat.completions.create(
+        model=serve_config.model_name, messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    assert response.choices[0].message.content == expected.text
+    assert response.choices[0].finish_reason == expected.finish_reason
+    assert response.usage.prompt_tokens == expected.prompt_tokens
+    assert response.usage.completion_tokens == expected.completion_tokens
+
+
+def test_concurrent_requests_are_batched_and_agree(client, serve_config):
+    def ask(_: int) -> str:
+        response = client.chat.completions.create(
+            model=serve_config.model_name, messages=MESSAGES, max_tokens=8, temperature=0
+        )
+        return response.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert len(set(answers)) == 1
+
+
+def test_stream_equals_non_stream(client, serve_config):
+    kwargs = {"model": serve_config.model_name, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_completion(client, serve_config, local_engine):
+    from trustray.models.engines import SamplingParams
+
+    prompt = "The capital of Italy is"
+    expected = local_engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+    response = client.completions.create(model=serve_config.model_name, prompt=prompt, max_tokens=10, temperature=0)
+    assert response.object == "text_completion"
+    assert response.choices[0].text == expected.text
+    assert response.usage.total_tokens == expected.prompt_tokens + expected.completion_tokens
+
+
+def test_rag_chat_returns_sources_and_context_tokens(client, serve_config):
+    response = client.chat.completions.create(
+        model=serve_config.rag.model_name,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
+        max_tokens=8,
+        temperature=0,
+    )
+    sources = response.model_extra["sources"]
+    assert len(sources) == serve_config.rag.top_k
+    assert all(set(source) == {"id", "title", "score"} for source in sources)
+    usage = response.usage.model_extra
+    assert usage["context_tokens"] > 0
+    assert response.usage.prompt_tokens > usage["context_tokens"]
+
+
+def test_rag_stream_sends_sources_first(url, serve_config):
+    body = {"model": serve_config.rag.model_name, "messages": MESSAGES, "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    first = json.loads(events[0])
+    assert len(first["sources"]) == serve_config.rag.top_k
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def _assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+def _chat(model: str, **fields) -> dict:
+    return {"model": model, "messages": MESSAGES, "max_tokens": 4, **fields}
+
+
+def test_bad_requests_get_openai_errors(url, serve_config):
+    chat_url = f"{url}/v1/chat/completions"
+    name = serve_config.model_name
+    limit = serve_config.limits.max_tokens
+    with httpx.Client(timeout=60) as http:
+        post = http.post
+        _assert_error(post(chat_url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+        _assert_error(post(chat_url, json=["a", "list"]), 400)
+        _assert_error(post(chat_url, json={"messages": MESSAGES}), 400, param="model")
+        _assert_error(post(chat_url, json=_chat("no-such-model")), 404, param="model", code="model_not_found")
+        _assert_error(post(chat_url, json=_chat(name, messages=[])), 400, param="messages")
+        _assert_error(post(chat_url, json=_chat(name, max_tokens=0)), 400, param="max_tokens")
+        _assert_error(post(chat_url, json=_chat(name, max_tokens=-3)), 400, param="max_tokens")
+        _assert_error(post(chat_url, json=_chat(name, max_tokens=limit + 1)), 400, param="max_tokens")
+        _assert_error(post(chat_url, json=_chat(name, n=2)), 400, param="n")
+        _assert_error(post(chat_url, json=_chat(name, temperature=5)), 400, param="temperature")
+        bad_role = [{"role": "tool", "content": "x"}]
+        _assert_error(post(chat_url, json=_chat(name, messages=bad_role)), 400)
+        _assert_error(post(f"{url}/v1/completions", json={"model": name, "prompt": ["a", "b"]}), 400, param="prompt")
+        _assert_error(http.get(f"{url}/v1/nothing-here"), 404)
+
+
+def test_prompt_longer_than_context_is_400(url, serve_config):
+    long_text = "The capital of France is Paris. " * 200
+    with httpx.Client(timeout=60) as http:
+        for stream in (False, True):
+            chat = _chat(serve_config.model_name, messages=[{"role": "user", "content": long_text}], stream=stream)
+            response = http.post(f"{url}/v1/chat/completions", json=chat)
+            _assert_error(response, 400, code="context_length_exceeded")
+        completion = {"model": serve_config.model_name, "prompt": long_text, "max_tokens": 4}
+        _assert_error(http.post(f"{url}/v1/completions", json=completion), 400, code="context_length_exceeded")
+        # The service is still healthy afterwards.
+        assert http.get(f"{url}/healthz").json() == {"status": "ok"}
+
+
+def test_oversized_body_is_413(url, serve_config):
+    limit = serve_config.limits.max_body_bytes
+    big = _chat(serve_config.model_name, messages=[{"role": "user", "content": "x" * (limit + 10)}])
+    payload = json.dumps(big).encode()
+    with httpx.Client(timeout=60) as http:
+        _assert_error(http.post(f"{url}/v1/chat/completions", content=payload), 413, code="request_too_large")
+
+        def chunked():  # no Content-Length: the limit must hold on the bytes actually read
+            for start in range(0, len(payload), 8192):
+                yield payload[start : start + 8192]
+
+        response = http.post(f"{url}/v1/chat/completions", content=chunked())
+        assert "content-length" not in {key.lower() for key in response.request.headers}
+        _assert_error(response, 413, code="request_too_large")
+
+
+def test_index_built_with_another_embedder_is_rejected(tmp_path):
+    from trustray.artifacts import ArtifactMismatchError, write_metadata
+    from trustray.serve_apps.openai_app import check_index_embedder
+
+    write_metadata(tmp_path, {"embedder_fingerprint": "aaaa"})
+    with pytest.raises(ArtifactMismatchError, match="fingerprint"):
+        check_index_embedder(tmp_path, "some-embedder", "bbbb")
+    check_index_embedder(tmp_path, "some-embedder", "aaaa")
+
+
+def test_app_builder_and_serve_config_file(tiny_llama_dir):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from trustray.serve_apps.openai_app import app_builder
+
+    root = TINY_CONFIG.parents[2]
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "cluster" / "serve_config.yaml").read_text()))
+    target = schema.applications[0]
+    assert target.import_path == "trustray.serve_apps.openai_app:app_builder"
+    assert (root / target.args["config"]).is_file()
+    # Binding builds the deployment graph without starting anything.
+    app_builder({"config": str(TINY_CONFIG), "overrides": [f"chat.model={tiny_llama_dir}", "rag=null"]})
+    with pytest.raises(ValueError, match="unknown app_builder args"):
+        app_builder({"config": str(TINY_CONFIG), "extra": 1})

@@ -1,0 +1,137 @@
+"""Configuration of the OpenAI-compatible Serve application.
+
+What is served (`chat`, `rag`) and the request limits are kept apart from how it is deployed
+(`deployments`: per-deployment resources and autoscaling), so one app config runs on a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from trustray.config import BaseConfig, Resources
+from trustray.models.embedders import EmbedderConfig
+from trustray.models.engines import EngineConfig
+from trustray.models.sources import DEFAULT_CHAT_MODEL
+
+
+class AutoscalingOptions(BaseConfig):
+    """Replica count policy of one deployment (algorithm settings of the autoscaler, not resources)."""
+
+    min_replicas: int = Field(1, ge=1, description="Replicas kept running at all times.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas; equal to min_replicas gives a fixed count.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for (used when max > min)."
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingOptions:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class DeploymentOptions(BaseConfig):
+    """How one Serve deployment runs: resources per replica, replica autoscaling and admission limit."""
+
+    resources: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.25),
+        description="Ray resources per replica (fractional CPUs keep small machines from starving).",
+    )
+    autoscaling: AutoscalingOptions = Field(
+        default_factory=AutoscalingOptions, description="Replica count bounds and autoscaling target."
+    )
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests one replica accepts at once; more wait in the caller's queue."
+    )
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.resources.num_cpus, "num_gpus": self.resources.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        scaling = self.autoscaling
+        if scaling.max_replicas == scaling.min_replicas:
+            options["num_replicas"] = scaling.min_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": scaling.min_replicas,
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+            }
+        return options
+
+
+class DeploymentsConfig(BaseConfig):
+    """Options of each deployment in the application."""
+
+    chat: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(resources=Resources(num_cpus=0.5), max_ongoing_requests=16),
+        description="The replicas hosting the chat model engine.",
+    )
+    retriever: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="The replicas hosting the embedder and passage index."
+    )
+    ingress: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=128),
+        description="The FastAPI replicas parsing and validating HTTP requests.",
+    )
+
+
+class RagServeConfig(BaseConfig):
+    """Retrieval-augmented model exposed next to the chat model under its own public name."""
+
+    model_name: str = Field("rag", min_length=1, description="Public model name that selects retrieval.")
+    index_dir: str = Field(..., description="Passage index folder (index.faiss, passages.parquet, metadata.json).")
+    embedder: EmbedderConfig = Field(
+        default_factory=EmbedderConfig, description="Embedder of the questions; must be the one that built the index."
+    )
+    top_k: int = Field(3, ge=1, le=50, description="Passages retrieved and put in the prompt per question.")
+
+
+class LimitsConfig(BaseConfig):
+    """Bounds on what one HTTP request may ask for; beyond them the request gets a 4xx error."""
+
+    max_tokens: int = Field(1024, ge=1, le=4096, description="Largest accepted `max_tokens`.")
+    default_max_tokens: int = Field(256, ge=1, le=4096, description="`max_tokens` used when a request omits it.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body, in bytes (413 above).")
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request still unanswered after this long gets a 504 JSON error."
+    )
+
+    @model_validator(mode="after")
+    def _check_default(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens must not exceed max_tokens")
+        return self
+
+
+class ServeConfig(BaseConfig):
+    """The OpenAI-compatible application: chat model, optional RAG model, limits and deployment options."""
+
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    model_name: str = Field(
+        DEFAULT_CHAT_MODEL, min_length=1, description="Public name of the chat model in `/v1/models` and requests."
+    )
+    chat: EngineConfig = Field(default_factory=EngineConfig, description="The chat model served and its engine.")
+    rag: RagServeConfig | None = Field(None, description="Retrieval-augmented model; None serves chat only.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
+    batch_max_size: int = Field(
+        8, ge=1, description="Most concurrent non-streaming requests the chat deployment generates in one call."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a chat replica waits for more requests to fill a batch."
+    )
+    deployments: DeploymentsConfig = Field(
+        default_factory=DeploymentsConfig, description="Resources and autoscaling of each deployment."
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> ServeConfig:
+        if self.rag is not None and self.rag.model_name == self.model_name:
+            raise ValueError(f"rag.model_name and model_name are both {self.model_name!r}; give them distinct names")
+        return self
