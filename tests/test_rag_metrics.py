@@ -36,9 +36,12 @@ def test_score_answers_means():
         score_answers([], [])
 
 
-def test_rag_prompt_holds_passages_and_question():
+def test_rag_prompt_holds_passages_then_question():
     messages = rag_messages("Who?", [("Title A", "text a"), ("Title B", "text b")])
-    assert messages[-1] == {"role": "user", "content": "Who?"}
-    assert "[1] Title A\ntext a" in messages[0]["content"] and "[2] Title B" in messages[0]["content"]
+    assert len(messages) == 1 and messages[0]["role"] == "user"
+    content = messages[0]["content"]
+    assert content.startswith("Title A: text a\n\nTitle B: text b") and content.endswith("Question: Who?")
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert rag_messages("Who?", [("T", "x")], history)[:2] == history
     assert rag_messages("Who?", []) == closed_book_messages("Who?")
     assert format_passages([]) == ""

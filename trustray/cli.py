@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from trustray.runtime import apply_offline_defaults, setup_logging
 
@@ -21,8 +22,20 @@ SAMPLE_QUESTIONS = [
 ]
 
 
-def _pipeline_argv(args: argparse.Namespace) -> list[str]:
-    return (["--config", args.config] if args.config else []) + list(args.overrides)
+def _config_and_overrides(argv: list[str], prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", help="YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    # Intermixed: `--config F a=1` and `a=1 --config F` both work.
+    return parser.parse_intermixed_args(argv)
+
+
+def preset(pipeline: str, name: str = "cpu") -> Path:
+    """A YAML preset from the source tree's `configs/` folder."""
+    path = Path(__file__).resolve().parents[1] / "configs" / pipeline / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"preset {path} not found: presets live in the configs/ folder of the source tree")
+    return path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -32,14 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = load_pipeline(args.pipeline)
     except ValueError as error:
         raise SystemExit(f"{error}; available: {', '.join(available_pipelines())}") from error
-    pipeline_main(pipeline, _pipeline_argv(args), prog=f"trustray run {args.pipeline}")
+    pipeline_main(pipeline, args.args, prog=f"trustray run {args.pipeline}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from trustray.pipelines import eval_rag, load_pipeline, pipeline_main
 
-    summary = pipeline_main(load_pipeline(EVALUATIONS[args.what]), _pipeline_argv(args), prog=f"trustray eval {args.what}")
+    summary = pipeline_main(load_pipeline(EVALUATIONS[args.what]), args.args, prog=f"trustray eval {args.what}")
     print(eval_rag.format_table(summary))
     print(f"written: {summary['config']['output']}")
     return 0
@@ -58,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from trustray.serve_apps.config import ServeConfig
     from trustray.serve_apps.openai_app import run_app, shutdown
 
-    config = load_config(ServeConfig, args.config, args.overrides)
+    options = _config_and_overrides(args.args, "trustray serve")
+    config = load_config(ServeConfig, options.config, options.overrides)
     url = run_app(config)
     print(f"serving the OpenAI-compatible API at {url}/v1 (Ctrl-C stops)", flush=True)
     try:
@@ -97,11 +111,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     t = step("local Ray started on 127.0.0.1", t)
     resolve_model_source("smollm2-135m-instruct")
     t = step("embedded chat model ready (smollm2-135m-instruct)", t)
-    index_config = load_config(build_index.BuildIndexConfig, None, args.index_overrides)
+    index_config = load_config(build_index.BuildIndexConfig, preset("build_index"), args.index_overrides)
     index_dir = build_index.run(index_config)
     t = step(f"index ready at {index_dir}", t)
     serve_config = load_config(
-        ServeConfig, None, [f"port={args.port}", f"rag.index_dir={index_dir}", *args.serve_overrides]
+        ServeConfig, preset("serve"), [f"port={args.port}", f"rag.index_dir={index_dir}", *args.serve_overrides]
     )
     url = run_app(serve_config)
     t = step(f"Serve app up at {url}", t)
@@ -154,20 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=cmd_quickstart)
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible Serve app until Ctrl-C")
-    serve.add_argument("--config", help="YAML, e.g. configs/serve/cpu.yaml")
-    serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    serve.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
+                       help="e.g. --config configs/serve/cpu.yaml port=8001")
     serve.set_defaults(func=cmd_serve)
 
     run = commands.add_parser("run", help="run a pipeline")
     run.add_argument("pipeline", help="a module of trustray.pipelines, e.g. build_index")
-    run.add_argument("--config", help="YAML preset, e.g. configs/build_index/cpu.yaml")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
+                     help="e.g. --config configs/build_index/cpu.yaml limit=100")
     run.set_defaults(func=cmd_run)
 
     evaluate = commands.add_parser("eval", help="run an evaluation")
     evaluate.add_argument("what", choices=sorted(EVALUATIONS))
-    evaluate.add_argument("--config", help="YAML preset, e.g. configs/eval_rag/cpu.yaml")
-    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    evaluate.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
+                          help="e.g. --config configs/eval_rag/cpu.yaml top_k=5")
     evaluate.set_defaults(func=cmd_eval)
     return parser
 

@@ -30,7 +30,7 @@ class Embedder:
             torch.set_num_threads(self.config.torch_threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = SentenceTransformer(resolve_model_source(self.config.model), device=device)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.dim = int(self.model.get_embedding_dimension())
         self.fingerprint = model_fingerprint(self.config.model)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -45,7 +45,7 @@ def pipeline_main(pipeline: PipelineSpec, argv: list[str] | None = None, prog: s
     parser.add_argument("--config", help="YAML preset (e.g. configs/build_index/cpu.yaml)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as limit=100 embedder.batch_size=32")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging()
     config_cls: type[BaseConfig] = pipeline["config"]
     config = load_config(config_cls, args.config, args.overrides)

@@ -431,8 +431,8 @@ class OpenAIIngress:
 
     # -- retrieval -------------------------------------------------------------------------------------
     async def _augment(self, job: _Job, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Retrieve for the last user message and rebuild the conversation around the RAG prompt: the RAG
-        system message (with the client's own system instructions appended), earlier turns, the question."""
+        """Retrieve for the last user message and replace it with the RAG prompt (passages, then the question);
+        earlier turns, system messages included, stay as they were."""
         rag: RagServeConfig = self.config.rag
         if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             raise APIError(
@@ -441,14 +441,9 @@ class OpenAIIngress:
         question = messages[-1]["content"]
         passages: list[Passage] = (await self._await(self.retriever.retrieve.remote([question], rag.top_k)))[0]
         pairs = [(passage.title, passage.text) for passage in passages]
-        system, user = rag_messages(question, pairs)
-        instructions = [m["content"] for m in messages[:-1] if m["role"] == "system" and m["content"]]
-        if instructions:
-            system = {"role": "system", "content": "\n\n".join([system["content"], *instructions])}
-        turns = [m for m in messages[:-1] if m["role"] != "system"]
         job.sources = [{"id": p.id, "title": p.title, "score": p.score} for p in passages]
         job.context_text = format_passages(pairs)
-        return [system, *turns, user]
+        return rag_messages(question, pairs, history=messages[:-1])
 
     # -- generation ------------------------------------------------------------------------------------
     async def _await(self, response: Any) -> Any:
