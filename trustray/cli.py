@@ -17,8 +17,8 @@ EVALUATIONS = {"rag": "eval_rag"}
 
 SAMPLE_QUESTIONS = [
     "Who is the Eiffel Tower named after?",
-    "Which planet is the largest in the Solar System?",
-    "Who painted the Mona Lisa?",
+    "What is the highest mountain on Earth?",
+    "In which city is the Colosseum?",
 ]
 
 

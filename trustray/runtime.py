@@ -24,6 +24,8 @@ def apply_offline_defaults() -> None:
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # faiss logs each optional CPU-specific library it fails to find (avx512, avx2) at INFO as an exception.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def machine_info() -> dict:
