@@ -74,15 +74,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = _config_and_overrides(args.args, "trustray serve")
     config = load_config(ServeConfig, options.config, options.overrides)
     url = run_app(config)
+    try:
+        serve_until_interrupted(url)
+    finally:
+        shutdown()
+    return 0
+
+
+def serve_until_interrupted(url: str) -> None:
     print(f"serving the OpenAI-compatible API at {url}/v1 (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
-        shutdown()
-    return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -141,9 +146,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 )
         t = step("answered 3 questions over HTTP", t)
         if args.serve:
-            print(f"\nserving at {url}/v1 (Ctrl-C stops)", flush=True)
-            while True:
-                time.sleep(3600)
+            serve_until_interrupted(url)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,0 +1,45 @@
+"""The `trustray` command line: argument handling and dispatch to pipelines."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trustray import cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_config_and_overrides_in_any_order():
+    for argv in (["--config", "f.yaml", "a=1", "b.c=x"], ["a=1", "--config", "f.yaml", "b.c=x"]):
+        options = cli._config_and_overrides(argv, "trustray serve")
+        assert options.config == "f.yaml" and options.overrides == ["a=1", "b.c=x"]
+
+
+def test_subcommands_pass_their_arguments_through():
+    args = cli.build_parser().parse_args(["run", "build_index", "--config", "f.yaml", "limit=3"])
+    assert args.pipeline == "build_index" and args.args == ["--config", "f.yaml", "limit=3"]
+    args = cli.build_parser().parse_args(["eval", "rag", "top_k=2"])
+    assert args.what == "rag" and args.args == ["top_k=2"]
+
+
+def test_unknown_pipeline_names_the_available_ones():
+    with pytest.raises(SystemExit, match="build_index"):
+        cli.main(["run", "no_such_pipeline"])
+
+
+def test_presets_exist_for_the_quickstart():
+    assert cli.preset("build_index").is_file() and cli.preset("serve").is_file()
+    with pytest.raises(SystemExit, match="not found"):
+        cli.preset("serve", "no-such-preset")
+
+
+def test_run_build_index_from_the_command_line(tmp_path, tiny_embedder_dir, ray_local):
+    output = tmp_path / "index"
+    code = cli.main(
+        ["run", "build_index", "--config", str(CONFIGS / "build_index/tiny.yaml"), f"output_dir={output}",
+         f"embedder.model={tiny_embedder_dir}", "limit=12"]
+    )
+    assert code == 0
+    metadata = json.loads((output / "metadata.json").read_text())
+    assert metadata["num_docs"] == 12 and metadata["num_passages"] >= 12
