@@ -131,11 +131,32 @@ def chat_pool_file(tmp_path):
     return path
 
 
-def test_warmup_stage_on_ray_train(ray_local, tiny_llama_dir, chat_pool_file, tmp_path):
+@pytest.fixture
+def chat_targets_file(tmp_path):
+    from trustray.data.corpus import load_wiki_corpus
+
+    rows = [
+        {
+            "id": f"target-{doc['id']}",
+            "messages": [
+                {"role": "user", "content": f"What is {doc['title']}?"},
+                {"role": "assistant", "content": doc["text"][:120]},
+            ],
+            "task": f"task-{index % 2}",
+        }
+        for index, doc in enumerate(load_wiki_corpus(limit=46)[40:])
+    ]
+    path = tmp_path / "targets.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_influence_pipeline_on_ray(ray_local, tiny_llama_dir, chat_pool_file, chat_targets_file, tmp_path):
     from trustray.pipelines.influence import InfluenceConfig, run
 
     out = tmp_path / "influence"
-    overrides = [f"model={tiny_llama_dir}", f"data.pool={chat_pool_file}", f"output_dir={out}"]
+    overrides = [f"model={tiny_llama_dir}", f"data.pool={chat_pool_file}", f"output_dir={out}",
+                 f"scoring.targets={chat_targets_file}"]
     config = load_config(InfluenceConfig, "configs/influence/tiny.yaml", overrides)
     assert run(config) == out
     metadata = read_metadata(out / "warmup")
@@ -149,7 +170,20 @@ def test_warmup_stage_on_ray_train(ray_local, tiny_llama_dir, chat_pool_file, tm
         assert (folder / OPTIMIZER_FILE).is_file() and (folder / "adapter_config.json").is_file()
         assert json.loads((folder / CHECKPOINT_FILE).read_text())["step"] == checkpoint["step"]
 
-    assert run(config) == out  # same settings: reused, not retrained
+    # Stages b-e: reduction, train/target feature stores per checkpoint, scores and selection.
+    assert read_metadata(out / "reduction")["state"]["dim"] == 32
+    for role, count in (("train", 40), ("target", 6)):
+        for checkpoint in metadata["checkpoints"]:
+            store = read_metadata(out / "features" / role / checkpoint["path"])
+            assert store["finished"] and store["num_examples"] == count
+            assert store["precondition"] == (role == "train")
+    selection = [json.loads(line) for line in (out / "selection" / "selection.jsonl").read_text().splitlines()]
+    assert [row["rank"] for row in selection] == list(range(1, 11))  # 25% of 40
+    assert all(a["score"] >= b["score"] for a, b in zip(selection, selection[1:]))
+    subset = [json.loads(line) for line in (out / "selection" / "subset.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in subset] == [row["id"] for row in selection]
+
+    assert run(config) == out  # same settings: every stage reused, nothing retrained
     assert read_metadata(out / "warmup")["created_at"] == metadata["created_at"]
 
     changed = load_config(InfluenceConfig, "configs/influence/tiny.yaml", [*overrides, "warmup.learning_rate=0.01"])

@@ -5,6 +5,14 @@ their gradient features against target tasks.
 
 Stages, each reusing its finished artifact under `output_dir` when the settings match:
   (a) warmup: LoRA training on a random subset of the pool with Ray Train; checkpoints with AdamW state.
+  (b) reduction: fitted on per-example gradients of a pool sample at the last checkpoint (PCA, kron-PCA) or
+      built from its seed (random projections), saved with its basis hash.
+  (c) training features: per checkpoint, Adam-preconditioned (LESS) per-example LoRA gradients of the whole pool,
+      reduced, on a Ray Data actor pool, into a resumable sharded feature store.
+  (d) target features: per checkpoint, plain per-example gradients of the target examples.
+  (e) scores and selection: cosine (or inner product) per checkpoint, weighted by the checkpoint's learning
+      rate, max over target tasks of the mean over each task's examples; the top fraction written as a
+      selection file (id, score, rank) and as a training subset.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 import trustray
-from trustray.artifacts import check_metadata, read_metadata, write_metadata
+from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
 from trustray.config import BaseConfig
 from trustray.core.influence.batching import ResponseTruncatedError, encode_chat
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
@@ -62,6 +70,42 @@ class TrainResources(BaseConfig):
     )
 
 
+class FeatureSettings(BaseConfig):
+    """How gradients become features (stages b-d)."""
+
+    reduction: str = Field("sjlt", description="A name from trustray.core.influence.reductions.REDUCTIONS.")
+    dim: int | None = Field(8192, ge=1, description="Feature dimension (None with `none`: the LoRA size).")
+    seed: int = Field(0, description="Seed of random projections (identical on every worker).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Reduction options, e.g. {init: pca} for kron.")
+    fit_sample: int = Field(64, ge=2, description="Pool examples whose gradients fit PCA-type reductions.")
+    checkpoints: Literal["all", "last"] = Field("all", description="Warmup checkpoints to compute features at.")
+    precondition: bool = Field(True, description="Adam-preconditioned training features (LESS); targets stay SGD.")
+    shard_size: int = Field(256, ge=1, description="Examples per feature-store shard (the unit of resume).")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward/backward pass in a worker.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Stored feature precision.")
+
+
+class ScoringSettings(BaseConfig):
+    """How features become scores and a selection (stage e)."""
+
+    metric: Literal["cosine", "inner_product"] = Field("cosine", description="LESS uses cosine.")
+    top_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the pool selected.")
+    targets: str | None = Field(
+        None,
+        description="JSONL/Parquet of target rows {id, messages, task}; None with the wiki pool: held-out intros, "
+        "one task per topic.",
+    )
+
+
+class FeatureResources(BaseConfig):
+    """The gradient-feature actor pool; kept apart from the algorithm settings."""
+
+    pool_size: int = Field(2, ge=1, description="Feature actors (each holds the model).")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per actor: fractional on small machines or Ray Data hangs.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
+    torch_threads: int | None = Field(1, ge=1, description="torch threads per actor (None: torch's default).")
+
+
 class InfluenceConfig(BaseConfig):
     name: str = Field("default", description="Run name; the default output folder is outputs/influence/<name>.")
     model: str = Field(DEFAULT_CHAT_MODEL, description="Base chat model: built-in name, local folder or HF id.")
@@ -71,6 +115,9 @@ class InfluenceConfig(BaseConfig):
     warmup: WarmupSettings = Field(default_factory=WarmupSettings, description="Warmup optimisation.")
     output_dir: str | None = Field(None, description="Artifact folder (default outputs/influence/<name>).")
     train_resources: TrainResources = Field(default_factory=TrainResources, description="Warmup workers.")
+    features: FeatureSettings = Field(default_factory=FeatureSettings, description="Gradient features.")
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings, description="Scores and selection.")
+    feature_resources: FeatureResources = Field(default_factory=FeatureResources, description="Feature actors.")
 
     def output_path(self) -> Path:
         return Path(self.output_dir or f"outputs/influence/{self.name}")
@@ -259,13 +306,186 @@ def read_warmup_metadata(warmup_dir: Path) -> dict[str, Any]:
     return metadata
 
 
+# -- stage (b): the reduction ---------------------------------------------------------------------------
+def load_targets(config: InfluenceConfig) -> list[dict[str, Any]]:
+    """Target rows `{id, messages, task}`: the wiki pool's held-out intros (one task per topic) or a file."""
+    if config.scoring.targets is None:
+        if config.data.pool != "wiki":
+            raise ValueError("scoring.targets is required when the pool is not 'wiki'")
+        from trustray.data.instructions import build_instruction_pool
+
+        _, targets = build_instruction_pool(config.data.n_train, config.data.n_target_per_topic, config.data.seed)
+        return targets
+    from trustray.data.instructions import load_instruction_dataset
+
+    rows = load_instruction_dataset(config.scoring.targets)
+    return [{**row, "task": str(row.get("task") or "target")} for row in rows]
+
+
+def encodable(model: str, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """The rows whose response survives truncation to `max_length` (the others have no loss tokens)."""
+    _, skipped = encode_subset(model, rows, max_length)
+    dropped = set(skipped)
+    return [row for row in rows if str(row["id"]) not in dropped]
+
+
+def checkpoint_dirs(config: InfluenceConfig, warmup: dict[str, Any]) -> list[dict[str, Any]]:
+    """The warmup checkpoints features are computed at (all, or the last), each with its absolute path."""
+    chosen = warmup["checkpoints"] if config.features.checkpoints == "all" else warmup["checkpoints"][-1:]
+    folder = config.output_path().resolve() / WARMUP_DIR
+    return [{**item, "dir": str(folder / item["path"])} for item in chosen]
+
+
+def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[dict[str, Any]]) -> list:
+    """Per-example gradient batches of `rows` at one checkpoint, in this process (to fit the reduction)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trustray.core.influence.batching import collate
+    from trustray.core.influence.gradients import per_example_gradients
+    from trustray.core.influence.warmup import load_checkpoint
+
+    source = resolve_model_source(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, config.dtype))
+    model, _, _ = load_checkpoint(checkpoint_dir, base)
+    model.eval()
+    encoded = [encode_chat(tokenizer, row["messages"], config.data.max_length) for row in rows]
+    size = config.features.micro_batch_size
+    return [
+        per_example_gradients(model, collate(encoded[i : i + size], tokenizer.pad_token_id))
+        for i in range(0, len(encoded), size)
+    ]
+
+
+def run_reduction(config: InfluenceConfig, pool: list[dict[str, Any]], warmup: dict[str, Any]) -> Path:
+    """Stage (b): build the reduction, fit it when it learns from data, save it; returns its folder."""
+    from trustray.core.influence.reductions import make_reduction
+
+    settings = config.features
+    folder = config.output_path() / "reduction"
+    last = checkpoint_dirs(config, warmup)[-1]
+    expected = {
+        "kind": "influence_reduction",
+        "features": settings.model_dump(mode="json", include={"reduction", "dim", "seed", "options", "fit_sample"}),
+        "warmup_rows_fingerprint": warmup["warmup_rows_fingerprint"],
+        "fitted_at_step": last["step"],
+    }
+    if check_metadata(folder, expected, kind="influence reduction"):
+        return folder
+    reduction = make_reduction(settings.reduction, settings.dim, settings.seed, **settings.options)
+    # Random projections only need the gradient size; fitted ones get the whole sample.
+    count = settings.fit_sample if reduction.fitted else 2
+    sample = [pool[i] for i in sorted(random.Random(settings.seed).sample(range(len(pool)), min(count, len(pool))))]
+    start = time.perf_counter()
+    reduction.fit(sample_gradients(config, last["dir"], sample))
+    with atomic_folder(folder) as tmp:
+        reduction.save(tmp)
+        write_metadata(tmp, {**expected, "state": reduction.state(), "fit_seconds": round(time.perf_counter() - start, 2)})
+    logger.info("reduction %s: %s -> %s dims, saved in %s", reduction.name, reduction.input_dim, reduction.dim, folder)
+    return folder
+
+
+# -- stages (c) and (d): training and target features ---------------------------------------------------
+def run_features(
+    config: InfluenceConfig, rows: list[dict[str, Any]], role: Literal["train", "target"],
+    warmup: dict[str, Any], reduction_dir: Path,
+) -> list[Any]:
+    """Feature stores of `rows` at every chosen checkpoint (Adam-preconditioned training rows when configured)."""
+    from trustray.actors.influence import extract_features
+    from trustray.core.influence.reductions import Reduction
+
+    settings, resources = config.features, config.feature_resources
+    reduction = Reduction.load(reduction_dir)
+    precondition = settings.precondition and role == "train"
+    stores = []
+    for checkpoint in checkpoint_dirs(config, warmup):
+        folder = config.output_path() / "features" / role / checkpoint["path"]
+        metadata = {
+            "kind": "influence_features",
+            "role": role,
+            "model": config.model,
+            "model_fingerprint": warmup["model_fingerprint"],
+            "lora": warmup["lora"],
+            "checkpoint_step": checkpoint["step"],
+            "checkpoint_learning_rate": checkpoint["learning_rate"],
+            "reduction": reduction.state(),
+            "precondition": precondition,
+            "max_length": config.data.max_length,
+            "rows_fingerprint": rows_fingerprint(rows),
+        }
+        store = extract_features(
+            rows, store_dir=str(folder), store_metadata=metadata, dim=int(reduction.dim), dtype=settings.dtype,
+            model_source=config.model, checkpoint_dir=checkpoint["dir"], reduction_dir=str(reduction_dir),
+            max_length=config.data.max_length, shard_size=settings.shard_size,
+            micro_batch_size=settings.micro_batch_size, precondition=precondition, pool_size=resources.pool_size,
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, torch_threads=resources.torch_threads,
+        )
+        stores.append(store)
+    return stores
+
+
+# -- stage (e): scores and selection --------------------------------------------------------------------
+def run_selection(
+    config: InfluenceConfig, pool: list[dict[str, Any]], targets: list[dict[str, Any]],
+    warmup: dict[str, Any], train_stores: list[Any], target_stores: list[Any],
+) -> Path:
+    """LESS scores over checkpoints and target tasks, the top fraction as selection and subset files."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trustray.core.influence.scoring import (
+        aggregate_targets,
+        combine_checkpoints,
+        export_subset,
+        influence_scores,
+        select_top_fraction,
+        write_selection,
+    )
+
+    metric = config.scoring.metric
+    per_checkpoint, rates = [], []
+    ids: list[str] = []
+    target_ids: list[str] = []
+    for checkpoint, train_store, target_store in zip(
+        checkpoint_dirs(config, warmup), train_stores, target_stores, strict=True
+    ):
+        ids, train_blocks = train_store.load_blocks()
+        target_ids, target_features = target_store.load()
+        per_checkpoint.append(influence_scores(train_blocks, np.asarray(target_features, np.float32), metric))
+        rates.append(checkpoint["learning_rate"])
+    task_of = {str(row["id"]): row["task"] for row in targets}
+    scores = aggregate_targets(combine_checkpoints(per_checkpoint, rates), [task_of[i] for i in target_ids])
+    selection = select_top_fraction(scores, ids, config.scoring.top_fraction)
+
+    folder = config.output_path() / "selection"
+    with atomic_folder(folder) as tmp:
+        pq.write_table(pa.table({"id": ids, "score": scores.astype(np.float32)}), tmp / "scores.parquet")
+        write_selection(selection, tmp / "selection.jsonl")
+        export_subset(selection, pool, tmp / "subset.jsonl")
+        write_metadata(tmp, {
+            "kind": "influence_selection", "metric": metric, "top_fraction": config.scoring.top_fraction,
+            "checkpoints": [c["step"] for c in checkpoint_dirs(config, warmup)], "learning_rates": rates,
+            "num_pool": len(ids), "num_targets": len(target_ids), "num_selected": len(selection),
+            "tasks": sorted(set(task_of.values())),
+        })
+    logger.info("selected %d of %d examples into %s", len(selection), len(ids), folder)
+    return folder
+
+
 def run(config: InfluenceConfig) -> Path:
-    """Run the influence pipeline described by `config` (currently stage (a), the LoRA warmup); returns its
-    output folder."""
+    """Run the influence pipeline described by `config` (stages a-e); returns its output folder."""
     pool = load_pool(config.data)
     if not pool:
         raise ValueError(f"the training pool {config.data.pool!r} is empty")
-    run_warmup(config, pool)
+    warmup = run_warmup(config, pool)
+    pool = encodable(config.model, pool, config.data.max_length)
+    targets = encodable(config.model, load_targets(config), config.data.max_length)
+    reduction_dir = run_reduction(config, pool, warmup)
+    train_stores = run_features(config, pool, "train", warmup, reduction_dir)
+    target_stores = run_features(config, targets, "target", warmup, reduction_dir)
+    run_selection(config, pool, targets, warmup, train_stores, target_stores)
     return config.output_path()
 
 
