@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,7 +63,7 @@ def _fix_signs(basis: Tensor) -> Tensor:
     return basis * torch.where(signs == 0, 1.0, signs)
 
 
-class Reduction:
+class Reduction(ABC):
     """Base class: `fit` (a no-op unless fitted), `transform`, `state`, `save`/`load`."""
 
     name: ClassVar[str]
@@ -95,8 +96,9 @@ class Reduction:
         self._bind(flat.shape[1])
         return self._project(flat).float()
 
+    @abstractmethod
     def _project(self, flat: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Map flat per-example gradients `[B, D]` to features `[B, dim]`."""
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """Fitted parameters to save; empty for reductions reproducible from the seed alone."""
@@ -418,9 +420,12 @@ class KroneckerProjection(Reduction):
         _, vectors = torch.linalg.eigh(moment)
         return _fix_signs(vectors[:, -k:].flip(-1).float()).contiguous()
 
+    def _project(self, flat: Tensor) -> Tensor:
+        raise TypeError("kron: transform needs a GradientBatch (layer inputs and output gradients), not flat gradients")
+
     def transform(self, batch: GradientBatch | Tensor) -> Tensor:
         if not isinstance(batch, GradientBatch):
-            raise TypeError("kron: transform needs a GradientBatch (layer inputs and output gradients)")
+            return self._project(batch)
         if not self._is_fit:
             raise RuntimeError("kron: init='pca' needs fit() on a sample of gradients before transform()")
         self._bind_shapes(self._shapes(batch))
