@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="build_index config overrides, e.g. resources.size=1")
     args = parser.parse_args(argv)
 
-    from trustray.runtime import apply_offline_defaults, setup_logging
+    from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
 
     apply_offline_defaults()
     setup_logging("WARNING")
@@ -70,16 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline_rate = count / pipeline_seconds
     loop_rate = count / loop_seconds
     result = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "torch_threads_loop": torch.get_num_threads(),
-            "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-            "load_average_at_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "torch_threads_loop": torch.get_num_threads()},
         "docs": len(rows),
         "passages": count,
         "pipeline": {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -44,26 +43,6 @@ def _stats(latencies: list[float]) -> dict[str, float]:
     }
 
 
-def _machine(threads: int | None) -> dict:
-    import ray
-    import torch
-    import transformers
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "torch_threads": threads,
-        # Other work on the machine skews both sides; the load average says how quiet it was.
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "serve" / "cpu.yaml"))
@@ -75,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_overhead.json"))
     args = parser.parse_args()
 
-    from trustray.runtime import apply_offline_defaults
+    from trustray.runtime import apply_offline_defaults, machine_info
 
     apply_offline_defaults()
     import httpx
@@ -144,7 +123,7 @@ def main() -> None:
 
     base = _stats(baseline)
     report = {
-        "machine": {**_machine(config.chat.torch_threads), "load_avg_1m_at_start": load_at_start},
+        "machine": {**machine_info(), "torch_threads": config.chat.torch_threads, "load_avg_1m_at_start": load_at_start},
         "model": config.chat.model,
         "request": {"max_tokens": MAX_TOKENS, "temperature": 0, "messages": MESSAGES},
         "completion_tokens": {"all_equal_max_tokens": all(t == MAX_TOKENS for t in tokens_seen),

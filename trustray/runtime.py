@@ -41,6 +41,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        # Other work on the machine skews timings; the load average says how quiet it was.
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     try:
         import ray
