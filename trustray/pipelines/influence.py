@@ -398,6 +398,7 @@ def run_features(
     settings, resources = config.features, config.feature_resources
     reduction = Reduction.load(reduction_dir)
     precondition = settings.precondition and role == "train"
+    fingerprint = rows_fingerprint(rows)  # hashed once: the pool can be millions of rows
     stores = []
     for checkpoint in checkpoint_dirs(config, warmup):
         folder = config.output_path() / "features" / role / checkpoint["path"]
@@ -412,7 +413,7 @@ def run_features(
             "reduction": reduction.state(),
             "precondition": precondition,
             "max_length": config.data.max_length,
-            "rows_fingerprint": rows_fingerprint(rows),
+            "rows_fingerprint": fingerprint,
         }
         store = extract_features(
             rows, store_dir=str(folder), store_metadata=metadata, dim=int(reduction.dim), dtype=settings.dtype,
@@ -445,12 +446,11 @@ def run_selection(
     )
 
     metric = config.scoring.metric
+    checkpoints = checkpoint_dirs(config, warmup)
     per_checkpoint, rates = [], []
     ids: list[str] = []
     target_ids: list[str] = []
-    for checkpoint, train_store, target_store in zip(
-        checkpoint_dirs(config, warmup), train_stores, target_stores, strict=True
-    ):
+    for checkpoint, train_store, target_store in zip(checkpoints, train_stores, target_stores, strict=True):
         ids, train_blocks = train_store.load_blocks()
         target_ids, target_features = target_store.load()
         per_checkpoint.append(influence_scores(train_blocks, np.asarray(target_features, np.float32), metric))
@@ -466,7 +466,7 @@ def run_selection(
         export_subset(selection, pool, tmp / "subset.jsonl")
         write_metadata(tmp, {
             "kind": "influence_selection", "metric": metric, "top_fraction": config.scoring.top_fraction,
-            "checkpoints": [c["step"] for c in checkpoint_dirs(config, warmup)], "learning_rates": rates,
+            "checkpoints": [c["step"] for c in checkpoints], "learning_rates": rates,
             "num_pool": len(ids), "num_targets": len(target_ids), "num_selected": len(selection),
             "tasks": sorted(set(task_of.values())),
         })
