@@ -13,7 +13,7 @@ from trustray.runtime import apply_offline_defaults, setup_logging
 logger = logging.getLogger("trustray")
 
 # `trustray eval WHAT` runs the pipeline module named here; `trustray run NAME` any module in trustray.pipelines.
-EVALUATIONS = {"rag": "eval_rag"}
+EVALUATIONS = {"rag": "eval_rag", "influence": "eval_influence"}
 
 SAMPLE_QUESTIONS = [
     "Who is the Eiffel Tower named after?",
@@ -50,11 +50,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trustray.pipelines import eval_rag, load_pipeline, pipeline_main
+    import importlib
 
-    summary = pipeline_main(load_pipeline(EVALUATIONS[args.what]), args.args, prog=f"trustray eval {args.what}")
-    print(eval_rag.format_table(summary))
-    print(f"written: {summary['config']['output']}")
+    from trustray.pipelines import load_pipeline, pipeline_main
+
+    name = EVALUATIONS[args.what]
+    summary = pipeline_main(load_pipeline(name), args.args, prog=f"trustray eval {args.what}")
+    print(importlib.import_module(f"trustray.pipelines.{name}").format_table(summary))
     return 0
 
 
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="run an evaluation")
     evaluate.add_argument("what", choices=sorted(EVALUATIONS))
     evaluate.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
-                          help="e.g. --config configs/eval_rag/cpu.yaml top_k=5")
+                          help="e.g. --config configs/eval_rag/cpu.yaml top_k=5, "
+                          "--config configs/eval_influence/cpu.yaml lds.n_subsets=20")
     evaluate.set_defaults(func=cmd_eval)
     return parser
 

@@ -116,6 +116,7 @@ def format_table(summary: dict) -> str:
                 f"{mode:<12} {100 * m['em']:6.1f} {100 * m['f1']:6.1f} {100 * m['contains']:9.1f} "
                 f"{m['prompt_tokens_mean']:11.0f}"
             )
+    lines.append(f"written: {summary['config']['output']}")
     return "\n".join(lines)
 
 

@@ -66,12 +66,18 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_lengt
 def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` (-100 on padding).
 
+    Examples that carry `inputs_embeds` (`[T, H]` cached hidden states) are batched as `inputs_embeds` instead
+    of `input_ids`.
+
     Right padding keeps every example's real tokens at the same positions as when it is run alone, so
     per-example results do not depend on the batch it lands in.
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
     width = max(len(example["input_ids"]) for example in examples)
+    embedded = [example.get("inputs_embeds") for example in examples]
+    if any(state is not None for state in embedded) and any(state is None for state in embedded):
+        raise ValueError("either every example of a batch carries inputs_embeds or none does")
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -82,4 +88,12 @@ def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) 
         input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
         attention_mask[row, :length] = 1
         labels[row, :length] = torch.as_tensor(example["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if embedded[0] is None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    # Cached hidden states (see trustray.core.influence.prefix) replace the token ids as the model's input.
+    states = torch.zeros((len(examples), width, embedded[0].shape[-1]), dtype=embedded[0].dtype)
+    for row, state in enumerate(embedded):
+        if state.shape[0] != len(examples[row]["input_ids"]):
+            raise ValueError(f"example {row}: {state.shape[0]} cached states for {len(examples[row]['input_ids'])} tokens")
+        states[row, : state.shape[0]] = state
+    return {"inputs_embeds": states, "attention_mask": attention_mask, "labels": labels}

@@ -88,6 +88,18 @@ def _per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return token_loss.sum(dim=1) / counts
 
 
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's inputs of a collated batch: token ids, or cached hidden states as `inputs_embeds`."""
+    key = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
+    return {key: batch[key], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Each example's mean loss over its labelled tokens `[B]`, without gradients."""
+    return _per_example_loss(model(**model_inputs(batch)).logits, batch["labels"]).float()
+
+
 def _trainable_lora_params(modules: list[tuple[str, nn.Linear]]) -> list[Tensor]:
     params = [layer.weight for _, layer in modules]
     if not all(p.requires_grad for p in params):
@@ -126,7 +138,7 @@ def per_example_gradients(model: nn.Module, batch: dict[str, Tensor]) -> Gradien
         for name, layer in modules:
             handles.append(layer.register_forward_hook(forward_hook(name)))
             handles.append(layer.register_full_backward_hook(backward_hook(name)))
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        logits = model(**model_inputs(batch)).logits
         losses = _per_example_loss(logits, batch["labels"])
         with warnings.catch_warnings():
             # The first layer's input needs no gradient; the hook still gets the output gradient we want.

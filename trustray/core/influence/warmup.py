@@ -52,6 +52,11 @@ class LoraSettings(BaseConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Names of the linear modules that get adapters (Llama attention projections by default).",
     )
+    layers: list[int] | None = Field(
+        None,
+        description="Decoder layers that get adapters (negative indices count from the top: [-2, -1] = the last "
+        "two); None: every layer. Adapting only top layers lets the influence evaluation cache the frozen rest.",
+    )
 
 
 class WarmupSettings(BaseConfig):
@@ -73,12 +78,19 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings) -> Any:
     """Wrap a causal LM in fresh LoRA adapters; only the adapters are trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    layers = None
+    if settings.layers is not None:
+        count = model.config.num_hidden_layers
+        layers = sorted({index % count for index in settings.layers})
+        if any(not -count <= index < count for index in settings.layers):
+            raise ValueError(f"lora.layers {settings.layers} out of range for a model with {count} layers")
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
+        layers_to_transform=layers,
         bias="none",
     )
     return get_peft_model(model, config)
@@ -99,13 +111,15 @@ def train_lora(
     on_checkpoint: CheckpointCallback,
     rank: int = 0,
     world_size: int = 1,
+    progress_bar: bool = True,
 ) -> list[dict[str, float]]:
     """Train the trainable (LoRA) parameters of `model` on encoded examples; returns this rank's step log.
 
     `model` is a PeftModel, or one wrapped in DistributedDataParallel when `world_size > 1`; each rank takes
     an equal share of every epoch's shuffle (the remainder is dropped so all ranks step together).
     `on_checkpoint(step, learning_rate, peft_model, optimizer, epoch)` is called on every rank at each
-    checkpoint; `learning_rate` is the rate of the optimizer step just taken.
+    checkpoint; `learning_rate` is the rate of the optimizer step just taken. `progress_bar=False` keeps many
+    short trainings (the influence evaluation's retrains) from flooding the log.
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     peft_model = model.module if ddp else model
@@ -130,7 +144,7 @@ def train_lora(
     model.train()
     log: list[dict[str, float]] = []
     step = 0
-    progress = tqdm(total=total_steps, desc="warmup", disable=rank != 0)
+    progress = tqdm(total=total_steps, desc="warmup", disable=rank != 0 or not progress_bar)
     for epoch in range(settings.epochs):
         generator = torch.Generator().manual_seed(settings.seed + epoch)
         order = torch.randperm(len(examples), generator=generator)[: per_rank * world_size]
