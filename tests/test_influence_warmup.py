@@ -199,3 +199,35 @@ def test_wiki_pool_and_seeded_warmup_subset():
     subset = warmup_subset(pool, 0.1, seed=3)
     assert len(subset) == 4 and subset == warmup_subset(pool, 0.1, seed=3)
     assert subset != warmup_subset(pool, 0.1, seed=4)
+
+
+def test_pca_is_fitted_on_the_preconditioned_features_it_reduces(ray_local, tiny_llama_dir, chat_pool_file, tmp_path):
+    import random
+
+    from trustray.core.influence.reductions import Reduction
+    from trustray.pipelines.influence import (
+        InfluenceConfig,
+        checkpoint_dirs,
+        load_pool,
+        run_reduction,
+        run_warmup,
+        sample_gradients,
+    )
+
+    overrides = [f"model={tiny_llama_dir}", f"data.pool={chat_pool_file}", f"output_dir={tmp_path / 'out'}",
+                 "features.reduction=pca", "features.dim=4", "features.fit_sample=4"]
+    config = load_config(InfluenceConfig, "configs/influence/tiny.yaml", overrides)
+    pool = load_pool(config.data)
+    warmup = run_warmup(config, pool)
+    reduction = Reduction.load(run_reduction(config, pool, warmup))
+    sample = [pool[i] for i in sorted(random.Random(0).sample(range(len(pool)), 4))]
+    last = checkpoint_dirs(config, warmup)[-1]["dir"]
+    preconditioned = sample_gradients(config, last, sample, precondition=True)
+    plain = torch.cat([batch.flat() for batch in sample_gradients(config, last, sample, precondition=False)])
+
+    def unexplained(x: torch.Tensor) -> float:
+        return float((x - x @ reduction.basis @ reduction.basis.T).norm() / x.norm())
+
+    # Four directions fitted on four preconditioned gradients span them; the plain ones point elsewhere.
+    assert unexplained(preconditioned) < 1e-3
+    assert unexplained(plain) > 0.05

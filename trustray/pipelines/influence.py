@@ -5,8 +5,9 @@ their gradient features against target tasks.
 
 Stages, each reusing its finished artifact under `output_dir` when the settings match:
   (a) warmup: LoRA training on a random subset of the pool with Ray Train; checkpoints with AdamW state.
-  (b) reduction: fitted on per-example gradients of a pool sample at the last checkpoint (PCA, kron-PCA) or
-      built from its seed (random projections), saved with its basis hash.
+  (b) reduction: fitted on per-example gradients of a pool sample at the last checkpoint (PCA on the
+      Adam-preconditioned ones when the training features are preconditioned; kron-PCA on the layer factors)
+      or built from its seed (random projections), saved with its basis hash.
   (c) training features: per checkpoint, Adam-preconditioned (LESS) per-example LoRA gradients of the whole pool,
       reduced, on a Ray Data actor pool, into a resumable sharded feature store.
   (d) target features: per checkpoint, plain per-example gradients of the target examples.
@@ -336,30 +337,46 @@ def checkpoint_dirs(config: InfluenceConfig, warmup: dict[str, Any]) -> list[dic
     return [{**item, "dir": str(folder / item["path"])} for item in chosen]
 
 
-def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[dict[str, Any]]) -> list:
-    """Per-example gradient batches of `rows` at one checkpoint, in this process (to fit the reduction)."""
+def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[dict[str, Any]], precondition: bool) -> Any:
+    """Per-example gradients of `rows` at one checkpoint, in this process (to fit the reduction).
+
+    With `precondition`, the flat Adam-preconditioned gradients `[n, D]`: a fitted basis must describe the
+    features it will reduce, and training features are preconditioned. Otherwise the gradient batches (kron
+    needs their layer factors).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trustray.core.influence.batching import collate
-    from trustray.core.influence.gradients import per_example_gradients
+    from trustray.core.influence.gradients import (
+        adam_preconditioned,
+        flatten_optimizer_state,
+        per_example_gradients,
+    )
     from trustray.core.influence.warmup import load_checkpoint
 
     source = resolve_model_source(config.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     base = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, config.dtype))
-    model, _, _ = load_checkpoint(checkpoint_dir, base)
+    model, optimizer_state, _ = load_checkpoint(checkpoint_dir, base)
     model.eval()
     encoded = [encode_chat(tokenizer, row["messages"], config.data.max_length) for row in rows]
     size = config.features.micro_batch_size
-    return [
+    batches = [
         per_example_gradients(model, collate(encoded[i : i + size], tokenizer.pad_token_id))
         for i in range(0, len(encoded), size)
     ]
+    if not precondition:
+        return batches
+    exp_avg, exp_avg_sq, step = flatten_optimizer_state(model, optimizer_state)
+    group = optimizer_state["param_groups"][0]
+    flat = torch.cat([batch.flat() for batch in batches])
+    return adam_preconditioned(flat, exp_avg, exp_avg_sq, step, tuple(group["betas"]), group["eps"])
 
 
 def run_reduction(config: InfluenceConfig, pool: list[dict[str, Any]], warmup: dict[str, Any]) -> Path:
     """Stage (b): build the reduction, fit it when it learns from data, save it; returns its folder."""
+    from trustray.actors.influence import check_preconditionable
     from trustray.core.influence.reductions import make_reduction
 
     settings = config.features
@@ -367,18 +384,21 @@ def run_reduction(config: InfluenceConfig, pool: list[dict[str, Any]], warmup: d
     last = checkpoint_dirs(config, warmup)[-1]
     expected = {
         "kind": "influence_reduction",
-        "features": settings.model_dump(mode="json", include={"reduction", "dim", "seed", "options", "fit_sample"}),
+        "features": settings.model_dump(
+            mode="json", include={"reduction", "dim", "seed", "options", "fit_sample", "precondition"}
+        ),
         "warmup_rows_fingerprint": warmup["warmup_rows_fingerprint"],
         "fitted_at_step": last["step"],
     }
     if check_metadata(folder, expected, kind="influence reduction"):
         return folder
     reduction = make_reduction(settings.reduction, settings.dim, settings.seed, **settings.options)
+    check_preconditionable(reduction, settings.precondition)
     # Random projections only need the gradient size; fitted ones get the whole sample.
     count = settings.fit_sample if reduction.fitted else 2
     sample = [pool[i] for i in sorted(random.Random(settings.seed).sample(range(len(pool)), min(count, len(pool))))]
     start = time.perf_counter()
-    reduction.fit(sample_gradients(config, last["dir"], sample))
+    reduction.fit(sample_gradients(config, last["dir"], sample, settings.precondition and reduction.fitted))
     with atomic_folder(folder) as tmp:
         reduction.save(tmp)
         write_metadata(tmp, {**expected, "state": reduction.state(), "fit_seconds": round(time.perf_counter() - start, 2)})
