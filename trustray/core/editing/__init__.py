@@ -1,0 +1,1 @@
+"""Knowledge editing: editors (one registry), edit sets."""
