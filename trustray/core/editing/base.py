@@ -1,0 +1,123 @@
+"""The editor interface and registry: edit records in, one weight change per edited Linear module out.
+
+An edit record is the dict `trustray.data.edits` produces: `prompt`, `target_new`, `paraphrases` and
+`locality` (`[{prompt, answer}]`). Editors see conversations in chat format (user: prompt, assistant: answer),
+because that is how the deployed chat model is asked; the loss covers the answer tokens only
+(`trustray.core.influence.batching.encode_chat`). An editor never changes the model it is given: it returns
+`deltas` (`{module name: tensor shaped like weight}`), which `trustray.core.editing.editset.EditSet` applies,
+reverts, composes and exports.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from trustray.config import BaseConfig
+from trustray.core.influence.batching import ResponseTruncatedError, collate, encode_chat
+
+EditRecord = Mapping[str, Any]
+
+
+class EditModules(BaseConfig):
+    """Which Linear layers an editor changes: `model.layers.{i}.{module}` for each i in `layers`."""
+
+    layers: list[int] = Field(
+        default_factory=lambda: [-6, -5, -4, -3, -2, -1],
+        description="Decoder layers edited (negative indices count from the top; MALMEN edits the last six).",
+    )
+    module: str = Field("mlp.down_proj", description="The Linear module inside each layer (MLP output projection).")
+
+    def names(self, num_layers: int) -> list[str]:
+        if any(not -num_layers <= index < num_layers for index in self.layers):
+            raise ValueError(f"edit layers {self.layers} out of range for a model with {num_layers} layers")
+        return [f"model.layers.{index % num_layers}.{self.module}" for index in sorted({i % num_layers for i in self.layers})]
+
+
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], max_length: int = 128
+) -> list[dict[str, list[int]]]:
+    """Chat-format token ids with labels on the answer only; a pair whose answer is cut away is an error."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    encoded = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        try:
+            encoded.append(encode_chat(tokenizer, messages, max_length))
+        except ResponseTruncatedError as error:
+            raise ValueError(f"edit prompt too long for max_length={max_length}: {prompt[:80]!r}") from error
+    return encoded
+
+
+def batches(examples: Sequence[Mapping[str, Any]], size: int, device: torch.device | str) -> list[dict[str, Tensor]]:
+    """Right-padded batches of `size` encoded examples, on `device`."""
+    return [
+        {key: value.to(device) for key, value in collate(examples[start : start + size], 0).items()}
+        for start in range(0, len(examples), size)
+    ]
+
+
+class EditorSettings(BaseConfig):
+    """Settings every editor has; each editor extends this with its own (its `Settings` class)."""
+
+    modules: EditModules = Field(default_factory=EditModules, description="The Linear layers the editor changes.")
+    max_length: int = Field(128, ge=8, description="Tokens per (prompt, answer) conversation.")
+    batch_size: int = Field(16, ge=1, description="Conversations per forward/backward pass.")
+
+
+class Editor(ABC):
+    """Turns a batch of edit records into weight changes of the chosen modules of `model`.
+
+    Subclasses set `name` (the registry key), `Settings` (their pydantic settings, extending EditorSettings) and
+    `meta_learned` (True when the editor has parameters trained by `edit_train`, saved with `state_dict`).
+    """
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[EditorSettings]] = EditorSettings
+    meta_learned: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None) -> None:
+        self.settings = settings if isinstance(settings, self.Settings) else self.Settings.model_validate(settings or {})
+        self.model = model
+        self.tokenizer = tokenizer
+        self.module_names = self.settings.modules.names(model.config.num_hidden_layers)
+
+    @abstractmethod
+    def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
+        """`{module name: delta shaped like its weight}` writing every record's `target_new` at once."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"editor {self.name!r} has no trained parameters, got {len(state)} tensors")
+
+
+EDITORS: dict[str, type[Editor]] = {}
+
+
+def register(cls: type[Editor]) -> type[Editor]:
+    """Class decorator: adding an editor is one file and this one line."""
+    if cls.name in EDITORS:
+        raise ValueError(f"editor {cls.name!r} is registered twice")
+    EDITORS[cls.name] = cls
+    return cls
+
+
+def make_editor(
+    name: str, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None
+) -> Editor:
+    """An editor from the registry by name (settings validated by its `Settings`), readable error if unknown."""
+    # Importing the editor modules fills the registry.
+    from trustray.core.editing import finetune, malmen, mend  # noqa: F401
+
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
+    return EDITORS[name](model, tokenizer, settings)

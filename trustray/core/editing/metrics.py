@@ -1,0 +1,44 @@
+"""Edit metrics, teacher-forced: does the model predict every answer token given the prompt?
+
+ES / GS / LS in the editing literature are per-example token accuracies averaged over examples: the fraction of
+answer tokens that are the argmax of the model's next-token distribution when the previous gold tokens are fed.
+`exact` is stricter: every answer token right. For locality, `agreement` compares the edited model with the
+unedited one (same argmax) rather than with a gold answer a 135M model may never have known.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trustray.core.influence.gradients import model_inputs
+
+
+def _positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(mask over logits positions that predict a label, the labels they predict) — transformers alignment."""
+    targets = labels[:, 1:]
+    return targets != -100, targets
+
+
+@torch.no_grad()
+def answer_predictions(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(argmax predictions [B, T-1], targets [B, T-1], mask [B, T-1]) at the answer positions of a batch."""
+    logits = model(**model_inputs(batch)).logits[:, :-1]
+    mask, targets = _positions(batch["labels"])
+    return logits.argmax(dim=-1), targets, mask
+
+
+def token_accuracy(predictions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Per example: the fraction of answer tokens predicted right `[B]`."""
+    correct = ((predictions == targets) & mask).sum(dim=1).float()
+    return correct / mask.sum(dim=1).clamp(min=1)
+
+
+def exact_match(predictions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Per example: 1.0 when every answer token is predicted right `[B]`."""
+    return (((predictions == targets) | ~mask).all(dim=1)).float()
+
+
+def agreement(predictions: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """Per example: the fraction of answer positions where two models predict the same token `[B]`."""
+    return (((predictions == reference) & mask).sum(dim=1).float()) / mask.sum(dim=1).clamp(min=1)
