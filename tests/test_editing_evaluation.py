@@ -1,0 +1,79 @@
+"""Edit metrics on a tiny Llama: hand-checked accuracy, self-agreement, perplexity, generation hits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trustray.core.editing.base import encode_pairs
+from trustray.core.editing.evaluation import (
+    generation_scores,
+    locality_reference,
+    perplexity,
+    teacher_forced_scores,
+)
+from trustray.core.editing.metrics import agreement, exact_match, token_accuracy
+
+torch.set_num_threads(1)
+RECORDS = [
+    {"prompt": f"What is the colour of thing {i}?", "target_new": colour,
+     "paraphrases": [f"Thing {i} has which colour?", f"Colour of thing {i}?"],
+     "locality": [{"prompt": f"Where is city {i}?", "answer": "north"}]}
+    for i, colour in enumerate(["blue", "red", "green"])
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_llama_dir))
+
+
+def test_token_metrics_by_hand():
+    predictions = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    targets = torch.tensor([[1, 9, 3], [4, 5, 6]])
+    mask = torch.tensor([[False, True, True], [True, True, False]])
+    assert token_accuracy(predictions, targets, mask).tolist() == [0.5, 1.0]
+    assert exact_match(predictions, targets, mask).tolist() == [0.0, 1.0]
+    assert agreement(predictions, torch.tensor([[1, 2, 0], [4, 0, 6]]), mask).tolist() == [0.5, 0.5]
+
+
+def test_teacher_forced_scores_match_a_direct_computation(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    reference = locality_reference(model, tokenizer, RECORDS)
+    scores = teacher_forced_scores(model, tokenizer, RECORDS, reference)
+    assert scores["ls"] == 1.0  # the unedited model agrees with itself
+    expected = []
+    for record in RECORDS:
+        example = encode_pairs(tokenizer, [record["prompt"]], [record["target_new"]])[0]
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
+        with torch.no_grad():
+            argmax = model(input_ids=ids).logits[0, :-1].argmax(-1)
+        keep = labels[1:] != -100
+        expected.append(float((argmax[keep] == labels[1:][keep]).float().mean()))
+    assert scores["es"] == pytest.approx(sum(expected) / len(expected))
+    assert 0 <= scores["gs"] <= 1 and 0 <= scores["ls_gold"] <= 1 and scores["es_exact"] <= scores["es"] + 1e-9
+
+
+def test_perplexity_equals_the_exponentiated_mean_token_loss(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    text = "The tower stands in the old city near the river."
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert perplexity(model, tokenizer, [text]) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    with pytest.raises(ValueError, match="no text"):
+        perplexity(model, tokenizer, [""])
+
+
+def test_generation_scores_count_answers_that_contain_the_new_target():
+    def generate(prompts: list[str]) -> list[str]:
+        return ["It is Blue." if "thing 0" in p else "no idea" for p in prompts]
+
+    scores = generation_scores(generate, RECORDS)
+    assert scores["es_generate"] == pytest.approx(1 / 3)
+    assert scores["gs_generate"] == 0.0  # "Thing 0 has which colour?" does not contain "thing 0"
