@@ -1,0 +1,267 @@
+"""MALMEN on the tiny Llama: identity init, exact two-stage meta-gradient, bookkeeping, training, persistence, prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from trustray.core.editing.base import batches, encode_pairs
+from trustray.core.editing.editset import EditSet
+from trustray.core.editing.malmen import (
+    MalmenEditor,
+    RunningNormalizer,
+    ShiftNet,
+    _answer_nll,
+    _kl,
+)
+from trustray.core.editing.metrics import answer_predictions, token_accuracy
+from trustray.core.editing.ridge import ridge
+from trustray.models.tiny import TINY_CORPUS
+
+torch.set_num_threads(1)
+
+COLOURS = ["blue", "red", "green", "black", "white", "yellow"]
+CITIES = ["Paris", "Rome", "Cupertino", "Redmond"]
+
+
+def make_records(count: int, offset: int = 0) -> list[dict]:
+    """Synthetic edits "thing i has colour c", two paraphrases and two locality questions each."""
+    return [
+        {
+            "prompt": f"What is the colour of thing {i}?",
+            "target_new": COLOURS[(7 * i + 3) % len(COLOURS)],
+            "paraphrases": [f"Which colour does thing {i} have?", f"Thing {i} has what colour?"],
+            "locality": [
+                {"prompt": f"Where is city {i}?", "answer": CITIES[i % len(CITIES)]},
+                {"prompt": f"Who founded town {i}?", "answer": "Rome"},
+            ],
+        }
+        for i in range(offset, offset + count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+def settings(**overrides) -> dict:
+    base = {"modules": {"layers": [0, 1]}, "rank": 8, "batch_size": 16, "meta_lr": 1e-3, "scalar_lr": 0.1}
+    return {**base, **overrides}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert all(param.grad is None and param.requires_grad for param in model.parameters())
+
+
+def perturb(editor: MalmenEditor, seed: int = 0) -> None:
+    """Move the hyper-networks off the identity so every parameter has a non-zero meta-gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in editor.nets.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.add_(noise * (0.5 if "log_" in name else 0.05))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def grads_of(editor: MalmenEditor) -> dict[str, torch.Tensor]:
+    return {name: param.grad.clone() for name, param in editor.nets.named_parameters()}
+
+
+def test_running_normalizer_merges_batches_exactly():
+    rows = torch.randn(50, 6, dtype=torch.float64) * 3 + 1
+    normalizer = RunningNormalizer(6)
+    assert torch.equal(normalizer(rows[:3].float()), rows[:3].float())  # identity before two rows are seen
+    for chunk in rows.split(7):
+        normalizer.update(chunk)
+    torch.testing.assert_close(normalizer.mean, rows.mean(0))
+    expected = (rows.float() - rows.mean(0).float()) / rows.std(0).float()
+    torch.testing.assert_close(normalizer(rows.float()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shiftnet_is_the_normalised_identity_at_init():
+    generator = torch.Generator().manual_seed(0)
+    net = ShiftNet(12, 5, rank=4, n_blocks=2, n_layers=3, lr_init=1e-2, log_lambda_init=0.0, generator=generator)
+    keys, grads = torch.randn(20, 12) * 4, torch.randn(20, 5) * 1e-3
+    net.normalizer.update(torch.cat([keys, grads], dim=-1))
+    normalised = net.normalizer(torch.cat([keys, grads], dim=-1))
+    pseudo_keys, pseudo_grads = net(keys, grads, 2)
+    assert torch.equal(pseudo_keys, normalised[:, :12]) and torch.equal(pseudo_grads, normalised[:, 12:])
+    diffs = net.value_diffs(keys, grads, 1)
+    torch.testing.assert_close(diffs, -1e-2 * (keys * normalised[:, :12]).sum(-1, keepdim=True) * normalised[:, 12:])
+    with pytest.raises(ValueError, match="rank 18 exceeds"):
+        ShiftNet(12, 5, rank=18, n_blocks=1, n_layers=1, lr_init=1.0, log_lambda_init=0.0, generator=generator)
+
+
+def test_compute_deltas_shapes_rows_and_clean_model(model, tokenizer):
+    records = make_records(5)
+    before = snapshot(model)
+    editor = MalmenEditor(model, tokenizer, settings(batch_size=2))
+    cached = editor.cache(records)
+    encoded = encode_pairs(tokenizer, [r["prompt"] for r in records], [r["target_new"] for r in records])
+    answer_tokens = sum(sum(label != -100 for label in example["labels"]) for example in encoded)
+    for name, (keys, grads) in cached.items():
+        module = model.get_submodule(name)
+        assert keys.shape == (answer_tokens, module.in_features) and grads.shape == (answer_tokens, module.out_features)
+    with torch.no_grad():  # as an inference caller would: the editor enables gradients itself
+        deltas = editor.compute_deltas(records)
+    assert set(deltas) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    for name, delta in deltas.items():
+        assert delta.shape == model.get_submodule(name).weight.shape and delta.dtype == torch.float32
+        assert torch.isfinite(delta).all() and delta.abs().sum() > 0
+    assert float(editor.nets["128x64"].normalizer.count) == 0  # compute_deltas never updates the statistics
+    assert_unchanged(model, before)
+
+
+def test_chunked_stage_two_equals_unchunked(model, tokenizer):
+    records = make_records(6)
+    grads = []
+    for chunk in (3, 4096):
+        editor = MalmenEditor(model, tokenizer, settings(hyper_chunk=chunk))
+        perturb(editor)
+        editor.meta_backward(records)
+        grads.append(grads_of(editor))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def differentiable_meta_loss(editor: MalmenEditor, model, tokenizer, records, general) -> torch.Tensor:
+    """The meta-loss as one autograd graph: value diffs → RidgeSolve → functional weights → losses."""
+    s = editor.settings
+    cached = editor.cache(records)
+    params = {}
+    for name, (keys, grads) in cached.items():
+        net, layer = editor.hypernet(name)
+        solution = ridge(keys, net.value_diffs(keys, grads, layer), net.log_lambda[layer].exp())
+        params[f"{name}.weight"] = model.get_submodule(name).weight.detach() + solution.T
+    pairs = editor.meta_pairs(records)
+    [gen] = batches(encode_pairs(tokenizer, *pairs["gen"]), 64, "cpu")
+    [loc] = batches(encode_pairs(tokenizer, *pairs["loc"]), 64, "cpu")
+    ids = [tokenizer(text)["input_ids"] for text in general]
+    [text] = batches([{"input_ids": i, "labels": i} for i in ids], 64, "cpu")
+
+    def logits(batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return functional_call(model, params, args=(), kwargs=inputs).logits
+
+    def pre_logits(batch):
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    return (
+        _answer_nll(logits(gen), gen["labels"])
+        + s.loc_coef * _kl(pre_logits(loc), logits(loc), loc["labels"])
+        + s.retention_coef * _kl(pre_logits(text), logits(text), text["labels"])
+    )
+
+
+def test_two_stage_meta_gradient_equals_autograd(model, tokenizer):
+    records, general = make_records(6), TINY_CORPUS[:3]
+    # η₀ large enough that the locality and retention terms carry several percent of the gradient.
+    editor = MalmenEditor(model, tokenizer, settings(loc_coef=0.7, retention_coef=0.5, batch_size=64, lr_init=0.03))
+    perturb(editor)
+    editor.nets.zero_grad()
+    stats = editor.meta_backward(records, general)
+    assert stats["loc_loss"] > 1e-3 and stats["retention_loss"] > 1e-3
+    two_stage = grads_of(editor)
+    # Same normaliser statistics (meta_backward updated them before its forward) and the same draws (step 0).
+    loss = differentiable_meta_loss(editor, model, tokenizer, records, general)
+    assert float(loss.detach()) == pytest.approx(stats["loss"], rel=1e-5)
+    names = [name for name, _ in editor.nets.named_parameters()]
+    reference = dict(zip(names, torch.autograd.grad(loss, list(editor.nets.parameters())), strict=True))
+    flat = torch.cat([two_stage[name].flatten() for name in names])
+    assert relative(flat, torch.cat([reference[name].flatten() for name in names])) < 1e-4
+    for name in names:
+        assert relative(two_stage[name], reference[name]) < 1e-3, name
+    assert reference["128x64.log_lambda"].abs().min() > 0 and reference["128x64.log_lr"].abs().min() > 0
+
+
+def edit_success(editor: MalmenEditor, model, tokenizer, records) -> float:
+    """Teacher-forced token accuracy of `target_new` on the edit prompts, with the editor's deltas applied."""
+    [batch] = batches(encode_pairs(tokenizer, [r["prompt"] for r in records], [r["target_new"] for r in records]), 64, "cpu")
+    with EditSet(editor.compute_deltas(records)).apply(model):
+        return float(token_accuracy(*answer_predictions(model, batch)).mean())
+
+
+def test_meta_training_raises_edit_success_and_reverts_exactly(model, tokenizer):
+    train, held_out = make_records(16), make_records(16, offset=40)
+    before = snapshot(model)
+    editor = MalmenEditor(model, tokenizer, settings())
+    initial = edit_success(editor, model, tokenizer, train), edit_success(editor, model, tokenizer, held_out)
+    history = [editor.meta_step(train) for _ in range(40)]
+    final = edit_success(editor, model, tokenizer, train), edit_success(editor, model, tokenizer, held_out)
+    assert history[-1]["gen_loss"] < history[0]["gen_loss"] - 0.3
+    assert final[0] > initial[0] + 0.3 and final[1] > initial[1] + 0.2
+    assert history[-1]["log_eta"] > history[0]["log_eta"]  # learned a larger step
+    assert editor.steps == 40
+    assert_unchanged(model, before)
+
+
+def test_state_dict_round_trip_and_resume(model, tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    records = make_records(8)
+    editor = MalmenEditor(model, tokenizer, settings())
+    for _ in range(2):
+        editor.meta_step(records)
+    save_file(editor.state_dict(), str(tmp_path / "malmen.safetensors"))
+    restored = MalmenEditor(model, tokenizer, settings())  # same settings: the seed also drives the draws
+    perturb(restored)
+    restored.load_state_dict(load_file(str(tmp_path / "malmen.safetensors")))
+    assert restored.steps == 2
+    expected, actual = editor.compute_deltas(records), restored.compute_deltas(records)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    editor.meta_step(records)
+    restored.meta_step(records)  # resumes with the same Adam moments, normaliser statistics and draws
+    original, resumed = editor.state_dict(), restored.state_dict()
+    assert original.keys() == resumed.keys()
+    assert all(torch.equal(original[key], resumed[key]) for key in original)
+    with pytest.raises(ValueError, match="does not fit"):
+        MalmenEditor(model, tokenizer, settings(rank=4)).load_state_dict(original)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        editor.load_state_dict({"weights": torch.zeros(1)})
+
+
+def test_prefix_cache_gives_the_same_deltas_and_gradients(model, tokenizer):
+    records, before = make_records(6), snapshot(model)
+    results = []
+    for prefix in (0, 1):
+        editor = MalmenEditor(model, tokenizer, settings(modules={"layers": [-1]}, prefix_layers=prefix))
+        perturb(editor)
+        deltas = editor.compute_deltas(records)
+        stats = editor.meta_backward(records)
+        results.append((deltas, grads_of(editor), stats))
+    (full, full_grads, full_stats), (cached, cached_grads, cached_stats) = results
+    torch.testing.assert_close(cached["model.layers.1.mlp.down_proj"], full["model.layers.1.mlp.down_proj"], rtol=1e-4, atol=1e-6)
+    for name in full_grads:
+        assert relative(cached_grads[name], full_grads[name]) < 1e-3, name
+    assert cached_stats["loss"] == pytest.approx(full_stats["loss"], rel=1e-4)
+    assert_unchanged(model, before)
+
+
+def test_settings_are_checked(model, tokenizer):
+    with pytest.raises(ValueError, match="would bypass edited layer 0"):
+        MalmenEditor(model, tokenizer, settings(prefix_layers=1))
+    with pytest.raises(ValueError, match="rank 1920 exceeds"):
+        MalmenEditor(model, tokenizer, {"modules": {"layers": [-1]}})
+    editor = MalmenEditor(model, tokenizer, settings(retention_coef=0.1))
+    with pytest.raises(ValueError, match="needs `general` texts"):
+        editor.meta_step(make_records(2))
