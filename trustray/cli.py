@@ -13,7 +13,7 @@ from trustray.runtime import apply_offline_defaults, setup_logging
 logger = logging.getLogger("trustray")
 
 # `trustray eval WHAT` runs the pipeline module named here; `trustray run NAME` any module in trustray.pipelines.
-EVALUATIONS = {"rag": "eval_rag", "influence": "eval_influence"}
+EVALUATIONS = {"rag": "eval_rag", "influence": "eval_influence", "edit": "eval_edit"}
 
 SAMPLE_QUESTIONS = [
     "Who is the Eiffel Tower named after?",

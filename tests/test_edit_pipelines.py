@@ -1,0 +1,92 @@
+"""edit_apply, eval_edit and edit_train end to end on a tiny Llama with Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustray.artifacts import ArtifactMismatchError
+from trustray.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_edit_apply_writes_an_edit_set_that_applies_and_reverts(tiny_llama_dir, tmp_path, ray_local):
+    from transformers import AutoModelForCausalLM
+
+    from trustray.core.editing.editset import load
+    from trustray.models.sources import model_fingerprint
+    from trustray.pipelines.edit_apply import EditApplyConfig, run
+
+    config = load_config(EditApplyConfig, CONFIGS / "edit_apply" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'set'}"])
+    folder = run(config)
+    edit_set = load(folder, {"base_model_fingerprint": model_fingerprint(tiny_llama_dir)})
+    metadata = edit_set.metadata
+    assert metadata["editor"] == "ft" and metadata["n_edits"] == 4 and len(metadata["edits"]) == 4
+    assert metadata["metrics"]["after"]["es"] > metadata["metrics"]["before"]["es"]
+    assert list(edit_set.deltas) == ["model.layers.1.mlp.down_proj"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits = model(input_ids=ids).logits
+    with edit_set.apply(model):
+        assert not torch.allclose(model(input_ids=ids).logits, logits)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_local):
+    from trustray.pipelines import eval_edit
+
+    config = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}",
+                          f"results_dir={tmp_path / 'results'}"])
+    report = eval_edit.run(config)
+    rows = {(row["editor"], row["n_edits"]): row for row in report["rows"]}
+    assert set(rows) == {("ft", 1), ("ft", 4), ("ft_kl", 1)}
+    for row in rows.values():
+        assert {"es", "gs", "ls", "ppl_ratio", "seconds", "peak_mem_mb", "es_generate", "rag_dev_closed_book"} <= row.keys()
+        assert 0 <= row["es"] <= 1 and row["ppl_ratio"] > 0 and row["peak_mem_mb"] >= 0
+    saved = json.loads((tmp_path / "results" / "edit_scaling.json").read_text())
+    assert saved["machine"]["cpu_count"] >= 1 and len(saved["rows"]) == 3
+    assert (tmp_path / "results" / "edit_scaling.png").read_bytes()[:4] == b"\x89PNG"
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "eval" / "rows").glob("*.json")}
+    assert eval_edit.run(config)["rows"] == report["rows"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "ES" in eval_edit.format_table(report)
+
+
+def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir, tmp_path, ray_local):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trustray.pipelines.edit_train import EditTrainConfig, load_trained_editor, run
+
+    config = load_config(EditTrainConfig, CONFIGS / "edit_train" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'train'}"])
+    editor_dir = run(config)
+    metadata = json.loads((editor_dir / "metadata.json").read_text())
+    assert [entry["step"] for entry in metadata["history"]] == [2, 4]
+    assert "dev_es" in metadata["history"][-1]
+
+    # A crash after step 2: the rerun continues from the step-2 checkpoint and ends with the same editor.
+    shutil.rmtree(editor_dir)
+    shutil.rmtree(tmp_path / "train" / "checkpoints" / "step-4")
+    again = run(config)
+    first_state = torch.load(again / "editor.pt", weights_only=True)
+    assert [e["step"] for e in json.loads((again / "metadata.json").read_text())["history"]] == [2, 4]
+    assert first_state.keys()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert load_trained_editor(again, model, tokenizer, metadata["model_fingerprint"]).name == "mend"
+    with pytest.raises(ArtifactMismatchError, match="meta-trained on"):
+        load_trained_editor(again, model, tokenizer, "another-model")
+    other = load_config(EditTrainConfig, CONFIGS / "edit_train" / "tiny.yaml",
+                        [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'train'}", "edits_per_step=4"])
+    with pytest.raises(ArtifactMismatchError):
+        run(other)

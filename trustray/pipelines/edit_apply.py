@@ -1,0 +1,119 @@
+"""Apply N edits to a model at once and write the edit set.
+
+    trustray run edit_apply --config configs/edit_apply/<tiny|cpu|gpu>.yaml [key=value ...]
+    python -m trustray.pipelines.edit_apply --config ...
+
+The editor (`malmen` / `mend` meta-trained by `edit_train`, or the `ft` / `ft_kl` baselines) turns the records into
+one weight change per edited module. The result is an edit set (`deltas.safetensors` + `metadata.json` with the
+edits, the base model's fingerprint, the editor and its teacher-forced ES / GS / LS on the edited records) that
+`EditSet.apply` / `revert` / `compose` and the Serve app use. The work runs as one Ray task with `resources`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from trustray.config import BaseConfig, Resources
+from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines.edit_train import EditDataSettings, load_records, load_trained_editor
+
+logger = logging.getLogger(__name__)
+
+
+class EditApplyConfig(BaseConfig):
+    name: str = Field("default", description="Run name; the default output folder is outputs/edit_sets/<name>.")
+    model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model to edit.")
+    editor: str = Field("malmen", description="A name from trustray.core.editing.base.EDITORS.")
+    editor_dir: str | None = Field(None, description="Meta-trained editor folder (edit_train output); malmen / mend.")
+    editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl.")
+    data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
+    split: str = Field("test", description="Split of the records.")
+    n_edits: int = Field(16, ge=1, description="Records edited at once (the first N of the split).")
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="The editing task.")
+    output_dir: str | None = Field(None, description="Edit set folder (default outputs/edit_sets/<name>).")
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"outputs/edit_sets/{self.name}")
+
+
+def build_editor(config: Any, model: Any, tokenizer: Any, fingerprint: str) -> Any:
+    """A meta-trained editor from `editor_dir`, or a baseline built from `editor_settings`."""
+    from trustray.core.editing.base import EDITORS, make_editor
+
+    if config.editor_dir:
+        editor = load_trained_editor(config.editor_dir, model, tokenizer, fingerprint)
+        if editor.name != config.editor:
+            raise ValueError(f"{config.editor_dir} holds a {editor.name!r} editor, not {config.editor!r}")
+        return editor
+    editor = make_editor(config.editor, model, tokenizer, config.editor_settings)
+    if EDITORS[config.editor].meta_learned:
+        raise ValueError(f"editor {config.editor!r} is meta-learned: give editor_dir (an edit_train output)")
+    return editor
+
+
+def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprint: str) -> dict[str, Any]:
+    """Load the model, compute the deltas, score them; returns deltas (CPU) and metrics."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trustray.core.editing.editset import EditSet
+    from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
+    from trustray.models.sources import resolve_model_source
+
+    source = resolve_model_source(config.model)
+    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    editor = build_editor(config, model, tokenizer, fingerprint)
+    reference = locality_reference(model, tokenizer, records)
+    before = teacher_forced_scores(model, tokenizer, records, reference)
+    began = time.perf_counter()
+    deltas = {name: delta.detach().cpu() for name, delta in editor.compute_deltas(records).items()}
+    seconds = time.perf_counter() - began
+    with EditSet(deltas).apply(model):
+        after = teacher_forced_scores(model, tokenizer, records, reference)
+    return {"deltas": deltas, "metrics": {"before": before, "after": after, "edit_seconds": round(seconds, 2)}}
+
+
+def run(config: EditApplyConfig) -> Path:
+    """Compute and save the edit set; returns its folder."""
+    import ray
+
+    from trustray.core.editing.editset import FINGERPRINT_KEY, EditSet
+
+    records = load_records(config.data, config.split)[: config.n_edits]
+    if len(records) < config.n_edits:
+        raise ValueError(f"split {config.split!r} has {len(records)} records, fewer than n_edits={config.n_edits}")
+    fingerprint = model_fingerprint(config.model)
+    task = ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)(edit_task)
+    result = ray.get(task.remote(config, records, fingerprint))
+    edits = [{key: record[key] for key in ("id", "subject", "prompt", "target_true", "target_new") if key in record}
+             for record in records]
+    metadata = {FINGERPRINT_KEY: fingerprint, "model": config.model, "editor": config.editor,
+                "editor_dir": config.editor_dir, "n_edits": len(records), "edits": edits, "metrics": result["metrics"]}
+    folder = config.output_path()
+    EditSet(result["deltas"], metadata).save(folder)
+    after = result["metrics"]["after"]
+    logger.info("edit set of %d edits (%s) in %s: ES %.3f GS %.3f LS %.3f", len(records), config.editor, folder,
+                after["es"], after["gs"], after["ls"])
+    return folder
+
+
+PIPELINE = {"config": EditApplyConfig, "run": run}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trustray.pipelines import pipeline_main
+
+    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.edit_apply")
+
+
+if __name__ == "__main__":
+    from trustray.pipelines.edit_apply import main as module_main
+
+    module_main()

@@ -1,0 +1,253 @@
+"""Meta-train a learned editor (MALMEN or MEND) with Ray Train; checkpoints and resume.
+
+    trustray run edit_train --config configs/edit_train/<tiny|cpu|gpu>.yaml [key=value ...]
+    python -m trustray.pipelines.edit_train --config ...
+
+Each meta-training step draws `edits_per_step` records of the training split (seeded by the step number, so a
+resumed run sees the same batches), edits the model with them, and trains the editor on the paraphrase and
+locality losses (`Editor.meta_step`). Every `eval_every` steps the editor edits a fixed dev sample at once and
+reports teacher-forced ES / GS / LS. Every `checkpoint_every` steps rank 0 writes the editor's state (networks,
+normalisers, optimizer) to `output_dir/checkpoints/step-<n>` atomically; a rerun continues from the newest one.
+The finished editor is `output_dir/editor/` (`editor.pt` + `metadata.json`), which `edit_apply` and
+`trustray eval edit` load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from trustray.artifacts import (
+    ArtifactMismatchError,
+    atomic_folder,
+    check_metadata,
+    read_metadata,
+    write_metadata,
+)
+from trustray.config import BaseConfig
+from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+KIND = "editor"
+EDITOR_FILE = "editor.pt"
+STEP_FILE = "step.json"
+
+
+class EditDataSettings(BaseConfig):
+    """Where the edit records come from."""
+
+    source: str = Field("wiki", description="'wiki' (the bundled dataset), or a zsRE / CounterFact JSON(L) file.")
+    format: Literal["wiki", "zsre", "counterfact"] = Field("wiki", description="Record format of `source`.")
+    seed: int = Field(0, description="Seed of the bundled dataset's construction.")
+
+
+class EditTrainResources(BaseConfig):
+    """The Ray Train worker; kept apart from the algorithm settings."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the worker.")
+    use_gpu: bool = Field(False, description="One GPU for the worker.")
+    torch_threads: int = Field(1, ge=1, description="torch threads in the worker.")
+
+
+class EditTrainConfig(BaseConfig):
+    name: str = Field("default", description="Run name; the default output folder is outputs/edit_train/<name>.")
+    model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model to edit: built-in name, local folder or HF id.")
+    editor: Literal["malmen", "mend"] = Field("malmen", description="The meta-learned editor.")
+    editor_settings: dict[str, Any] = Field(
+        default_factory=dict, description="The editor's settings (validated by its Settings class)."
+    )
+    data: EditDataSettings = Field(default_factory=EditDataSettings, description="Edit records.")
+    steps: int = Field(100, ge=1, description="Meta-training steps.")
+    edits_per_step: int = Field(64, ge=1, description="Records edited at once in each step (MALMEN: 512 on GPUs).")
+    eval_every: int = Field(25, ge=1, description="Steps between dev evaluations.")
+    eval_edits: int = Field(64, ge=1, description="Dev records edited at once in each evaluation.")
+    checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints (the unit of resume).")
+    seed: int = Field(0, description="Seeds the batches and the editor's initialisation.")
+    resources: EditTrainResources = Field(default_factory=EditTrainResources, description="The worker.")
+    output_dir: str | None = Field(None, description="Artifacts (default outputs/edit_train/<name>).")
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"outputs/edit_train/{self.name}")
+
+
+def load_records(data: EditDataSettings, split: str) -> list[dict[str, Any]]:
+    """Edit records of one split: the bundled dataset, or a user's zsRE / CounterFact file."""
+    from trustray.data import edits
+
+    if data.format == "wiki":
+        if data.source != "wiki":
+            raise ValueError("format 'wiki' reads the bundled dataset: set source: wiki")
+        return edits.load_edit_split(split, seed=data.seed)
+    loader = edits.load_zsre if data.format == "zsre" else edits.load_counterfact
+    return loader(data.source, split=split)
+
+
+def step_batch(records: list[dict[str, Any]], size: int, seed: int, step: int) -> list[dict[str, Any]]:
+    """The records of one meta-training step: a seeded sample, the same for a step however often it is run."""
+    if size > len(records):
+        raise ValueError(f"edits_per_step={size} exceeds the {len(records)} training records")
+    return random.Random(f"{seed}-{step}").sample(records, size)
+
+
+def load_editor(config: EditTrainConfig, model: Any, tokenizer: Any) -> Any:
+    from trustray.core.editing.base import make_editor
+
+    return make_editor(config.editor, model, tokenizer, config.editor_settings)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest finished `step-<n>` checkpoint under `folder`, if any."""
+    steps = [path for path in folder.glob("step-*") if (path / STEP_FILE).is_file()]
+    return max(steps, key=lambda path: int(path.name.split("-")[1]), default=None)
+
+
+def save_editor(folder: Path, editor: Any, info: dict[str, Any]) -> None:
+    """Editor state and `info` in `folder`, appearing whole or not at all."""
+    import torch
+
+    with atomic_folder(folder) as tmp:
+        torch.save(editor.state_dict(), tmp / EDITOR_FILE)
+        (tmp / STEP_FILE).write_text(json.dumps(info, indent=2))
+
+
+def evaluate_editor(editor: Any, model: Any, tokenizer: Any, records: list[dict], reference: list) -> dict[str, float]:
+    """Edit `records` at once, score them teacher-forced, revert (the model is restored bit for bit)."""
+    from trustray.core.editing.editset import EditSet
+    from trustray.core.editing.evaluation import teacher_forced_scores
+
+    deltas = editor.compute_deltas(records)
+    with EditSet(deltas).apply(model):
+        return teacher_forced_scores(model, tokenizer, records, reference)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: meta-train from the newest checkpoint (if any), checkpoint, report dev metrics."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trustray.core.editing.evaluation import locality_reference
+    from trustray.models.sources import resolve_model_source
+    from trustray.runtime import setup_logging
+
+    setup_logging()
+    config = EditTrainConfig.model_validate(loop_config["config"])
+    torch.set_num_threads(config.resources.torch_threads)
+    torch.manual_seed(config.seed)
+    source = resolve_model_source(config.model)
+    device = "cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    editor = load_editor(config, model, tokenizer)
+    train, dev = loop_config["train"], loop_config["dev"]
+    reference = locality_reference(model, tokenizer, dev)
+    folder = Path(loop_config["checkpoint_dir"])
+    start = 0
+    resume = latest_checkpoint(folder)
+    if resume is not None:
+        editor.load_state_dict(torch.load(resume / EDITOR_FILE, map_location=device, weights_only=True))
+        start = json.loads((resume / STEP_FILE).read_text())["step"]
+        logger.info("resuming meta-training from %s (step %d)", resume, start)
+    for step in range(start + 1, config.steps + 1):
+        began = time.perf_counter()
+        metrics = {"step": step, **editor.meta_step(step_batch(train, config.edits_per_step, config.seed, step))}
+        metrics["step_seconds"] = time.perf_counter() - began
+        if step % config.eval_every == 0 or step == config.steps:
+            metrics.update({f"dev_{k}": v for k, v in evaluate_editor(editor, model, tokenizer, dev, reference).items()})
+        logger.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_editor(folder / f"step-{step}", editor, metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / STEP_FILE).write_text(json.dumps(metrics))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def expected_metadata(config: EditTrainConfig) -> dict[str, Any]:
+    return {
+        "kind": KIND,
+        "editor": config.editor,
+        "model": config.model,
+        "model_fingerprint": model_fingerprint(config.model),
+        "settings": config.model_dump(mode="json", include={"editor_settings", "data", "steps", "edits_per_step", "seed"}),
+    }
+
+
+def run(config: EditTrainConfig) -> Path:
+    """Meta-train (or reuse) the editor; returns the folder of the finished editor."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = config.output_path().resolve()
+    editor_dir = out / "editor"
+    expected = expected_metadata(config)
+    if check_metadata(editor_dir, expected, kind="meta-trained editor"):
+        logger.info("reusing the editor in %s", editor_dir)
+        return editor_dir
+    # Checkpoints resume only the same run: a folder made with other settings is refused, not continued.
+    if not check_metadata(out / "checkpoints", expected, kind="meta-training checkpoints"):
+        write_metadata(out / "checkpoints", expected)
+    train = load_records(config.data, "train")
+    dev = load_records(config.data, "dev")[: config.eval_edits]
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "train": train, "dev": dev,
+                           "checkpoint_dir": str(out / "checkpoints")},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=config.resources.use_gpu,
+                                     resources_per_worker={"CPU": config.resources.num_cpus}),
+        run_config=RunConfig(name="ray_train", storage_path=str(out)),
+    )
+    began = time.perf_counter()
+    trainer.fit()
+    final = out / "checkpoints" / f"step-{config.steps}"
+    history = [json.loads((path / STEP_FILE).read_text()) for path in sorted(
+        (out / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))]
+    with atomic_folder(editor_dir) as tmp:
+        (tmp / EDITOR_FILE).write_bytes((final / EDITOR_FILE).read_bytes())
+        write_metadata(tmp, {**expected, "history": history, "train_records": len(train), "dev_records": len(dev),
+                             "seconds": round(time.perf_counter() - began, 1)})
+    logger.info("editor %s meta-trained: %s", config.editor, editor_dir)
+    return editor_dir
+
+
+def load_trained_editor(editor_dir: str | Path, model: Any, tokenizer: Any, fingerprint: str) -> Any:
+    """A meta-trained editor from `run`'s output folder, refusing one trained for another base model."""
+    import torch
+
+    from trustray.core.editing.base import make_editor
+
+    metadata = read_metadata(editor_dir)
+    if metadata is None or metadata.get("kind") != KIND:
+        raise FileNotFoundError(f"{editor_dir} holds no meta-trained editor (no metadata.json of kind {KIND!r})")
+    if metadata["model_fingerprint"] != fingerprint:
+        raise ArtifactMismatchError(
+            f"the editor in {editor_dir} was meta-trained on {metadata['model']} (fingerprint "
+            f"{metadata['model_fingerprint']}), not on this model ({fingerprint}): its networks would not fit"
+        )
+    editor = make_editor(metadata["editor"], model, tokenizer, metadata["settings"]["editor_settings"])
+    device = next(model.parameters()).device
+    editor.load_state_dict(torch.load(Path(editor_dir) / EDITOR_FILE, map_location=device, weights_only=True))
+    return editor
+
+
+PIPELINE = {"config": EditTrainConfig, "run": run}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trustray.pipelines import pipeline_main
+
+    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.edit_train")
+
+
+if __name__ == "__main__":
+    from trustray.pipelines.edit_train import main as module_main
+
+    module_main()

@@ -1,0 +1,294 @@
+"""How many facts can be fixed at once, at what cost? The editing scaling curve.
+
+    trustray eval edit --config configs/eval_edit/<tiny|cpu|gpu>.yaml [key=value ...]
+    python -m trustray.pipelines.eval_edit --config ...
+
+For every editor and every N in `n_edits`, one Ray task (a fresh process, so its memory peak is its own) loads the
+model, edits the first N records of the split at once, and measures on the edited records (all of them up to
+`eval_sample`, that fixed sample beyond): teacher-forced ES / GS / LS (LS = agreement with the unedited model;
+`ls_gold` against the gold locality answers), ES / GS by generation on `generation_sample` records, perplexity on
+held-out Wikipedia text (ratio to the unedited model) and answer-contained accuracy on the RAG dev split (closed
+book, and with retrieval when `index_dir` holds an index), plus the editing time and peak memory. Each row is saved
+as it finishes; a rerun computes only missing rows. The report (`edit_scaling.json` + `edit_scaling.png`) goes to
+`output_dir/report` and, when set, `results_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from trustray.artifacts import atomic_write_text
+from trustray.config import BaseConfig, Resources
+from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines.edit_apply import build_editor
+from trustray.pipelines.edit_train import EditDataSettings, load_records
+from trustray.runtime import machine_info
+
+logger = logging.getLogger(__name__)
+
+
+class EditorRun(BaseConfig):
+    """One editor of the comparison."""
+
+    editor: str = Field(description="A name from trustray.core.editing.base.EDITORS.")
+    editor_dir: str | None = Field(None, description="Meta-trained editor folder (malmen / mend).")
+    editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl.")
+    max_edits: int | None = Field(None, ge=1, description="Largest N for this editor (baselines may stop at 1,024).")
+
+    @property
+    def label(self) -> str:
+        return self.editor
+
+
+class GeneralAbility(BaseConfig):
+    """What 'unrelated skills' are measured by."""
+
+    ppl_texts: int = Field(100, ge=1, description="Held-out Wikipedia intros for perplexity.")
+    ppl_max_length: int = Field(256, ge=16, description="Tokens per perplexity text.")
+    rag_questions: int | None = Field(None, ge=1, description="RAG dev questions used (None: all 46).")
+    index_dir: str | None = Field(None, description="An index folder for the RAG condition; None: closed book only.")
+    max_tokens: int = Field(24, ge=1, description="Answer tokens generated per question.")
+
+
+class EvalEditConfig(BaseConfig):
+    name: str = Field("default", description="Run name; the default output folder is outputs/eval_edit/<name>.")
+    model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model edited.")
+    editors: list[EditorRun] = Field(description="Editors compared.")
+    n_edits: list[int] = Field(default_factory=lambda: [1, 16, 128, 1024, 4096], description="Edits applied at once.")
+    eval_sample: int = Field(1024, ge=1, description="Edited records scored at most (a fixed prefix of the split).")
+    generation_sample: int = Field(128, ge=0, description="Records scored by generation (0: none).")
+    data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
+    split: str = Field("test", description="Split edited.")
+    general: GeneralAbility = Field(default_factory=GeneralAbility, description="General-ability checks.")
+    batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="Each task.")
+    output_dir: str | None = Field(None, description="Rows and report (default outputs/eval_edit/<name>).")
+    results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"outputs/eval_edit/{self.name}")
+
+
+class PeakMemory:
+    """Peak memory while the block runs, above its level at entry: GPU allocator peak, or sampled process RSS."""
+
+    def __init__(self, device: str, interval_s: float = 0.01) -> None:
+        self.device, self.interval_s, self.peak_mb = device, interval_s, 0.0
+
+    def __enter__(self) -> PeakMemory:
+        import psutil
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._process = psutil.Process()
+        self._start = self._process.memory_info().rss
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.device == "cuda":
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.peak_mb = (self._peak - self._start) / 2**20
+
+
+def held_out_texts(count: int, seed: int = 0) -> list[str]:
+    """Wikipedia intros for perplexity: a seeded sample, the same for every editor and N."""
+    import random
+
+    from trustray.data.corpus import load_wiki_corpus
+
+    docs = sorted(load_wiki_corpus(), key=lambda doc: doc["id"])
+    return [doc["text"] for doc in random.Random(f"ppl-{seed}").sample(docs, count)]
+
+
+def general_requests(config: EvalEditConfig) -> dict[str, Any]:
+    """RAG dev questions, their gold answers and the chat requests per condition (retrieval done once here)."""
+    from trustray.core.rag.prompting import closed_book_messages, rag_messages
+    from trustray.data.qa import load_rag_dev
+
+    questions = load_rag_dev()[: config.general.rag_questions]
+    requests = {"closed_book": [closed_book_messages(q["question"]) for q in questions]}
+    index_dir = config.general.index_dir
+    if index_dir and Path(index_dir, "metadata.json").is_file():
+        from trustray.actors.retriever import Retriever
+        from trustray.models.embedders import EmbedderConfig
+
+        retrieved = Retriever(index_dir, EmbedderConfig()).retrieve([q["question"] for q in questions], 1)
+        requests["rag"] = [rag_messages(q["question"], [(p.title, p.text) for p in passages])
+                           for q, passages in zip(questions, retrieved, strict=True)]
+    elif index_dir:
+        logger.warning("no index at %s: RAG dev accuracy is measured closed book only", index_dir)
+    return {"requests": requests, "golden": [q["golden_answers"] for q in questions]}
+
+
+def general_scores(engine: Any, tokenizer: Any, texts: list[str], general: dict[str, Any], config: EvalEditConfig) -> dict:
+    """Perplexity and RAG-dev answer-contained accuracy of the engine's current weights."""
+    from trustray.core.editing.evaluation import perplexity
+    from trustray.core.rag.metrics import answer_contained
+    from trustray.models.engines import SamplingParams
+
+    scores = {"ppl": perplexity(engine.model, tokenizer, texts, config.general.ppl_max_length, config.batch_size)}
+    sampling = SamplingParams(max_tokens=config.general.max_tokens, temperature=0.0)
+    for condition, requests in general["requests"].items():
+        answers = [c.text for c in engine.generate(requests, sampling)]
+        scores[f"rag_dev_{condition}"] = sum(
+            answer_contained(answer, gold) for answer, gold in zip(answers, general["golden"], strict=True)
+        ) / len(answers)
+    return scores
+
+
+def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
+             fingerprint: str) -> dict[str, Any]:
+    """One point of the curve (`run=None`: the unedited model's general-ability baseline)."""
+    import torch
+
+    from trustray.core.editing.editset import EditSet
+    from trustray.core.editing.evaluation import generation_scores, locality_reference, teacher_forced_scores
+    from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
+
+    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
+    model, tokenizer = engine.model, engine.tokenizer
+    texts = held_out_texts(config.general.ppl_texts)
+    if run is None:
+        return general_scores(engine, tokenizer, texts, general, config)
+    scored = records[: config.eval_sample]
+    reference = locality_reference(model, tokenizer, scored, config.batch_size)
+    editor = build_editor(run, model, tokenizer, fingerprint)
+    began = time.perf_counter()
+    with PeakMemory(device) as memory:
+        deltas = editor.compute_deltas(records)
+    seconds = time.perf_counter() - began
+    with EditSet(deltas).apply(model):
+        row = teacher_forced_scores(model, tokenizer, scored, reference, config.batch_size)
+        if config.generation_sample:
+            sampling = SamplingParams(max_tokens=16, temperature=0.0)
+
+            def generate(prompts: list[str]) -> list[str]:
+                requests = [[{"role": "user", "content": prompt}] for prompt in prompts]
+                return [c.text for c in engine.generate(requests, sampling)]
+
+            row.update(generation_scores(generate, scored[: config.generation_sample]))
+        row.update(general_scores(engine, tokenizer, texts, general, config))
+    return {**row, "seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1), "scored": len(scored)}
+
+
+def run(config: EvalEditConfig) -> dict[str, Any]:
+    """The scaling curve of every editor; returns the report (also written as JSON and PNG)."""
+    import ray
+
+    folder = config.output_path()
+    rows_dir = folder / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    records = load_records(config.data, config.split)
+    largest = max(config.n_edits)
+    if len(records) < largest:
+        logger.warning("split %r has %d records: N is capped there", config.split, len(records))
+    fingerprint = model_fingerprint(config.model)
+    general = general_requests(config)
+    task = ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, max_calls=1)(row_task)
+    jobs: dict[str, Any] = {}
+    if not (rows_dir / "base.json").is_file():
+        jobs["base"] = task.remote(config, None, [], general, fingerprint)
+    for editor_run in config.editors:
+        for n in sorted(config.n_edits):
+            n = min(n, len(records))
+            if editor_run.max_edits and n > editor_run.max_edits:
+                continue
+            key = f"{editor_run.label}-{n}"
+            if not (rows_dir / f"{key}.json").is_file():
+                jobs[key] = task.remote(config, editor_run, records[:n], general, fingerprint)
+    from trustray.pipelines.eval_influence import _gather
+
+    _gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
+    base = json.loads((rows_dir / "base.json").read_text())
+    rows = []
+    for editor_run in config.editors:
+        for path in sorted(rows_dir.glob(f"{editor_run.label}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+            row = json.loads(path.read_text())
+            rows.append({"editor": editor_run.label, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
+                         "ppl_ratio": row["ppl"] / base["ppl"]})
+    report = {"machine": machine_info(), "model": config.model, "split": config.split, "base": base, "rows": rows,
+              "config": config.model_dump(mode="json")}
+    report_dir = folder / "report"
+    report_dir.mkdir(exist_ok=True)
+    atomic_write_text(report_dir / "edit_scaling.json", json.dumps(report, indent=2) + "\n")
+    write_plot(report_dir / "edit_scaling.png", rows)
+    if config.results_dir:
+        Path(config.results_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("edit_scaling.json", "edit_scaling.png"):
+            shutil.copy2(report_dir / name, Path(config.results_dir) / name)
+    report["written"] = str(report_dir)
+    return report
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """ES, GS, LS and perplexity ratio against the number of simultaneous edits, one line per editor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for editor in sorted({row["editor"] for row in rows}):
+        mine = [row for row in rows if row["editor"] == editor]
+        for axis, key in zip(axes, ("es", "gs", "ls", "ppl_ratio"), strict=True):
+            axis.plot([row["n_edits"] for row in mine], [row[key] for row in mine], marker="o", label=editor)
+            axis.set_title(key)
+            axis.set_xscale("log")
+            axis.set_xlabel("edits at once")
+            axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'editor':<8} {'N':>6} {'ES':>6} {'GS':>6} {'LS':>6} {'ppl x':>6} {'s':>8} {'MB':>8}"]
+    for row in report["rows"]:
+        lines.append(f"{row['editor']:<8} {row['n_edits']:>6} {row['es']:6.3f} {row['gs']:6.3f} {row['ls']:6.3f} "
+                     f"{row['ppl_ratio']:6.3f} {row['seconds']:8.1f} {row['peak_mem_mb']:8.0f}")
+    lines.append(f"written: {report['written']}")
+    return "\n".join(lines)
+
+
+PIPELINE = {"config": EvalEditConfig, "run": run}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from trustray.pipelines import pipeline_main
+
+    report = pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.eval_edit")
+    logger.info("results:\n%s", format_table(report))
+    return report
+
+
+if __name__ == "__main__":
+    from trustray.pipelines.eval_edit import main as module_main
+
+    module_main()
