@@ -64,7 +64,8 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
 def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir, tmp_path, ray_local):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trustray.pipelines.edit_train import EditTrainConfig, load_trained_editor, run
+    from trustray.core.editing.base import load_trained_editor
+    from trustray.pipelines.edit_train import EditTrainConfig, run
 
     config = load_config(EditTrainConfig, CONFIGS / "edit_train" / "tiny.yaml",
                          [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'train'}"])

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from trustray.config import BaseConfig, Resources
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
-from trustray.pipelines.edit_train import EditDataSettings, load_records, load_trained_editor
+from trustray.pipelines.edit_train import EditDataSettings, load_records
 
 logger = logging.getLogger(__name__)
 
@@ -41,26 +41,12 @@ class EditApplyConfig(BaseConfig):
         return Path(self.output_dir or f"outputs/edit_sets/{self.name}")
 
 
-def build_editor(config: Any, model: Any, tokenizer: Any, fingerprint: str) -> Any:
-    """A meta-trained editor from `editor_dir`, or a baseline built from `editor_settings`."""
-    from trustray.core.editing.base import EDITORS, make_editor
-
-    if config.editor_dir:
-        editor = load_trained_editor(config.editor_dir, model, tokenizer, fingerprint)
-        if editor.name != config.editor:
-            raise ValueError(f"{config.editor_dir} holds a {editor.name!r} editor, not {config.editor!r}")
-        return editor
-    editor = make_editor(config.editor, model, tokenizer, config.editor_settings)
-    if EDITORS[config.editor].meta_learned:
-        raise ValueError(f"editor {config.editor!r} is meta-learned: give editor_dir (an edit_train output)")
-    return editor
-
-
 def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprint: str) -> dict[str, Any]:
     """Load the model, compute the deltas, score them; returns deltas (CPU) and metrics."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trustray.core.editing.base import build_editor
     from trustray.core.editing.editset import EditSet
     from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
     from trustray.models.sources import resolve_model_source
@@ -69,7 +55,7 @@ def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprin
     device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    editor = build_editor(config, model, tokenizer, fingerprint)
+    editor = build_editor(config.editor, model, tokenizer, fingerprint, config.editor_dir, config.editor_settings)
     reference = locality_reference(model, tokenizer, records)
     before = teacher_forced_scores(model, tokenizer, records, reference)
     began = time.perf_counter()

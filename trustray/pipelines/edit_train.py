@@ -8,8 +8,8 @@ resumed run sees the same batches), edits the model with them, and trains the ed
 locality losses (`Editor.meta_step`). Every `eval_every` steps the editor edits a fixed dev sample at once and
 reports teacher-forced ES / GS / LS. Every `checkpoint_every` steps rank 0 writes the editor's state (networks,
 normalisers, optimizer) to `output_dir/checkpoints/step-<n>` atomically; a rerun continues from the newest one.
-The finished editor is `output_dir/editor/` (`editor.pt` + `metadata.json`), which `edit_apply` and
-`trustray eval edit` load.
+The finished editor is `output_dir/editor/` (`editor.pt` + `metadata.json`), which `edit_apply`,
+`trustray eval edit` and the Serve app load (`trustray.core.editing.base.load_trained_editor`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trustray.artifacts import (
-    ArtifactMismatchError,
-    atomic_folder,
-    check_metadata,
-    read_metadata,
-    write_metadata,
-)
+from trustray.artifacts import atomic_folder, check_metadata, write_metadata
 from trustray.config import BaseConfig
+from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-KIND = "editor"
-EDITOR_FILE = "editor.pt"
 STEP_FILE = "step.json"
 
 
@@ -173,7 +166,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def expected_metadata(config: EditTrainConfig) -> dict[str, Any]:
     return {
-        "kind": KIND,
+        "kind": TRAINED_EDITOR_KIND,
         "editor": config.editor,
         "model": config.model,
         "model_fingerprint": model_fingerprint(config.model),
@@ -216,26 +209,6 @@ def run(config: EditTrainConfig) -> Path:
                              "seconds": round(time.perf_counter() - began, 1)})
     logger.info("editor %s meta-trained: %s", config.editor, editor_dir)
     return editor_dir
-
-
-def load_trained_editor(editor_dir: str | Path, model: Any, tokenizer: Any, fingerprint: str) -> Any:
-    """A meta-trained editor from `run`'s output folder, refusing one trained for another base model."""
-    import torch
-
-    from trustray.core.editing.base import make_editor
-
-    metadata = read_metadata(editor_dir)
-    if metadata is None or metadata.get("kind") != KIND:
-        raise FileNotFoundError(f"{editor_dir} holds no meta-trained editor (no metadata.json of kind {KIND!r})")
-    if metadata["model_fingerprint"] != fingerprint:
-        raise ArtifactMismatchError(
-            f"the editor in {editor_dir} was meta-trained on {metadata['model']} (fingerprint "
-            f"{metadata['model_fingerprint']}), not on this model ({fingerprint}): its networks would not fit"
-        )
-    editor = make_editor(metadata["editor"], model, tokenizer, metadata["settings"]["editor_settings"])
-    device = next(model.parameters()).device
-    editor.load_state_dict(torch.load(Path(editor_dir) / EDITOR_FILE, map_location=device, weights_only=True))
-    return editor
 
 
 PIPELINE = {"config": EditTrainConfig, "run": run}

@@ -28,7 +28,6 @@ from pydantic import Field
 from trustray.artifacts import atomic_write_text
 from trustray.config import BaseConfig, Resources
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
-from trustray.pipelines.edit_apply import build_editor
 from trustray.pipelines.edit_train import EditDataSettings, load_records
 from trustray.runtime import machine_info
 
@@ -166,6 +165,7 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     """One point of the curve (`run=None`: the unedited model's general-ability baseline)."""
     import torch
 
+    from trustray.core.editing.base import build_editor
     from trustray.core.editing.editset import EditSet
     from trustray.core.editing.evaluation import generation_scores, locality_reference, teacher_forced_scores
     from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
@@ -178,7 +178,7 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
         return general_scores(engine, tokenizer, texts, general, config)
     scored = records[: config.eval_sample]
     reference = locality_reference(model, tokenizer, scored, config.batch_size)
-    editor = build_editor(run, model, tokenizer, fingerprint)
+    editor = build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, run.editor_settings)
     began = time.perf_counter()
     with PeakMemory(device) as memory:
         deltas = editor.compute_deltas(records)

@@ -74,6 +74,10 @@ class DeploymentsConfig(BaseConfig):
     retriever: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="The replicas hosting the embedder and passage index."
     )
+    editor: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(resources=Resources(num_cpus=0.25), max_ongoing_requests=4),
+        description="The replicas running the editor for POST /v1/edits (each holds a copy of the base model).",
+    )
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=128),
         description="The FastAPI replicas parsing and validating HTTP requests.",
@@ -89,6 +93,31 @@ class RagServeConfig(BaseConfig):
         default_factory=EmbedderConfig, description="Embedder of the questions; must be the one that built the index."
     )
     top_k: int = Field(3, ge=1, le=50, description="Passages retrieved and put in the prompt per question.")
+
+
+class EditServeConfig(BaseConfig):
+    """Edit sets served next to the base model, and the `/v1/edits` API that creates them."""
+
+    store_dir: str = Field(
+        "outputs/edit_sets/served",
+        description="Folder of the served edit sets (one subfolder per id); shared storage on a multi-node cluster.",
+    )
+    api_key: str | None = Field(
+        None, description="Key `/v1/edits` requires as `Authorization: Bearer <key>`; None: every call gets 401."
+    )
+    api_key_env: str | None = Field(
+        "TRUSTRAY_EDIT_API_KEY", description="Environment variable read for the key when `api_key` is not set."
+    )
+    model_prefix: str = Field("edit-", min_length=1, description="Public model name of an edit set: prefix + id.")
+    editor: str = Field("ft", description="Editor run by POST /v1/edits (a name from the editor registry).")
+    editor_dir: str | None = Field(None, description="Meta-trained editor folder (for malmen / mend).")
+    editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of a baseline editor.")
+    max_edits_per_request: int = Field(1024, ge=1, description="Most edits one POST /v1/edits may carry.")
+
+    def resolved_api_key(self) -> str | None:
+        import os
+
+        return self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
 
 
 class LimitsConfig(BaseConfig):
@@ -119,6 +148,7 @@ class ServeConfig(BaseConfig):
     )
     chat: EngineConfig = Field(default_factory=EngineConfig, description="The chat model served and its engine.")
     rag: RagServeConfig | None = Field(None, description="Retrieval-augmented model; None serves chat only.")
+    edits: EditServeConfig | None = Field(None, description="Edit sets and the /v1/edits API; None: disabled.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     batch_max_size: int = Field(
         8, ge=1, description="Most concurrent non-streaming requests the chat deployment generates in one call."

@@ -12,8 +12,12 @@ rather than raising them, so they cross the Ray boundary unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
+import re
+import shutil
 import threading
 import time
 import uuid
@@ -38,12 +42,16 @@ from trustray.models.embedders import Embedder, EmbedderConfig
 from trustray.models.engines import Completion, EngineConfig, SamplingParams, create_engine
 from trustray.models.engines import Request as EngineRequest
 from trustray.models.sources import model_fingerprint
-from trustray.serve_apps.config import RagServeConfig, ServeConfig
-from trustray.serve_apps.schemas import APIError, ChatCompletionRequest, CompletionRequest
+from trustray.serve_apps.config import EditServeConfig, RagServeConfig, ServeConfig
+from trustray.serve_apps.schemas import APIError, ChatCompletionRequest, CompletionRequest, EditsRequest
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "trustray"
+# Edit sets one chat replica keeps loaded (Serve model multiplexing routes an edit set's requests to a replica
+# that holds it; the least recently used is dropped beyond this).
+EDIT_SETS_PER_REPLICA = 8
+EDIT_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
 # -- index check ---------------------------------------------------------------------------------------
@@ -101,10 +109,13 @@ class ChatDeployment:
     """Hosts one engine. Non-streaming requests are batched by `@serve.batch` and split by sampling settings;
     streaming requests run one at a time through `engine.stream`."""
 
-    def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float):
+    def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float,
+                 edit_store: str | None = None):
         config = EngineConfig.model_validate(engine_config)
         self.engine = create_engine(config)
         self.max_model_len = config.max_model_len
+        self.edit_store = Path(edit_store) if edit_store else None
+        self.fingerprint = model_fingerprint(config.model)
         self._executor = _SerialExecutor("engine")
         self._generate_batch.set_max_batch_size(batch_max_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -113,28 +124,57 @@ class ChatDeployment:
     async def count_tokens(self, text: str) -> int:
         return await self._executor.run(self.engine.count_tokens, text)
 
-    async def generate(self, request: EngineRequest, sampling: SamplingParams) -> Completion | APIError:
-        return await self._generate_batch(request, sampling)
+    @serve.multiplexed(max_num_models_per_replica=EDIT_SETS_PER_REPLICA)
+    async def get_edit_set(self, edit_id: str) -> dict[str, Any]:
+        """An edit set's weight changes keyed by parameter name, loaded once per replica (LRU-evicted)."""
+        return await self._executor.run(self._load_edit_set, edit_id)
+
+    def _load_edit_set(self, edit_id: str) -> dict[str, Any]:
+        from trustray.core.editing.editset import FINGERPRINT_KEY, load
+
+        edit_set = load(self.edit_store / edit_id, {FINGERPRINT_KEY: self.fingerprint})
+        return {f"{module}.weight": delta for module, delta in edit_set.deltas.items()}
+
+    async def _edit(self, edit_id: str | None) -> tuple[str, dict[str, Any]] | None:
+        return (edit_id, await self.get_edit_set(edit_id)) if edit_id else None
+
+    @contextlib.contextmanager
+    def _edited(self, edit: tuple[str, dict[str, Any]] | None):
+        """The edit set's weights for the block only: every engine call runs on the one executor thread, so no
+        other request ever sees them, and revert restores the base weights bit for bit."""
+        if edit is None:
+            yield
+            return
+        self.engine.apply_delta(*edit)
+        try:
+            yield
+        finally:
+            self.engine.revert_delta(edit[0])
+
+    async def generate(self, request: EngineRequest, sampling: SamplingParams,
+                       edit_id: str | None = None) -> Completion | APIError:
+        return await self._generate_batch(request, sampling, await self._edit(edit_id))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batch(
-        self, requests: list[EngineRequest], samplings: list[SamplingParams]
+        self, requests: list[EngineRequest], samplings: list[SamplingParams], edits: list[Any]
     ) -> list[Completion | APIError]:
-        return await self._executor.run(self._generate_sync, requests, samplings)
+        return await self._executor.run(self._generate_sync, requests, samplings, edits)
 
     def _generate_sync(
-        self, requests: list[EngineRequest], samplings: list[SamplingParams]
+        self, requests: list[EngineRequest], samplings: list[SamplingParams], edits: list[Any]
     ) -> list[Completion | APIError]:
         results: list[Completion | APIError | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for row, (request, sampling) in enumerate(zip(requests, samplings, strict=True)):
+        groups: dict[tuple[str, str | None], list[int]] = {}
+        for row, (request, sampling, edit) in enumerate(zip(requests, samplings, edits, strict=True)):
             checked = self._check_prompt(request)
             if isinstance(checked, APIError):
                 results[row] = checked
             else:
-                groups.setdefault(sampling.model_dump_json(), []).append(row)
+                groups.setdefault((sampling.model_dump_json(), edit[0] if edit else None), []).append(row)
         for rows in groups.values():
-            completions = self.engine.generate([requests[row] for row in rows], samplings[rows[0]])
+            with self._edited(edits[rows[0]]):
+                completions = self.engine.generate([requests[row] for row in rows], samplings[rows[0]])
             for row, completion in zip(rows, completions, strict=True):
                 results[row] = completion
         return results
@@ -158,9 +198,11 @@ class ChatDeployment:
             )
         return prompt_tokens
 
-    async def stream(self, request: EngineRequest, sampling: SamplingParams) -> AsyncIterator[Any]:
+    async def stream(self, request: EngineRequest, sampling: SamplingParams,
+                     edit_id: str | None = None) -> AsyncIterator[Any]:
         """Yield `{"prompt_tokens"}` (or an `APIError`) first, then text pieces, then
         `{"completion_tokens", "finish_reason"}`."""
+        edit = await self._edit(edit_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -171,7 +213,8 @@ class ChatDeployment:
 
         def work() -> None:
             try:
-                self._stream_sync(request, sampling, put, cancelled)
+                with self._edited(edit):
+                    self._stream_sync(request, sampling, put, cancelled)
             finally:
                 put(done)
 
@@ -234,6 +277,65 @@ class RetrieverDeployment:
 app = FastAPI(title="trustray", description="OpenAI-compatible chat and retrieval-augmented chat.")
 
 
+@serve.deployment
+class EditorDeployment:
+    """Runs the configured editor on a copy of the base model for POST /v1/edits and saves edit sets."""
+
+    def __init__(self, model: str, edits: dict[str, Any]):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trustray.core.editing.base import build_editor
+        from trustray.models.sources import resolve_model_source
+
+        self.config = EditServeConfig.model_validate(edits)
+        self.fingerprint = model_fingerprint(model)
+        source = resolve_model_source(model)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.editor = build_editor(self.config.editor, self.model, self.tokenizer, self.fingerprint,
+                                   self.config.editor_dir, self.config.editor_settings)
+        self._executor = _SerialExecutor("editor")
+        logger.info("editor deployment ready: %s on %s", self.config.editor, model)
+
+    async def create(self, records: list[dict[str, Any]], name: str | None) -> dict[str, Any] | APIError:
+        return await self._executor.run(self._create_sync, records, name)
+
+    def _create_sync(self, records: list[dict[str, Any]], name: str | None) -> dict[str, Any] | APIError:
+        from trustray.core.editing.editset import FINGERPRINT_KEY, EditSet
+        from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
+
+        try:
+            reference = locality_reference(self.model, self.tokenizer, records)
+            began = time.perf_counter()
+            deltas = self.editor.compute_deltas(records)
+            seconds = time.perf_counter() - began
+        except ValueError as error:  # e.g. a prompt longer than the editor's max_length
+            return APIError(400, f"the edits cannot be applied: {error}", param="edits")
+        with EditSet(deltas).apply(self.model):
+            metrics = teacher_forced_scores(self.model, self.tokenizer, records, reference)
+        edit_id = uuid.uuid4().hex[:12]
+        created = int(time.time())
+        metadata = {
+            FINGERPRINT_KEY: self.fingerprint, "editor": self.config.editor, "name": name, "status": "succeeded",
+            "n_edits": len(records), "edits": [{k: r[k] for k in ("prompt", "target_new")} for r in records],
+            "metrics": {**metrics, "edit_seconds": round(seconds, 3)}, "created": created,
+        }
+        EditSet(deltas, metadata).save(Path(self.config.store_dir) / edit_id)
+        return edit_set_summary(self.config, edit_id, metadata)
+
+
+def edit_set_summary(config: EditServeConfig, edit_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """What /v1/edits answers about an edit set."""
+    return {
+        "id": edit_id, "object": "edit_set", "model": f"{config.model_prefix}{edit_id}",
+        "status": metadata.get("status", "succeeded"), "created": metadata.get("created"),
+        "name": metadata.get("name"), "editor": metadata.get("editor"), "n_edits": metadata.get("n_edits"),
+        "metrics": metadata.get("metrics", {}),
+    }
+
+
 @app.exception_handler(APIError)
 async def _api_error(_: Request, error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
@@ -277,6 +379,7 @@ class _Job:
         self.engine_request: EngineRequest = ""
         self.sources: list[dict[str, Any]] | None = None
         self.context_text: str | None = None
+        self.edit_id: str | None = None
 
     def choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
         if self.chat:
@@ -338,11 +441,13 @@ def _usage(prompt_tokens: int, completion_tokens: int, context_tokens: int | Non
 class OpenAIIngress:
     """HTTP front: validates requests, adds retrieved passages for the RAG model, calls the chat deployment."""
 
-    def __init__(self, config: dict[str, Any], chat: DeploymentHandle, retriever: DeploymentHandle | None):
+    def __init__(self, config: dict[str, Any], chat: DeploymentHandle, retriever: DeploymentHandle | None,
+                 editor: DeploymentHandle | None = None):
         self.config = ServeConfig.model_validate(config)
         self.limits = self.config.limits
         self.chat = chat
         self.retriever = retriever
+        self.editor = editor
         self.created = int(time.time())
 
     @app.get("/healthz")
@@ -352,20 +457,64 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         names = _served_names(self.config)
+        edits = self.config.edits
+        if edits is not None and Path(edits.store_dir).is_dir():
+            names += [f"{edits.model_prefix}{path.name}" for path in sorted(Path(edits.store_dir).iterdir())
+                      if EDIT_ID.match(path.name) and (path / "metadata.json").is_file()]
         return {
             "object": "list",
             "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "trustray"} for name in names],
         }
 
+    # -- edit sets ---------------------------------------------------------------------------------------
+    def _edits_config(self, request: Request) -> EditServeConfig:
+        """The edit-set settings, after checking the API key (401 without the right one)."""
+        edits = self.config.edits
+        if edits is None:
+            raise APIError(404, "edit sets are not enabled on this server", code="not_found")
+        key = edits.api_key
+        given = request.headers.get("authorization", "")
+        if key is None or not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                           type="invalid_request_error", code="invalid_api_key")
+        return edits
+
+    def _edit_folder(self, edits: EditServeConfig, edit_id: str) -> Path:
+        folder = Path(edits.store_dir) / edit_id
+        if not EDIT_ID.match(edit_id) or not (folder / "metadata.json").is_file():
+            raise APIError(404, f"no edit set {edit_id!r}", param="edit_id", code="not_found")
+        return folder
+
+    @app.post("/v1/edits")
+    async def create_edits(self, request: Request) -> Any:
+        edits = self._edits_config(request)
+        body = await self._read(request, EditsRequest)
+        if len(body.edits) > edits.max_edits_per_request:
+            raise APIError(400, f"at most {edits.max_edits_per_request} edits per request", param="edits")
+        records = [item.record(index) for index, item in enumerate(body.edits)]
+        return JSONResponse(await self._await(self.editor.create.remote(records, body.name)))
+
+    @app.get("/v1/edits/{edit_id}")
+    async def get_edits(self, edit_id: str, request: Request) -> Any:
+        edits = self._edits_config(request)
+        return edit_set_summary(edits, edit_id, read_metadata(self._edit_folder(edits, edit_id)))
+
+    @app.delete("/v1/edits/{edit_id}")
+    async def delete_edits(self, edit_id: str, request: Request) -> Any:
+        edits = self._edits_config(request)
+        shutil.rmtree(self._edit_folder(edits, edit_id))
+        return {"id": edit_id, "object": "edit_set", "deleted": True}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         body = await self._read(request, ChatCompletionRequest)
-        rag = self._is_rag(body.model)
+        rag, edit_id = self._route(body.model)
         if not body.messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
         if len(body.messages) > self.limits.max_messages:
             raise APIError(400, f"at most {self.limits.max_messages} messages are accepted", param="messages")
         job = _Job(body, chat=True, model=body.model)
+        job.edit_id = edit_id
         messages = [message.as_engine_message() for message in body.messages]
         job.engine_request = await self._augment(job, messages) if rag else messages
         return await self._answer(job)
@@ -373,11 +522,13 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         body = await self._read(request, CompletionRequest)
-        if self._is_rag(body.model):
+        rag, edit_id = self._route(body.model)
+        if rag:
             raise APIError(
                 400, "the RAG model answers chat requests only: use /v1/chat/completions", param="model"
             )
         job = _Job(body, chat=False, model=body.model)
+        job.edit_id = edit_id
         job.engine_request = body.prompt_text()
         return await self._answer(job)
 
@@ -410,12 +561,22 @@ class OpenAIIngress:
         except ValidationError as error:
             raise RequestValidationError(error.errors(include_url=False)) from None
 
-    def _is_rag(self, model: str) -> bool:
+    def _route(self, model: str) -> tuple[bool, str | None]:
+        """(whether the model retrieves, the edit set it names or None); 404 for an unknown model."""
         if model == self.config.model_name:
-            return False
+            return False, None
         if self.config.rag is not None and model == self.config.rag.model_name:
-            return True
+            return True, None
+        edits = self.config.edits
+        if edits is not None and model.startswith(edits.model_prefix):
+            edit_id = model[len(edits.model_prefix):]
+            if EDIT_ID.match(edit_id) and (Path(edits.store_dir) / edit_id / "metadata.json").is_file():
+                return False, edit_id
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+    def _chat_handle(self, job: _Job) -> DeploymentHandle:
+        """The chat deployment, routed by Serve model multiplexing to a replica holding the job's edit set."""
+        return self.chat.options(multiplexed_model_id=job.edit_id) if job.edit_id else self.chat
 
     def _sampling(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         max_tokens = body.requested_max_tokens()
@@ -473,13 +634,14 @@ class OpenAIIngress:
         if job.body.stream:
             return await self._answer_stream(job, sampling)
         completion, context_tokens = await asyncio.gather(
-            self._await(self.chat.generate.remote(job.engine_request, sampling)), self._context_tokens(job)
+            self._await(self._chat_handle(job).generate.remote(job.engine_request, sampling, job.edit_id)),
+            self._context_tokens(job),
         )
         usage = _usage(completion.prompt_tokens, completion.completion_tokens, context_tokens)
         return JSONResponse(job.response(completion, usage))
 
     async def _answer_stream(self, job: _Job, sampling: SamplingParams) -> StreamingResponse:
-        pieces = self.chat.options(stream=True).stream.remote(job.engine_request, sampling)
+        pieces = self._chat_handle(job).options(stream=True).stream.remote(job.engine_request, sampling, job.edit_id)
         # The first item settles validation (prompt length), so a bad request still gets a plain 4xx.
         try:
             head = await self._await(pieces.__anext__())
@@ -527,8 +689,19 @@ def _local_path(source: str) -> str:
 def build_app(config: ServeConfig) -> serve.Application:
     """Bind the deployments of `config` into one Serve application (not yet running)."""
     chat_config = config.chat.model_copy(update={"model": _local_path(config.chat.model)})
+    edits, editor = config.edits, None
+    if edits is not None:
+        # Resolved here: replicas may not see the environment this process was started with.
+        edits = edits.model_copy(update={"api_key": edits.resolved_api_key(),
+                                         "store_dir": str(Path(edits.store_dir).expanduser().resolve())})
+        Path(edits.store_dir).mkdir(parents=True, exist_ok=True)
+        editor = EditorDeployment.options(**config.deployments.editor.serve_options()).bind(
+            chat_config.model, edits.model_dump()
+        )
+        config = config.model_copy(update={"edits": edits})
     chat = ChatDeployment.options(**config.deployments.chat.serve_options()).bind(
-        chat_config.model_dump(), config.batch_max_size, config.batch_wait_timeout_s
+        chat_config.model_dump(), config.batch_max_size, config.batch_wait_timeout_s,
+        edits.store_dir if edits is not None else None,
     )
     retriever = None
     if config.rag is not None:
@@ -541,7 +714,7 @@ def build_app(config: ServeConfig) -> serve.Application:
             index_dir, embedder.model_dump()
         )
     return OpenAIIngress.options(**config.deployments.ingress.serve_options()).bind(
-        config.model_dump(), chat, retriever
+        config.model_dump(), chat, retriever, editor
     )
 
 

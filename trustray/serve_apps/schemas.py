@@ -120,3 +120,41 @@ class CompletionRequest(_SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class LocalityProbe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+class EditItem(BaseModel):
+    """One fact to write: the question, the new answer, optional paraphrases and locality probes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    target_new: str = Field(min_length=1, max_length=500)
+    subject: str | None = None
+    target_true: str | None = None
+    paraphrases: list[str] = Field(default_factory=list, max_length=32)
+    locality: list[LocalityProbe] = Field(default_factory=list, max_length=32)
+
+    def record(self, index: int) -> dict[str, Any]:
+        """The edit record editors and metrics read (`trustray.data.edits` shape)."""
+        return {
+            "id": f"request-{index}", "subject": self.subject or "", "prompt": self.prompt,
+            "target_true": self.target_true or "", "target_new": self.target_new,
+            "paraphrases": self.paraphrases or [self.prompt],
+            "locality": [probe.model_dump() for probe in self.locality],
+        }
+
+
+class EditsRequest(BaseModel):
+    """Body of POST /v1/edits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    edits: list[EditItem] = Field(min_length=1)
+    name: str | None = Field(None, max_length=200, description="A label kept in the edit set's metadata.")

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from trustray.artifacts import ArtifactMismatchError, read_metadata
 from trustray.config import BaseConfig
 from trustray.core.influence.batching import ResponseTruncatedError, collate, encode_chat
 
 EditRecord = Mapping[str, Any]
+# A meta-trained editor folder (written by trustray.pipelines.edit_train): weights + metadata.json of this kind.
+TRAINED_EDITOR_KIND = "editor"
+EDITOR_FILE = "editor.pt"
 
 
 class EditModules(BaseConfig):
@@ -121,3 +126,33 @@ def make_editor(
     if name not in EDITORS:
         raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
     return EDITORS[name](model, tokenizer, settings)
+
+
+def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any, fingerprint: str) -> Editor:
+    """A meta-trained editor folder's editor on `model`, refusing one trained for another base model."""
+    metadata = read_metadata(editor_dir)
+    if metadata is None or metadata.get("kind") != TRAINED_EDITOR_KIND:
+        raise FileNotFoundError(f"{editor_dir} holds no meta-trained editor (no metadata.json of kind 'editor')")
+    if metadata["model_fingerprint"] != fingerprint:
+        raise ArtifactMismatchError(
+            f"the editor in {editor_dir} was meta-trained on {metadata['model']} (fingerprint "
+            f"{metadata['model_fingerprint']}), not on this model ({fingerprint}): its networks would not fit"
+        )
+    editor = make_editor(metadata["editor"], model, tokenizer, metadata["settings"]["editor_settings"])
+    device = next(model.parameters()).device
+    editor.load_state_dict(torch.load(Path(editor_dir) / EDITOR_FILE, map_location=device, weights_only=True))
+    return editor
+
+
+def build_editor(name: str, model: nn.Module, tokenizer: Any, fingerprint: str, editor_dir: str | None = None,
+                 settings: Mapping[str, Any] | None = None) -> Editor:
+    """A meta-trained editor from `editor_dir`, or a baseline (ft, ft_kl) built from `settings`."""
+    if editor_dir:
+        editor = load_trained_editor(editor_dir, model, tokenizer, fingerprint)
+        if editor.name != name:
+            raise ValueError(f"{editor_dir} holds a {editor.name!r} editor, not {name!r}")
+        return editor
+    editor = make_editor(name, model, tokenizer, settings)
+    if editor.meta_learned:
+        raise ValueError(f"editor {name!r} is meta-learned: give editor_dir (an edit_train output)")
+    return editor

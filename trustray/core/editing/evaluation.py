@@ -64,10 +64,15 @@ def teacher_forced_scores(
     model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], reference: Sequence[Tensor],
     batch_size: int = 16, max_length: int = 128,
 ) -> dict[str, float]:
-    """Mean ES, GS, LS (agreement with `reference`), LS against gold answers, and exact-match ES over records."""
+    """Mean ES, GS, LS (agreement with `reference`), LS against gold answers, and exact-match ES over records.
+
+    A metric whose pairs are absent from every record (no paraphrases, no locality probes) is left out.
+    """
     scores: dict[str, float] = {}
     for kind, key in (("edit", "es"), ("paraphrase", "gs"), ("locality", "ls")):
         prompts, answers, owners = _pairs(records, kind)
+        if not prompts:  # e.g. API edits sent without paraphrases or locality probes
+            continue
         results = predict(model, tokenizer, prompts, answers, batch_size, max_length)
         accuracy = torch.cat([token_accuracy(*result) for result in results])
         scores[key if kind != "locality" else "ls_gold"] = float(_per_record(accuracy, owners, len(records)).mean())

@@ -1,0 +1,118 @@
+"""Edit sets served next to the base model: /v1/edits with an API key, multiplexed routing, the openai client."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from trustray.config import load_config
+from trustray.serve_apps.config import ServeConfig
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "tiny.yaml"
+KEY = "test-edit-key"
+QUESTION = [{"role": "user", "content": "What is the colour of the tower?"}]
+EDITS = {"name": "tower colour", "edits": [
+    {"prompt": "What is the colour of the tower?", "target_new": "bright purple",
+     "paraphrases": ["Which colour does the tower have?"],
+     "locality": [{"prompt": "Where is the river?", "answer": "north"}]},
+]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tiny_llama_dir, tmp_path_factory):
+    from trustray.serve_apps.openai_app import run_app, shutdown
+
+    store = tmp_path_factory.mktemp("edit-sets")
+    config = load_config(ServeConfig, TINY_CONFIG, [
+        f"port={_free_port()}", f"chat.model={tiny_llama_dir}", "rag=null",
+        f"edits={{store_dir: '{store}', api_key: {KEY}, editor: ft, editor_settings: "
+        "{modules: {layers: [-1]}, max_length: 96, steps: 20, lr: 0.05, norm_bound: 3.0}}",
+        "deployments.editor.resources.num_cpus=0.25",
+    ])
+    base = run_app(config)
+    yield base
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _ask(client, model: str) -> str:
+    response = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    return response.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def created(http):
+    response = http.post("/v1/edits", json=EDITS, headers=_auth())
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_edits_api_needs_the_key(http):
+    for method, path in (("POST", "/v1/edits"), ("GET", "/v1/edits/0123456789ab"), ("DELETE", "/v1/edits/0123456789ab")):
+        for headers in ({}, _auth("wrong")):
+            response = http.request(method, path, json=EDITS if method == "POST" else None, headers=headers)
+            assert response.status_code == 401, (method, headers)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("body", [
+    {"edits": []},
+    {"edits": [{"prompt": "x?"}]},
+    {"edits": [{"prompt": "", "target_new": "y"}]},
+    {"edits": [{"prompt": "x?", "target_new": "y", "colour": "red"}]},
+    {"edit": []},
+])
+def test_malformed_edits_get_a_4xx_with_the_reason(http, body):
+    response = http.post("/v1/edits", json=body, headers=_auth())
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"]["message"]
+
+
+def test_an_edit_set_answers_differently_and_the_base_model_stays(client, http, created):
+    before = _ask(client, "tiny-chat")
+    model = created["model"]
+    assert created["status"] == "succeeded" and created["n_edits"] == 1 and model == f"edit-{created['id']}"
+    assert model in [m.id for m in client.models.list().data]
+    edited = _ask(client, model)
+    assert edited != before
+    assert _ask(client, "tiny-chat") == before  # other requests never see the edit
+    stream = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == edited
+    status = http.get(f"/v1/edits/{created['id']}", headers=_auth()).json()
+    assert status["status"] == "succeeded" and 0 <= status["metrics"]["es"] <= 1
+
+
+def test_deleting_an_edit_set_removes_its_model(client, http):
+    made = http.post("/v1/edits", json=EDITS, headers=_auth()).json()
+    assert http.delete(f"/v1/edits/{made['id']}", headers=_auth()).json()["deleted"] is True
+    assert http.get(f"/v1/edits/{made['id']}", headers=_auth()).status_code == 404
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        _ask(client, made["model"])
+    assert http.get("/v1/edits/not-an-id", headers=_auth()).status_code == 404
