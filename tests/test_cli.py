@@ -43,3 +43,22 @@ def test_run_build_index_from_the_command_line(tmp_path, tiny_embedder_dir, ray_
     assert code == 0
     metadata = json.loads((output / "metadata.json").read_text())
     assert metadata["num_docs"] == 12 and metadata["num_passages"] >= 12
+
+
+@pytest.mark.parametrize("folder", sorted(path.name for path in CONFIGS.iterdir() if path.is_dir()))
+def test_every_preset_validates_against_its_pipeline_config(folder):
+    from trustray.config import load_config
+    from trustray.pipelines import load_pipeline
+    from trustray.serve_apps.config import ServeConfig
+
+    config_cls = ServeConfig if folder == "serve" else load_pipeline(folder)["config"]
+    for path in sorted((CONFIGS / folder).glob("*.yaml")):
+        load_config(config_cls, path)  # unknown keys and bad values raise
+
+
+def test_every_evaluation_is_a_pipeline_with_a_table():
+    import importlib
+
+    for name in cli.EVALUATIONS.values():
+        module = importlib.import_module(f"trustray.pipelines.{name}")
+        assert callable(module.format_table) and "config" in module.PIPELINE
