@@ -54,3 +54,18 @@ def pipeline_main(pipeline: PipelineSpec, argv: list[str] | None = None, prog: s
     result = run(config)
     logger.info("done: %s", result)
     return result
+
+
+def gather(refs: dict[Any, Any], description: str, on_result: Callable[[Any, Any], None]) -> None:
+    """Wait for Ray results as they finish, with a progress bar; `on_result(key, value)` persists each one, so a
+    crash loses only the tasks still running."""
+    import ray
+    from tqdm.auto import tqdm
+
+    pending = {ref: key for key, ref in refs.items()}
+    with tqdm(total=len(pending), desc=description) as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            key = pending.pop(done[0])
+            on_result(key, ray.get(done[0]))
+            progress.update(1)

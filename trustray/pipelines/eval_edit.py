@@ -28,6 +28,7 @@ from pydantic import Field
 from trustray.artifacts import atomic_write_text
 from trustray.config import BaseConfig, Resources
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines import gather
 from trustray.pipelines.edit_train import EditDataSettings, load_records
 from trustray.runtime import machine_info
 
@@ -222,9 +223,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             key = f"{editor_run.label}-{n}"
             if not (rows_dir / f"{key}.json").is_file():
                 jobs[key] = task.remote(config, editor_run, records[:n], general, fingerprint)
-    from trustray.pipelines.eval_influence import _gather
-
-    _gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
+    gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []
     for editor_run in config.editors:

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from trustray.core.editing.base import Editor, EditorSettings, EditRecord, batches, encode_pairs, register
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.metrics import agreement, token_accuracy
+from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.ridge import ridge_backward, ridge_solve
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
 from trustray.core.influence.gradients import model_inputs
@@ -83,38 +84,15 @@ class MalmenSettings(EditorSettings):
     seed: int = Field(0, description="Seed of the hyper-network initialisation and of the paraphrase/locality draws.")
 
 
-class RunningNormalizer(nn.Module):
-    """Per-feature standardisation with running statistics (Chan et al.'s merge of batch means and variances).
-
-    Keys and value gradients differ in scale by orders of magnitude between layers and models; standardising them
-    is what lets one hyper-network initialisation and learning rate work everywhere. Statistics are kept in
-    float64 so that merging millions of rows stays exact enough. Identity until two rows have been seen.
-    """
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(size, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, rows: Tensor) -> None:
-        rows = rows.detach().to(self.mean)
-        if rows.shape[0] == 0:
-            return
-        batch_mean = rows.mean(0)
-        total = self.count + rows.shape[0]
-        delta = batch_mean - self.mean
-        self.mean += delta * rows.shape[0] / total
-        self.m2 += (rows - batch_mean).square().sum(0) + delta.square() * self.count * rows.shape[0] / total
-        self.count.copy_(total)
+class RunningNormalizer(RunningStats):
+    """Standardises hyper-network inputs with running statistics; the identity until two rows have been seen."""
 
     def forward(self, rows: Tensor) -> Tensor:
         if self.count < 2:
             return rows
-        std = (self.m2 / (self.count - 1)).sqrt()
+        mean, std = self.stats()
         eps = torch.finfo(torch.float32).eps
-        return (rows - self.mean.to(rows.dtype)) / (std.to(rows.dtype) + eps)
+        return (rows - mean.to(rows.dtype)) / (std.to(rows.dtype) + eps)
 
 
 class ShiftBlock(nn.Module):

@@ -72,6 +72,7 @@ from trustray.core.editing.finetune import (
     row_nll,
 )
 from trustray.core.editing.metrics import agreement, token_accuracy
+from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
 from trustray.core.influence.gradients import model_inputs
 
@@ -107,39 +108,9 @@ class MendSettings(EditorSettings):
     seed: int = Field(0, description="Seed of the editor network's random initialisation (V ~ N(0, 1)).")
 
 
-class WelfordNormaliser(nn.Module):
-    """Per-feature running mean and variance (Welford / Chan et al. batch merge), in float64 buffers.
-
-    `update(x)` merges the rows of x; `forward(x)` returns (x − μ) / (σ + 1e-7) with the unbiased σ. The
-    statistics need at least two rows; `forward(x, fallback=True)` uses x's own statistics until then.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        if x.shape[0] == 0:
-            return
-        x = x.detach().double()
-        n_b = float(x.shape[0])
-        mean_b = x.mean(dim=0)
-        m2_b = (x - mean_b).square().sum(dim=0)
-        n_a = float(self.count)
-        n = n_a + n_b
-        shift = mean_b - self.mean
-        self.mean += shift * (n_b / n)
-        self.m2 += m2_b + shift.square() * (n_a * n_b / n)
-        self.count += n_b
-
-    def stats(self) -> tuple[Tensor, Tensor]:
-        """(mean, unbiased std), float64."""
-        if float(self.count) < 2:
-            raise RuntimeError(f"normaliser has seen {int(self.count)} rows; it needs at least 2")
-        return self.mean, (self.m2 / (self.count - 1)).sqrt()
+class WelfordNormaliser(RunningStats):
+    """`forward(x)` returns (x − μ) / (σ + 1e-7) with the running unbiased σ; `forward(x, fallback=True)` uses
+    x's own statistics until two rows have been merged."""
 
     def forward(self, x: Tensor, fallback: bool = False) -> Tensor:
         if float(self.count) >= 2:
