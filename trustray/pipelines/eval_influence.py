@@ -43,6 +43,7 @@ from trustray.artifacts import (
 from trustray.config import BaseConfig
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines import gather
 from trustray.runtime import machine_info
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,10 @@ class EvalInfluenceConfig(BaseConfig):
     lds: LdsSettings = Field(default_factory=LdsSettings, description="Linear datamodeling score.")
     selection: SelectionSettings = Field(default_factory=SelectionSettings, description="Selection fine-tunes.")
     resources: EvalResources = Field(default_factory=EvalResources, description="Per-task resources.")
-    output_dir: str | None = Field(None, description="Artifacts (default outputs/eval_influence/<name>).")
+    output_dir: str | None = Field(
+        None, description="Artifacts (default outputs/eval_influence/<name>); tasks write checkpoints here, so on a "
+        "multi-node cluster it must be storage every node mounts.",
+    )
     results_dir: str | None = Field(None, description="Also copy the report's JSON and PNG files here.")
     force: bool = Field(False, description="Delete an output_dir made with other settings instead of refusing it.")
 
@@ -211,18 +215,41 @@ def _fresh_lora(config: EvalInfluenceConfig, seed: int) -> Any:
     return add_lora(base, config.lora)
 
 
-def cache_prefix(config: EvalInfluenceConfig, groups: dict[str, list[dict]]) -> tuple[int, dict[str, list[dict]]]:
-    """(frozen layers skipped, groups whose examples carry their cached prefix output)."""
-    from trustray.core.influence.prefix import frozen_prefix_length, prefix_states, with_states
+def cache_prefix(config: EvalInfluenceConfig, groups: dict[str, list[dict]]) -> tuple[int, dict[str, list[Any]]]:
+    """(frozen layers skipped, each group's cached prefix output per example; empty lists when nothing is frozen)."""
+    from trustray.core.influence.prefix import frozen_prefix_length, prefix_states
 
     model = _fresh_lora(config, 0).eval()
     layers = frozen_prefix_length(model)
     if layers == 0:
-        return 0, groups
+        return 0, {name: [] for name in groups}
     return layers, {
-        name: with_states(examples, prefix_states(model, examples, layers, config.features.batch_size))
-        for name, examples in groups.items()
+        name: prefix_states(model, examples, layers, config.features.batch_size) for name, examples in groups.items()
     }
+
+
+def run_prefix_cache(config: EvalInfluenceConfig, folder: Path, data: dict[str, Any]) -> tuple[int, dict[str, list]]:
+    """Groups whose examples carry their cached prefix output; computed once, then read from `prefix.pt`."""
+    import os
+
+    import ray
+    import torch
+
+    from trustray.core.influence.prefix import with_states
+
+    names = ("pool", "fit", "targets")
+    path = folder / "prefix.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        layers, states = saved["layers"], saved["states"]
+    else:
+        layers, states = ray.get(_remote(cache_prefix, config).remote(config, {name: data[name] for name in names}))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save({"layers": layers, "states": states}, tmp)
+        os.replace(tmp, path)
+    if layers == 0:
+        return 0, {name: data[name] for name in names}
+    return layers, {name: with_states(data[name], states[name]) for name in names}
 
 
 def warmup_task(config: EvalInfluenceConfig, examples: list[dict], prefix: int, folder: str) -> list[dict]:
@@ -314,8 +341,12 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
                 else:
                     chosen.append((spec, dim))
         # kron projects layer factors before the outer product, so it only sees plain gradients.
-        krons = {(spec.key, dim): make_reduction(spec.name, dim, settings.seed, **spec.options).fit(kron_sample)
-                 for spec, dim in chosen if spec.name == "kron"}
+        krons = {}
+        for spec, dim in chosen:
+            if spec.name == "kron":
+                started = time.perf_counter()
+                krons[(spec.key, dim)] = make_reduction(spec.name, dim, settings.seed, **spec.options).fit(kron_sample)
+                info["seconds"][f"{spec.key}/{dim}"] = time.perf_counter() - started
         del kron_sample
         flat: dict[str, torch.Tensor] = {}
         kron_features: dict[tuple[str, int, str], list[torch.Tensor]] = {}
@@ -324,7 +355,9 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
             for grads in gradient_batches(groups[role]):
                 rows.append(grads.flat())
                 for key, reduction in krons.items():
+                    started = time.perf_counter()
                     kron_features.setdefault((*key, role), []).append(reduction.transform(grads))
+                    info["seconds"][f"{key[0]}/{key[1]}"] += time.perf_counter() - started
             flat[role] = torch.cat(rows)
     info.update(lora_size=total, modules=modules)
 
@@ -345,6 +378,7 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
             add("sgd", spec.key, dim, torch.cat(kron_features[(spec.key, dim, "pool")]),
                 torch.cat(kron_features[(spec.key, dim, "targets")]))
             info["actual_dims"][f"{spec.key}/{dim}"] = int(krons[(spec.key, dim)].dim)
+            started -= info["seconds"].pop(f"{spec.key}/{dim}")  # fit and per-batch transforms count too
         else:
             reduction = make_reduction(spec.name, dim, settings.seed, **spec.options)
             if not reduction.fitted:
@@ -388,20 +422,6 @@ def _remote(function: Any, config: EvalInfluenceConfig) -> Any:
     import ray
 
     return ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, max_retries=1)(function)
-
-
-def _gather(refs: dict[Any, Any], description: str, on_result: Any) -> None:
-    """Wait for Ray results as they finish, with a progress bar; `on_result(key, value)` persists each one."""
-    import ray
-    from tqdm.auto import tqdm
-
-    pending = {ref: key for key, ref in refs.items()}
-    with tqdm(total=len(pending), desc=description) as progress:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            key = pending.pop(done[0])
-            on_result(key, ray.get(done[0]))
-            progress.update(1)
 
 
 def expected_metadata(config: EvalInfluenceConfig) -> dict[str, Any]:
@@ -478,7 +498,7 @@ def run_scores(config: EvalInfluenceConfig, folder: Path, groups_ref: Any, prefi
         np.savez(score_dir / f"{path}.npz", **result["scores"])
         atomic_write_text(score_dir / f"{path}.json", json.dumps(result["info"], indent=2))
 
-    _gather(refs, "scores per checkpoint", save)
+    gather(refs, "scores per checkpoint", save)
     per_checkpoint = [np.load(score_dir / f"{c['path']}.npz") for c in checkpoints]
     rates = [c["learning_rate"] for c in checkpoints]
     combined = {key: combine_checkpoints([s[key] for s in per_checkpoint], rates) for key in per_checkpoint[0].files}
@@ -519,7 +539,7 @@ def run_lds(config: EvalInfluenceConfig, folder: Path, pool_ref: Any, targets_re
     retrain = _remote(_subset_retrain, config)
     refs = {m: retrain.remote(config, pool_ref, np.flatnonzero(masks[m]).tolist(), targets_ref, prefix, settings.train)
             for m in range(len(masks)) if not (lds_dir / f"subset-{m:03d}.json").is_file()}
-    _gather(refs, "LDS retrains", lambda m, losses: atomic_write_text(lds_dir / f"subset-{m:03d}.json", json.dumps(losses)))
+    gather(refs, "LDS retrains", lambda m, losses: atomic_write_text(lds_dir / f"subset-{m:03d}.json", json.dumps(losses)))
     losses = np.array([json.loads((lds_dir / f"subset-{m:03d}.json").read_text()) for m in range(len(masks))])
     rows = []
     for key, matrix in scores.items():
@@ -579,7 +599,7 @@ def run_selection(config: EvalInfluenceConfig, folder: Path, pool_ref: Any, targ
     settings = config.selection.train
     refs = {name: retrain.remote(config, pool_ref, indices, targets_ref, prefix, settings)
             for name, indices in methods.items() if not (sel_dir / f"{name}.json").is_file()}
-    _gather(refs, "selection fine-tunes", lambda name, losses: atomic_write_text(sel_dir / f"{name}.json", json.dumps(losses)))
+    gather(refs, "selection fine-tunes", lambda name, losses: atomic_write_text(sel_dir / f"{name}.json", json.dumps(losses)))
     rows = [{"method": "base (no fine-tune)", "examples": 0, "target_loss": float(np.mean(base_losses))}]
     for name, indices in methods.items():
         losses = json.loads((sel_dir / f"{name}.json").read_text())
@@ -618,6 +638,9 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
     import matplotlib.pyplot as plt
 
     paths = []
+    # One colour per reduction in every panel, so lines can be compared across panels and figures.
+    names = sorted({*fidelity, *(row["reduction"] for row in lds["rows"])})
+    colour = {name: f"C{index % 10}" for index, name in enumerate(names)}
     figure, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for column, kind in enumerate(FEATURE_KINDS):
         for reduction, rows in sorted(fidelity.items()):
@@ -625,8 +648,8 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
             if not chosen:
                 continue
             dims = [row["dim"] for row in chosen]
-            axes[0][column].plot(dims, [row["spearman"] for row in chosen], marker="o", label=reduction)
-            axes[1][column].plot(dims, [row["top5_overlap"] for row in chosen], marker="o", label=reduction)
+            for axis, key in ((axes[0][column], "spearman"), (axes[1][column], "top5_overlap")):
+                axis.plot(dims, [row[key] for row in chosen], marker="o", label=reduction, color=colour[reduction])
         axes[0][column].set_title(f"{kind} features, cosine (LoRA size {lora_size:,})")
         axes[0][column].set_ylabel("Spearman vs exact")
         axes[1][column].set_ylabel("top-5% overlap with exact")
@@ -634,7 +657,7 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
         for row in axes:
             row[column].set_xscale("log")
             row[column].grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+            row[column].legend(fontsize=7)
     figure.tight_layout()
     paths.append(report_dir / "fidelity.png")
     figure.savefig(paths[-1], dpi=110)
@@ -648,14 +671,14 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
                 by_reduction.setdefault(row["reduction"], []).append(row)
         for reduction, rows in sorted(by_reduction.items()):
             rows.sort(key=lambda row: row["dim"])
-            axes[column].errorbar([r["dim"] for r in rows], [r["lds"] for r in rows],
-                                  yerr=[r["lds_sem"] for r in rows], marker="o", capsize=2, label=reduction)
+            axes[column].errorbar([r["dim"] for r in rows], [r["lds"] for r in rows], yerr=[r["lds_sem"] for r in rows],
+                                  marker="o", capsize=2, label=reduction, color=colour[reduction])
         axes[column].set_title(f"LDS, {kind} features, {metric} ({lds['n_subsets']} retrains)")
         axes[column].set_xscale("log")
         axes[column].set_xlabel("feature dim")
         axes[column].grid(alpha=0.3)
+        axes[column].legend(fontsize=7)
     axes[0].set_ylabel("LDS (mean Spearman over targets)")
-    axes[0].legend(fontsize=8)
     figure.tight_layout()
     paths.append(report_dir / "lds.png")
     figure.savefig(paths[-1], dpi=110)
@@ -705,8 +728,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
                 len(data["targets"]), len(set(data["tasks"])))
     if len(data["pool"]) < 8 or len(data["targets"]) < 1:
         raise ValueError("too few examples survive tokenization; raise data.max_length or lower data.max_chars")
-    prefix, groups = ray.get(_remote(cache_prefix, config).remote(
-        config, {"pool": data["pool"], "fit": data["fit"], "targets": data["targets"]}))
+    prefix, groups = run_prefix_cache(config, folder, data)
     logger.info("frozen decoder layers cached and skipped: %d", prefix)
     groups_ref = ray.put(groups)
     pool_ref, targets_ref = ray.put(groups["pool"]), ray.put(groups["targets"])
@@ -752,7 +774,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
             "fitted_on": f"pca and kron-pca are fitted on {len(groups['fit'])} other pool-like examples (out of sample)",
             "results": fidelity,
             "skipped": info["skipped"],
-            "reduction_seconds_per_checkpoint": info["seconds"],
+            "reduction_seconds_last_checkpoint": info["seconds"],
             "kron_actual_dims": info["actual_dims"],
         },
         "influence_lds.json": {**common, **lds},
