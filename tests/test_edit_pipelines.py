@@ -30,6 +30,10 @@ def test_edit_apply_writes_an_edit_set_that_applies_and_reverts(tiny_llama_dir, 
     assert metadata["editor"] == "ft" and metadata["n_edits"] == 4 and len(metadata["edits"]) == 4
     assert metadata["metrics"]["after"]["es"] > metadata["metrics"]["before"]["es"]
     assert list(edit_set.deltas) == ["model.layers.1.mlp.down_proj"]
+    # LoRA exports: a larger rank reconstructs the edit better; each reports the edit success it keeps.
+    lora = {entry["rank"]: entry for entry in metadata["metrics"]["lora"]}
+    assert 0 <= lora[16]["relative_error"] < lora[1]["relative_error"] <= 1
+    assert all(0 <= entry["es"] <= 1 for entry in lora.values())
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,8 @@
     python -m trustray.pipelines.edit_apply --config ...
 
 The editor (`malmen` / `mend` meta-trained by `edit_train`, or the `ft` / `ft_kl` baselines) turns the records into
-one weight change per edited module. The result is an edit set (`deltas.safetensors` + `metadata.json` with the
+one weight change per edited module (with `lora_ranks`, also how much of it survives as a LoRA adapter of each
+rank). The result is an edit set (`deltas.safetensors` + `metadata.json` with the
 edits, the base model's fingerprint, the editor and its teacher-forced ES / GS / LS on the edited records) that
 `EditSet.apply` / `revert` / `compose` and the Serve app use. The work runs as one Ray task with `resources`.
 """
@@ -34,6 +35,11 @@ class EditApplyConfig(BaseConfig):
     data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
     split: str = Field("test", description="Split of the records.")
     n_edits: int = Field(16, ge=1, description="Records edited at once (the first N of the split).")
+    lora_ranks: list[int] = Field(
+        default_factory=list,
+        description="Also export the edit set as LoRA adapters of these ranks (truncated SVD, for vLLM multi-LoRA) "
+        "and report each one's reconstruction error and how much of the edit success survives.",
+    )
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="The editing task.")
     output_dir: str | None = Field(None, description="Edit set folder (default outputs/edit_sets/<name>).")
 
@@ -47,7 +53,7 @@ def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trustray.core.editing.base import build_editor
-    from trustray.core.editing.editset import EditSet
+    from trustray.core.editing.editset import EditSet, to_lora
     from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
     from trustray.models.sources import resolve_model_source
 
@@ -63,7 +69,15 @@ def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprin
     seconds = time.perf_counter() - began
     with EditSet(deltas).apply(model):
         after = teacher_forced_scores(model, tokenizer, records, reference)
-    return {"deltas": deltas, "metrics": {"before": before, "after": after, "edit_seconds": round(seconds, 2)}}
+    lora = []
+    for rank in config.lora_ranks:
+        factors, report = to_lora(EditSet(deltas), rank)
+        low_rank = {name: b @ a for name, (a, b) in factors.items()}
+        with EditSet(low_rank).apply(model):
+            scores = teacher_forced_scores(model, tokenizer, records, reference)
+        lora.append({"rank": rank, "relative_error": report["relative_error"], **scores})
+    metrics = {"before": before, "after": after, "edit_seconds": round(seconds, 2), "lora": lora}
+    return {"deltas": deltas, "metrics": metrics}
 
 
 def run(config: EditApplyConfig) -> Path:
