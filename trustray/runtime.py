@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
 OFFLINE_DEFAULTS = {
     # Models and data come from PyPI packages or local folders; the hub is never contacted at run time.
@@ -51,3 +54,14 @@ def machine_info() -> dict:
     except ImportError:
         info["ray"] = "not installed"
     return info
+
+
+def machine_label(machine: dict[str, Any]) -> str:
+    """One line naming the machine a plot was measured on."""
+    return f"measured on {machine['hostname']}: {machine['cpu_count']} CPUs, GPU {machine['gpu']}, torch {machine['torch']}"
+
+
+def save_figure(figure: Any, path: Path, machine: dict[str, Any]) -> None:
+    """Save with the machine in a footer and in the PNG's metadata (a plot must say where it was measured)."""
+    figure.text(0.99, 0.005, machine_label(machine), ha="right", va="bottom", fontsize=7, color="0.4")
+    figure.savefig(path, dpi=110, metadata={"Description": json.dumps({"machine": machine})})

@@ -30,7 +30,7 @@ from trustray.config import BaseConfig, Resources
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather
 from trustray.pipelines.edit_train import EditDataSettings, load_records
-from trustray.runtime import machine_info
+from trustray.runtime import machine_info, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     report_dir = folder / "report"
     report_dir.mkdir(exist_ok=True)
     atomic_write_text(report_dir / "edit_scaling.json", json.dumps(report, indent=2) + "\n")
-    write_plot(report_dir / "edit_scaling.png", rows)
+    write_plot(report_dir / "edit_scaling.png", rows, report["machine"])
     if config.results_dir:
         Path(config.results_dir).mkdir(parents=True, exist_ok=True)
         for name in ("edit_scaling.json", "edit_scaling.png"):
@@ -245,7 +245,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     return report
 
 
-def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_plot(path: Path, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     """ES, GS, LS and perplexity ratio against the number of simultaneous edits, one line per editor."""
     import matplotlib
 
@@ -262,8 +262,8 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
             axis.set_xlabel("edits at once")
             axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    save_figure(figure, path, machine)
     plt.close(figure)
 
 

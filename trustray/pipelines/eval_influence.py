@@ -44,7 +44,7 @@ from trustray.config import BaseConfig
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather
-from trustray.runtime import machine_info
+from trustray.runtime import machine_info, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -630,7 +630,7 @@ def base_losses_task(config: EvalInfluenceConfig, targets: list[dict], prefix: i
 
 # -- 7. report ----------------------------------------------------------------------------------------
 def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str, Any],
-                selection: dict[str, Any], lora_size: int) -> list[Path]:
+                selection: dict[str, Any], lora_size: int, machine: dict[str, Any]) -> list[Path]:
     """fidelity.png (Spearman and top-5% overlap vs dim), lds.png (LDS vs dim), selection.png (target loss)."""
     import matplotlib
 
@@ -658,9 +658,9 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
             row[column].set_xscale("log")
             row[column].grid(alpha=0.3)
             row[column].legend(fontsize=7)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     paths.append(report_dir / "fidelity.png")
-    figure.savefig(paths[-1], dpi=110)
+    save_figure(figure, paths[-1], machine)
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -679,9 +679,9 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
         axes[column].grid(alpha=0.3)
         axes[column].legend(fontsize=7)
     axes[0].set_ylabel("LDS (mean Spearman over targets)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     paths.append(report_dir / "lds.png")
-    figure.savefig(paths[-1], dpi=110)
+    save_figure(figure, paths[-1], machine)
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(9, 4))
@@ -691,9 +691,9 @@ def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str
     low = min(row["target_loss"] for row in rows)
     axis.set_xlim(left=low - 0.05 * abs(low))
     axis.invert_yaxis()
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     paths.append(report_dir / "selection.png")
-    figure.savefig(paths[-1], dpi=110)
+    save_figure(figure, paths[-1], machine)
     plt.close(figure)
     return paths
 
@@ -782,7 +782,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
     }
     for name, content in files.items():
         atomic_write_text(report_dir / name, json.dumps(content, indent=2) + "\n")
-    plots = write_plots(report_dir, fidelity, lds, selection, info["lora_size"])
+    plots = write_plots(report_dir, fidelity, lds, selection, info["lora_size"], common["machine"])
     if config.results_dir:
         Path(config.results_dir).mkdir(parents=True, exist_ok=True)
         for path in [*(report_dir / name for name in files), *plots]:
