@@ -6,7 +6,8 @@
 For every editor and every N in `n_edits`, one Ray task (a fresh process, so its memory peak is its own) loads the
 model, edits the first N records of the split at once, and measures on the edited records (all of them up to
 `eval_sample`, that fixed sample beyond): teacher-forced ES / GS / LS (LS = agreement with the unedited model;
-`ls_gold` against the gold locality answers), ES / GS by generation on `generation_sample` records, perplexity on
+`ls_gold` against the gold locality answers; GS and LS on the first `paraphrases_scored` / `locality_scored` of
+each record's paraphrases and probes), ES / GS by generation on `generation_sample` records, perplexity on
 held-out Wikipedia text (ratio to the unedited model) and answer-contained accuracy on the RAG dev split (closed
 book, and with retrieval when `index_dir` holds an index), plus the editing time and peak memory. Each row is saved
 as it finishes; a rerun computes only missing rows. The report (`edit_scaling.json` + `edit_scaling.png`) goes to
@@ -65,6 +66,10 @@ class EvalEditConfig(BaseConfig):
     n_edits: list[int] = Field(default_factory=lambda: [1, 16, 128, 1024, 4096], description="Edits applied at once.")
     eval_sample: int = Field(1024, ge=1, description="Edited records scored at most (a fixed prefix of the split).")
     generation_sample: int = Field(128, ge=0, description="Records scored by generation (0: none).")
+    paraphrases_scored: int | None = Field(
+        2, ge=1, description="Paraphrases per record in GS (None: all; each costs a forward pass per record)."
+    )
+    locality_scored: int | None = Field(None, ge=1, description="Locality probes per record in LS (None: all).")
     data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
     split: str = Field("test", description="Split edited.")
     general: GeneralAbility = Field(default_factory=GeneralAbility, description="General-ability checks.")
@@ -177,7 +182,8 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     texts = held_out_texts(config.general.ppl_texts)
     if run is None:
         return general_scores(engine, tokenizer, texts, general, config)
-    scored = records[: config.eval_sample]
+    scored = [{**record, "paraphrases": record["paraphrases"][: config.paraphrases_scored],
+               "locality": record["locality"][: config.locality_scored]} for record in records[: config.eval_sample]]
     reference = locality_reference(model, tokenizer, scored, config.batch_size)
     editor = build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, run.editor_settings)
     began = time.perf_counter()
