@@ -1,0 +1,111 @@
+"""The extractive compressor's sentence scorer: a bi-encoder with an EMPTY option, trained by LSR.
+
+A sentence's logit is cos(E(question), E(sentence)) / γ with E the (fine-tuned) sentence embedder, L2-normalised;
+the EMPTY logit (keep nothing, answer closed book) comes from a linear head on E(question), because whether
+retrieval helps depends on the question. Untrained, the head's bias keeps EMPTY below any sentence with a
+positive similarity, so the scorer starts as plain similarity ranking. Training pulls softmax(logits) towards the
+chat model's preference over the same candidates (`trustray.core.rag.lsr.lsr_loss`).
+
+An artifact is a folder: the sentence-transformers model (`encoder/`), `head.pt`, and `metadata.json` naming the
+embedder it started from (its fingerprint); loading it for another embedder is refused, since its similarities
+would not mean the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trustray.artifacts import ArtifactMismatchError, atomic_folder, read_metadata, write_metadata
+from trustray.core.rag.lsr import lsr_loss
+
+KIND = "sentence_scorer"
+HEAD_FILE = "head.pt"
+
+
+class SentenceScorer(nn.Module):
+    """logits `[B, 1 + C]` over (EMPTY, sentences) for a batch of questions."""
+
+    def __init__(self, encoder: Any, gamma: float = 0.05) -> None:
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError(f"gamma must be positive, got {gamma}")
+        self.encoder = encoder
+        self.gamma = gamma
+        self.empty_head = nn.Linear(encoder.get_embedding_dimension(), 1)
+        nn.init.zeros_(self.empty_head.weight)
+        nn.init.zeros_(self.empty_head.bias)
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """L2-normalised embeddings `[N, dim]`, differentiable (unlike `SentenceTransformer.encode`)."""
+        device = next(self.encoder.parameters()).device
+        features = {key: value.to(device) if isinstance(value, Tensor) else value
+                    for key, value in self.encoder.tokenize(list(texts)).items()}
+        return nn.functional.normalize(self.encoder(features)["sentence_embedding"], dim=-1)
+
+    def forward(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """(logits [B, 1 + C], mask [B, 1 + C]); column 0 is EMPTY, C the most candidates of any question."""
+        if len(questions) != len(candidates):
+            raise ValueError(f"{len(questions)} questions but {len(candidates)} candidate lists")
+        width = 1 + max((len(c) for c in candidates), default=0)
+        query = self.embed(questions)
+        flat = [sentence for group in candidates for sentence in group]
+        sentences = self.embed(flat) if flat else query.new_zeros(0, query.shape[1])
+        logits = query.new_full((len(questions), width), torch.finfo(query.dtype).min)
+        mask = torch.zeros(len(questions), width, dtype=torch.bool, device=query.device)
+        logits[:, 0] = self.empty_head(query).squeeze(-1)
+        mask[:, 0] = True
+        start = 0
+        for row, group in enumerate(candidates):
+            block = sentences[start : start + len(group)]
+            logits[row, 1 : 1 + len(group)] = block @ query[row] / self.gamma
+            mask[row, 1 : 1 + len(group)] = True
+            start += len(group)
+        return logits, mask
+
+    @torch.no_grad()
+    def score(self, question: str, sentences: Sequence[str]) -> tuple[list[float], float]:
+        """(sentence logits, EMPTY logit) for `ExtractiveCompressor`."""
+        logits, _ = self([question], [sentences])
+        return logits[0, 1 : 1 + len(sentences)].tolist(), float(logits[0, 0])
+
+    def lsr_step(self, optimizer: torch.optim.Optimizer, questions: Sequence[str],
+                 candidates: Sequence[Sequence[str]], lm_logprobs: Tensor, beta: float) -> float:
+        """One optimizer step on the LSR loss; `lm_logprobs` `[B, 1 + C]` uses the same columns as `forward`."""
+        logits, mask = self(questions, candidates)
+        loss = lsr_loss(logits, lm_logprobs.to(logits.device)[:, : logits.shape[1]], mask, beta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def save(self, folder: str | Path, metadata: Mapping[str, Any]) -> None:
+        """Encoder, head and `metadata.json` (must name `embedder_fingerprint`), appearing whole or not at all."""
+        if "embedder_fingerprint" not in metadata:
+            raise ValueError("scorer metadata must name the embedder_fingerprint it was trained from")
+        with atomic_folder(folder) as tmp:
+            self.encoder.save(str(tmp / "encoder"))
+            torch.save({"state": self.empty_head.state_dict(), "gamma": self.gamma}, tmp / HEAD_FILE)
+            write_metadata(tmp, {**metadata, "kind": KIND})
+
+    @classmethod
+    def load(cls, folder: str | Path, embedder_fingerprint: str, device: str | None = None) -> SentenceScorer:
+        """A saved scorer, refused unless it was trained from the embedder with `embedder_fingerprint`."""
+        from sentence_transformers import SentenceTransformer
+
+        metadata = read_metadata(folder)
+        if metadata is None or metadata.get("kind") != KIND:
+            raise FileNotFoundError(f"{folder} holds no sentence scorer (no metadata.json of kind {KIND!r})")
+        if metadata["embedder_fingerprint"] != embedder_fingerprint:
+            raise ArtifactMismatchError(
+                f"the scorer in {folder} was trained from embedder {metadata.get('embedder', '?')} (fingerprint "
+                f"{metadata['embedder_fingerprint']}), not the one given ({embedder_fingerprint})"
+            )
+        head = torch.load(Path(folder) / HEAD_FILE, map_location="cpu", weights_only=True)
+        scorer = cls(SentenceTransformer(str(Path(folder) / "encoder"), device=device), gamma=head["gamma"])
+        scorer.empty_head.load_state_dict(head["state"])
+        return scorer.to(next(scorer.encoder.parameters()).device)
