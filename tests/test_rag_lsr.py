@@ -46,3 +46,17 @@ def test_no_gradient_reaches_the_chat_model_and_bad_input_is_refused():
         lsr_loss(logits, lm, torch.tensor([[True, False, False], [False, False, False]]), beta=0.5)
     with pytest.raises(ValueError, match="beta"):
         lsr_loss(logits, lm, torch.ones(2, 3, dtype=torch.bool), beta=0.0)
+
+
+def test_teacher_logprobs_are_mean_answer_logprobs_per_candidate(tiny_llama_dir):
+    from trustray.core.rag.lsr import teacher_logprobs, teacher_requests
+    from trustray.models.engines import EngineConfig, HFEngine
+
+    engine = HFEngine(EngineConfig(model=tiny_llama_dir, engine="hf", torch_threads=1), device="cpu")
+    candidates = [("Paris", "The tower is in Paris."), ("Rome", "The Colosseum is in Rome.")]
+    values = teacher_logprobs(engine, "Where is the tower?", "Paris", candidates)
+    requests = teacher_requests("Where is the tower?", candidates)
+    assert len(values) == 3 and requests[0][-1]["content"].endswith("Where is the tower?")
+    direct = engine.score([engine.render(requests[1])], ["Paris"])[0]
+    assert values[1] == pytest.approx(sum(direct) / len(direct))
+    assert all(value < 0 for value in values)

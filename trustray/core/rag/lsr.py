@@ -9,8 +9,13 @@ constant (no gradient flows into it). Masked entries (padding candidates) take n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from trustray.core.rag.prompting import closed_book_messages, rag_messages
 
 
 def lsr_loss(scorer_logits: Tensor, lm_logprobs: Tensor, mask: Tensor, beta: float) -> Tensor:
@@ -34,3 +39,20 @@ def lsr_loss(scorer_logits: Tensor, lm_logprobs: Tensor, mask: Tensor, beta: flo
     # q·(log q − log p) on real candidates only; masked entries contribute exactly 0.
     terms = torch.where(mask, q * (log_q - log_p), torch.zeros_like(log_p))
     return terms.sum(dim=1).mean()
+
+
+def teacher_requests(question: str, candidates: Sequence[tuple[str, str]]) -> list[list[dict[str, str]]]:
+    """The chat requests a teacher scores, column for column with the scorer: EMPTY (closed book), then each
+    `(title, sentence)` candidate alone in the RAG prompt."""
+    return [closed_book_messages(question)] + [rag_messages(question, [candidate]) for candidate in candidates]
+
+
+def teacher_logprobs(engine: Any, question: str, answer: str, candidates: Sequence[tuple[str, str]]) -> list[float]:
+    """ℓ_j = mean per-token log p_chat(answer | request_j) for EMPTY and every candidate (the LSR target's input).
+
+    `engine` is anything with the engine protocol's `render(request)` and `score(prompts, continuations)`; the
+    mean (not the sum) keeps answers of different lengths on one scale.
+    """
+    prompts = [engine.render(request) for request in teacher_requests(question, candidates)]
+    scores = engine.score(prompts, [answer] * len(prompts))
+    return [sum(tokens) / len(tokens) for tokens in scores]
