@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from trustray.artifacts import atomic_write_text
 from trustray.config import BaseConfig, Resources
@@ -43,10 +43,6 @@ class EditorRun(BaseConfig):
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl.")
     max_edits: int | None = Field(None, ge=1, description="Largest N for this editor (baselines may stop at 1,024).")
-
-    @property
-    def label(self) -> str:
-        return self.editor
 
 
 class GeneralAbility(BaseConfig):
@@ -77,6 +73,14 @@ class EvalEditConfig(BaseConfig):
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="Each task.")
     output_dir: str | None = Field(None, description="Rows and report (default outputs/eval_edit/<name>).")
     results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
+
+    @field_validator("editors")
+    @classmethod
+    def _distinct_editors(cls, editors: list[EditorRun]) -> list[EditorRun]:
+        names = [run.editor for run in editors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each editor may appear once (its rows are keyed by name): {names}")
+        return editors
 
     def output_path(self) -> Path:
         return Path(self.output_dir or f"outputs/eval_edit/{self.name}")
@@ -226,16 +230,16 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             n = min(n, len(records))
             if editor_run.max_edits and n > editor_run.max_edits:
                 continue
-            key = f"{editor_run.label}-{n}"
+            key = f"{editor_run.editor}-{n}"
             if not (rows_dir / f"{key}.json").is_file():
                 jobs[key] = task.remote(config, editor_run, records[:n], general, fingerprint)
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []
     for editor_run in config.editors:
-        for path in sorted(rows_dir.glob(f"{editor_run.label}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+        for path in sorted(rows_dir.glob(f"{editor_run.editor}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             row = json.loads(path.read_text())
-            rows.append({"editor": editor_run.label, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
+            rows.append({"editor": editor_run.editor, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
                          "ppl_ratio": row["ppl"] / base["ppl"]})
     report = {"machine": machine_info(), "model": config.model, "split": config.split, "base": base, "rows": rows,
               "config": config.model_dump(mode="json")}

@@ -395,26 +395,33 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
     return {"scores": scores, "info": info}
 
 
-def retrain_task(config: EvalInfluenceConfig, train: list[dict], targets: list[dict], prefix: int,
-                 settings: WarmupSettings) -> list[float]:
-    """Fresh LoRA trained on `train`; returns each target's mean response loss afterwards."""
+def target_losses(config: EvalInfluenceConfig, model: Any, targets: list[dict], prefix: int) -> list[float]:
+    """Each target's mean response loss under `model` (its frozen prefix bypassed)."""
     import torch
 
     from trustray.core.influence.batching import collate
     from trustray.core.influence.gradients import example_losses
     from trustray.core.influence.prefix import skipped_prefix
+
+    device = next(model.parameters()).device
+    size = config.features.batch_size
+    model.eval()
+    with skipped_prefix(model, prefix):
+        losses = [example_losses(model, {k: v.to(device) for k, v in collate(targets[i : i + size], 0).items()})
+                  for i in range(0, len(targets), size)]
+    return torch.cat(losses).cpu().tolist()
+
+
+def retrain_task(config: EvalInfluenceConfig, train: list[dict], targets: list[dict], prefix: int,
+                 settings: WarmupSettings) -> list[float]:
+    """Fresh LoRA trained on `train`; returns each target's mean response loss afterwards."""
+    from trustray.core.influence.prefix import skipped_prefix
     from trustray.core.influence.warmup import train_lora
 
     model = _fresh_lora(config, settings.seed)
-    device = next(model.parameters()).device
     with skipped_prefix(model, prefix):
         train_lora(model, train, settings, on_checkpoint=lambda *args: None, progress_bar=False)
-        model.eval()
-        losses = []
-        for start in range(0, len(targets), config.features.batch_size):
-            batch = {k: v.to(device) for k, v in collate(targets[start : start + config.features.batch_size], 0).items()}
-            losses.append(example_losses(model, batch).cpu())
-    return torch.cat(losses).tolist()
+    return target_losses(config, model, targets, prefix)
 
 
 # -- the driver --------------------------------------------------------------------------------------
@@ -613,19 +620,8 @@ def run_selection(config: EvalInfluenceConfig, folder: Path, pool_ref: Any, targ
 
 
 def base_losses_task(config: EvalInfluenceConfig, targets: list[dict], prefix: int) -> list[float]:
-    import torch
-
-    from trustray.core.influence.batching import collate
-    from trustray.core.influence.gradients import example_losses
-    from trustray.core.influence.prefix import skipped_prefix
-
-    model = _fresh_lora(config, 0).eval()
-    device = next(model.parameters()).device
-    size = config.features.batch_size
-    with skipped_prefix(model, prefix):
-        losses = [example_losses(model, {k: v.to(device) for k, v in collate(targets[i : i + size], 0).items()})
-                  for i in range(0, len(targets), size)]
-    return torch.cat(losses).cpu().tolist()
+    """Target losses before any fine-tuning (a fresh adapter's B is zero, so it changes nothing)."""
+    return target_losses(config, _fresh_lora(config, 0), targets, prefix)
 
 
 # -- 7. report ----------------------------------------------------------------------------------------
