@@ -56,6 +56,7 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     for row in rows.values():
         assert {"es", "gs", "ls", "ppl_ratio", "seconds", "peak_mem_mb", "es_generate", "rag_dev_closed_book"} <= row.keys()
         assert 0 <= row["es"] <= 1 and row["ppl_ratio"] > 0 and row["peak_mem_mb"] >= 0
+        assert row["prefix_cached"] and row["run"]["editor"] == row["editor"]
     saved = json.loads((tmp_path / "results" / "edit_scaling.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["rows"]) == 3
     assert (tmp_path / "results" / "edit_scaling.png").read_bytes()[:4] == b"\x89PNG"
@@ -63,6 +64,26 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert eval_edit.run(config)["rows"] == report["rows"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert "ES" in eval_edit.format_table(report)
+    changed = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
+                          [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "locality_scored=1"])
+    with pytest.raises(ArtifactMismatchError, match="locality_scored"):
+        eval_edit.run(changed)
+
+
+def test_eval_edit_hides_scored_probes_from_editors_and_fills_beyond_the_split(monkeypatch):
+    from trustray.pipelines import eval_edit
+
+    record = {"prompt": "p", "target_new": "t", "paraphrases": ["a", "b", "c"],
+              "locality": [{"prompt": "x", "answer": "1"}, {"prompt": "y", "answer": "2"}, {"prompt": "z", "answer": "3"}]}
+    config = eval_edit.EvalEditConfig(editors=[{"editor": "ft"}], n_edits=[1, 5], eval_sample=2, fill_split="train")
+    scored = eval_edit.scored_records(config, [record] * 3)
+    given = eval_edit.editor_records(config, [record] * 3)
+    assert len(scored) == 2 and scored[0]["paraphrases"] == ["a", "b"] and len(scored[0]["locality"]) == 2
+    assert len(given) == 3 and given[0]["paraphrases"] == ["c"] and given[0]["locality"] == [record["locality"][2]]
+    splits = {"test": [{"id": i} for i in range(3)], "train": [{"id": 10 + i} for i in range(4)]}
+    monkeypatch.setattr(eval_edit, "load_records", lambda data, split: splits[split])
+    assert [r["id"] for r in eval_edit.load_all_records(config)] == [0, 1, 2, 10, 11, 12, 13]
+    assert eval_edit.edited_layers({"model.layers.3.mlp.down_proj": 0, "lm_head": 0}) == {3, -1}
 
 
 def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir, tmp_path, ray_local):
@@ -91,6 +112,13 @@ def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir,
     assert load_trained_editor(again, model, tokenizer, metadata["model_fingerprint"]).name == "mend"
     with pytest.raises(ArtifactMismatchError, match="meta-trained on"):
         load_trained_editor(again, model, tokenizer, "another-model")
+    # Training can be extended: the run's length is not part of the checkpoints' identity.
+    longer = load_config(EditTrainConfig, CONFIGS / "edit_train" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'longer'}", "steps=2"])
+    run(longer)
+    longer = longer.model_copy(update={"steps": 4})
+    extended = json.loads((run(longer) / "metadata.json").read_text())
+    assert [e["step"] for e in extended["history"]] == [2, 4] and extended["settings"]["steps"] == 4
     other = load_config(EditTrainConfig, CONFIGS / "edit_train" / "tiny.yaml",
                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'train'}", "edits_per_step=4"])
     with pytest.raises(ArtifactMismatchError):

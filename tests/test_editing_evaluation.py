@@ -12,6 +12,7 @@ from trustray.core.editing.evaluation import (
     generation_scores,
     locality_reference,
     perplexity,
+    prefix_cache,
     teacher_forced_scores,
 )
 from trustray.core.editing.metrics import agreement, exact_match, token_accuracy
@@ -53,10 +54,33 @@ def test_teacher_forced_scores_match_a_direct_computation(model_and_tokenizer):
         ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
         with torch.no_grad():
             argmax = model(input_ids=ids).logits[0, :-1].argmax(-1)
-        keep = labels[1:] != -100
+        keep = (labels[1:] != -100) & ~torch.isin(labels[1:], torch.tensor(tokenizer.all_special_ids))
+        assert 0 < keep.sum() < (labels[1:] != -100).sum()  # the end-of-turn token is labelled but not scored
         expected.append(float((argmax[keep] == labels[1:][keep]).float().mean()))
     assert scores["es"] == pytest.approx(sum(expected) / len(expected))
     assert 0 <= scores["gs"] <= 1 and 0 <= scores["ls_gold"] <= 1 and scores["es_exact"] <= scores["es"] + 1e-9
+
+
+def test_scores_on_a_cached_prefix_equal_the_full_model(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    cache = prefix_cache(model, tokenizer, RECORDS, layers=1)
+    edited = [{**record, "target_new": "yellow"} for record in RECORDS]  # same prompts, other answers: other pairs
+    full_reference = locality_reference(model, tokenizer, RECORDS[:2])
+    cached_reference = locality_reference(model, tokenizer, RECORDS[:2], prefix=cache)
+    assert all(torch.equal(a, b) for a, b in zip(full_reference, cached_reference, strict=True))
+    weight = model.model.layers[1].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))  # an "edit" above the cache
+    try:
+        full = teacher_forced_scores(model, tokenizer, RECORDS[:2], full_reference)
+        cached = teacher_forced_scores(model, tokenizer, RECORDS[:2], cached_reference, prefix=cache)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert cached == full and full["ls"] < 1.0  # the edit moved some locality predictions
+    with pytest.raises(ValueError, match="reference"):
+        teacher_forced_scores(model, tokenizer, edited, full_reference)
 
 
 def test_perplexity_equals_the_exponentiated_mean_token_loss(model_and_tokenizer):

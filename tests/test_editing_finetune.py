@@ -16,7 +16,6 @@ from trustray.core.editing.finetune import (
     FineTuneEditor,
     FineTuneKLEditor,
     answer_kl,
-    collate_on,
     forward_logits,
     locality_examples,
     row_nll,
@@ -65,7 +64,7 @@ def edit_success(model, tokenizer, records) -> float:
 
 def locality_drift(model, tokenizer, records, deltas) -> tuple[float, float]:
     """(mean KL(pre ‖ post), argmax agreement) at the locality answer positions."""
-    batch = collate_on(locality_examples(tokenizer, records, 128), tokenizer, "cpu")
+    batch = batches(locality_examples(tokenizer, records, 128), 16, "cpu")[0]
     with torch.no_grad():
         reference = forward_logits(model, batch)
         with EditSet(deltas).apply(model):
@@ -153,3 +152,15 @@ def test_ft_kl_replay_on_general_text(loaded):
     nll_editor = FineTuneKLEditor(model, tokenizer, {**settings, "replay_loss": "nll"}, general_text=sampler)
     nll_editor.compute_deltas(records)
     assert seen == [0, 1, 2] and nll_editor.last_history[-1]["replay_nll"] > 0
+
+
+def test_ft_kl_on_a_cached_prefix_equals_the_full_model(loaded):
+    model, tokenizer = loaded
+    records = make_records(3)
+    settings = {**FT, "steps": 3, "loc_coef": 1.0, "general_text": ["The Pacific Ocean is the largest ocean."]}
+    full = FineTuneKLEditor(model, tokenizer, settings).compute_deltas(records)
+    cached = FineTuneKLEditor(model, tokenizer, {**settings, "prefix_layers": 1}).compute_deltas(records)
+    for name, delta in full.items():
+        torch.testing.assert_close(cached[name], delta, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="prefix_layers"):
+        FineTuneEditor(model, tokenizer, {**FT, "prefix_layers": 2})

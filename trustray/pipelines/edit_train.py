@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trustray.artifacts import atomic_folder, check_metadata, write_metadata
+from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
 from trustray.config import BaseConfig
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
@@ -182,12 +182,20 @@ def run(config: EditTrainConfig) -> Path:
     out = config.output_path().resolve()
     editor_dir = out / "editor"
     expected = expected_metadata(config)
-    if check_metadata(editor_dir, expected, kind="meta-trained editor"):
+    finished = read_metadata(editor_dir) or {}
+    finished_steps = finished.get("settings", {}).get("steps", config.steps)
+    if finished_steps != config.steps:  # the same run, shorter or longer: train on (or cut back) from its checkpoints
+        check_metadata(editor_dir, {**expected, "settings": {**expected["settings"], "steps": finished_steps}},
+                       kind="meta-trained editor")
+        logger.info("the editor in %s has %d steps; this run asks for %d", editor_dir, finished_steps, config.steps)
+    elif check_metadata(editor_dir, expected, kind="meta-trained editor"):
         logger.info("reusing the editor in %s", editor_dir)
         return editor_dir
     # Checkpoints resume only the same run: a folder made with other settings is refused, not continued.
-    if not check_metadata(out / "checkpoints", expected, kind="meta-training checkpoints"):
-        write_metadata(out / "checkpoints", expected)
+    # The run's length is not part of it (no schedule depends on it), so a run can be extended or cut short.
+    run_identity = {**expected, "settings": {k: v for k, v in expected["settings"].items() if k != "steps"}}
+    if not check_metadata(out / "checkpoints", run_identity, kind="meta-training checkpoints"):
+        write_metadata(out / "checkpoints", run_identity)
     train = load_records(config.data, "train")
     dev = load_records(config.data, "dev")[: config.eval_edits]
     trainer = TorchTrainer(
@@ -201,8 +209,12 @@ def run(config: EditTrainConfig) -> Path:
     began = time.perf_counter()
     trainer.fit()
     final = out / "checkpoints" / f"step-{config.steps}"
+    if not (final / STEP_FILE).is_file():
+        raise FileNotFoundError(f"{final} is missing: the checkpoints already go past step {config.steps}; "
+                                f"set steps to one of the existing step-<n> or above the newest")
     history = [json.loads((path / STEP_FILE).read_text()) for path in sorted(
-        (out / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))]
+        (out / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
+        if int(path.name.split("-")[1]) <= config.steps]
     with atomic_folder(editor_dir) as tmp:
         (tmp / EDITOR_FILE).write_bytes((final / EDITOR_FILE).read_bytes())
         write_metadata(tmp, {**expected, "history": history, "train_records": len(train), "dev_records": len(dev),

@@ -9,9 +9,17 @@ model, edits the first N records of the split at once, and measures on the edite
 `ls_gold` against the gold locality answers; GS and LS on the first `paraphrases_scored` / `locality_scored` of
 each record's paraphrases and probes), ES / GS by generation on `generation_sample` records, perplexity on
 held-out Wikipedia text (ratio to the unedited model) and answer-contained accuracy on the RAG dev split (closed
-book, and with retrieval when `index_dir` holds an index), plus the editing time and peak memory. Each row is saved
-as it finishes; a rerun computes only missing rows. The report (`edit_scaling.json` + `edit_scaling.png`) goes to
-`output_dir/report` and, when set, `results_dir`.
+book, and with retrieval when `index_dir` holds an index), plus the editing time and peak memory.
+
+Editors never see what is scored: the records they edit keep only the paraphrases and locality probes beyond the
+scored ones (`ft_kl` anchors on those, and on Wikipedia intros disjoint from the perplexity texts). When N exceeds
+the split, `fill_split` supplies the remaining edits (edited, never scored). With `scoring_prefix_layers` = k, a
+first task runs the decoder layers below k once for every scored pair and computes the unedited model's locality
+predictions; rows whose edits all lie at layer k or above are then scored on that cache (identical results).
+
+Each row is saved as it finishes; a rerun computes only missing rows, and a folder made with other settings is
+refused. The report (`edit_scaling.json` + `edit_scaling.png`) goes to `output_dir/report` and, when set,
+`results_dir`.
 """
 
 from __future__ import annotations
@@ -26,7 +34,13 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from trustray.artifacts import atomic_write_text
+from trustray.artifacts import (
+    ArtifactMismatchError,
+    atomic_folder,
+    atomic_write_text,
+    check_metadata,
+    write_metadata,
+)
 from trustray.config import BaseConfig, Resources
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather
@@ -65,9 +79,24 @@ class EvalEditConfig(BaseConfig):
     paraphrases_scored: int | None = Field(
         2, ge=1, description="Paraphrases per record in GS (None: all; each costs a forward pass per record)."
     )
-    locality_scored: int | None = Field(None, ge=1, description="Locality probes per record in LS (None: all).")
+    locality_scored: int | None = Field(
+        2, ge=1, description="Locality probes per record in LS (None: all); editors that anchor on locality "
+        "probes (`ft_kl`) get only the others, never the scored ones.",
+    )
     data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
-    split: str = Field("test", description="Split edited.")
+    split: str = Field("test", description="Split edited and scored.")
+    fill_split: str | None = Field(
+        None, description="When N exceeds `split`, the remaining edits come from this split (edited, never "
+        "scored: memory and interference at N beyond the split). None: N is capped at the split's size.",
+    )
+    replay_texts: int = Field(
+        64, ge=0, description="Wikipedia intros (disjoint from the perplexity texts) given as general text to "
+        "editors that take it (`ft_kl`), unless their settings name their own.",
+    )
+    scoring_prefix_layers: int = Field(
+        0, ge=0, description="Decoder layers run once for all rows (0: none). Rows whose edits reach below are "
+        "scored on the full model.",
+    )
     general: GeneralAbility = Field(default_factory=GeneralAbility, description="General-ability checks.")
     batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="Each task.")
@@ -124,14 +153,55 @@ class PeakMemory:
         self.peak_mb = (self._peak - self._start) / 2**20
 
 
-def held_out_texts(count: int, seed: int = 0) -> list[str]:
-    """Wikipedia intros for perplexity: a seeded sample, the same for every editor and N."""
+def held_out_texts(count: int, replay: int = 0, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(perplexity texts, replay texts): disjoint seeded samples of Wikipedia intros, the same for every row."""
     import random
 
     from trustray.data.corpus import load_wiki_corpus
 
     docs = sorted(load_wiki_corpus(), key=lambda doc: doc["id"])
-    return [doc["text"] for doc in random.Random(f"ppl-{seed}").sample(docs, count)]
+    chosen = [doc["text"] for doc in random.Random(f"ppl-{seed}").sample(docs, count + replay)]
+    return chosen[:count], chosen[count:]
+
+
+def scored_records(config: EvalEditConfig, records: list[dict]) -> list[dict]:
+    """The first `eval_sample` records with only their scored paraphrases and locality probes."""
+    return [{**record, "paraphrases": record["paraphrases"][: config.paraphrases_scored],
+             "locality": record["locality"][: config.locality_scored]} for record in records[: config.eval_sample]]
+
+
+def editor_records(config: EvalEditConfig, records: list[dict]) -> list[dict]:
+    """What the editor is given: every record without the paraphrases and locality probes that are scored."""
+    paraphrases, locality = config.paraphrases_scored, config.locality_scored
+    return [{**record, "paraphrases": record["paraphrases"][paraphrases:] if paraphrases else [],
+             "locality": record["locality"][locality:] if locality else []} for record in records]
+
+
+def edited_layers(deltas: dict[str, Any]) -> set[int]:
+    """Decoder layer indices of the changed modules (`model.layers.<i>.…`); -1 for anything outside a layer."""
+    layers = set()
+    for name in deltas:
+        parts = name.split(".")
+        index = parts.index("layers") + 1 if "layers" in parts else None
+        layers.add(int(parts[index]) if index is not None and parts[index].isdigit() else -1)
+    return layers
+
+
+def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) -> str:
+    """Write the frozen-prefix states of every scored pair and the unedited locality predictions to `path`."""
+    import torch
+
+    from trustray.core.editing.evaluation import locality_reference, prefix_cache
+    from trustray.models.engines import EngineConfig, HFEngine
+
+    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
+    cache = prefix_cache(engine.model, engine.tokenizer, scored, config.scoring_prefix_layers, config.batch_size)
+    reference = locality_reference(engine.model, engine.tokenizer, scored, config.batch_size, prefix=cache)
+    with atomic_folder(path) as tmp:
+        torch.save({"layers": cache.layers, "states": cache.states, "reference": reference}, tmp / "cache.pt")
+        write_metadata(tmp, folder_identity(config))
+    return path
 
 
 def general_requests(config: EvalEditConfig) -> dict[str, Any]:
@@ -171,31 +241,46 @@ def general_scores(engine: Any, tokenizer: Any, texts: list[str], general: dict[
 
 
 def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
-             fingerprint: str) -> dict[str, Any]:
+             fingerprint: str, cache_path: str | None) -> dict[str, Any]:
     """One point of the curve (`run=None`: the unedited model's general-ability baseline)."""
     import torch
 
-    from trustray.core.editing.base import build_editor
+    from trustray.core.editing.base import build_editor, editor_class
     from trustray.core.editing.editset import EditSet
-    from trustray.core.editing.evaluation import generation_scores, locality_reference, teacher_forced_scores
+    from trustray.core.editing.evaluation import (
+        PrefixCache,
+        generation_scores,
+        locality_reference,
+        teacher_forced_scores,
+    )
     from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
 
     device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
     model, tokenizer = engine.model, engine.tokenizer
-    texts = held_out_texts(config.general.ppl_texts)
+    texts, replay = held_out_texts(config.general.ppl_texts, config.replay_texts)
     if run is None:
         return general_scores(engine, tokenizer, texts, general, config)
-    scored = [{**record, "paraphrases": record["paraphrases"][: config.paraphrases_scored],
-               "locality": record["locality"][: config.locality_scored]} for record in records[: config.eval_sample]]
-    reference = locality_reference(model, tokenizer, scored, config.batch_size)
-    editor = build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, run.editor_settings)
+    scored = scored_records(config, records)
+    settings = dict(run.editor_settings)
+    if "general_text" in editor_class(run.editor).Settings.model_fields and not settings.get("general_text"):
+        settings["general_text"] = replay
+    editor = build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, settings)
     began = time.perf_counter()
     with PeakMemory(device) as memory:
-        deltas = editor.compute_deltas(records)
+        deltas = editor.compute_deltas(editor_records(config, records))
     seconds = time.perf_counter() - began
+    prefix = None
+    if cache_path is not None:
+        cache = torch.load(Path(cache_path) / "cache.pt", weights_only=True)
+        reference = cache["reference"][: sum(len(record["locality"]) for record in scored)]
+        if min(edited_layers(deltas)) >= cache["layers"]:
+            prefix = PrefixCache(cache["layers"], cache["states"])
+        del cache
+    else:
+        reference = locality_reference(model, tokenizer, scored, config.batch_size)
     with EditSet(deltas).apply(model):
-        row = teacher_forced_scores(model, tokenizer, scored, reference, config.batch_size)
+        row = teacher_forced_scores(model, tokenizer, scored, reference, config.batch_size, prefix=prefix)
         if config.generation_sample:
             sampling = SamplingParams(max_tokens=16, temperature=0.0)
 
@@ -205,7 +290,30 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
 
             row.update(generation_scores(generate, scored[: config.generation_sample]))
         row.update(general_scores(engine, tokenizer, texts, general, config))
-    return {**row, "seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1), "scored": len(scored)}
+    return {**row, "seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1), "scored": len(scored),
+            "prefix_cached": prefix is not None, "run": run.model_dump(mode="json")}
+
+
+def folder_identity(config: EvalEditConfig) -> dict[str, Any]:
+    """What every row of an output folder shares (editors and N may grow between runs; resources may change)."""
+    return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
+            "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
+                                                                 "output_dir", "results_dir"})}
+
+
+def load_all_records(config: EvalEditConfig) -> list[dict]:
+    """The split's records, followed by `fill_split`'s when N needs more."""
+    records = load_records(config.data, config.split)
+    if len(records) < config.eval_sample:
+        logger.warning("split %r has %d records: fewer than eval_sample=%d are scored", config.split,
+                       len(records), config.eval_sample)
+    if config.fill_split and max(config.n_edits) > len(records):
+        fill = load_records(config.data, config.fill_split)
+        logger.info("N > %d: the edits beyond come from split %r (edited, never scored)", len(records), config.fill_split)
+        records = records + fill
+    if len(records) < max(config.n_edits):
+        logger.warning("%d records available: N is capped there", len(records))
+    return records
 
 
 def run(config: EvalEditConfig) -> dict[str, Any]:
@@ -214,25 +322,40 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
 
     folder = config.output_path()
     rows_dir = folder / "rows"
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    records = load_records(config.data, config.split)
-    largest = max(config.n_edits)
-    if len(records) < largest:
-        logger.warning("split %r has %d records: N is capped there", config.split, len(records))
+    identity = folder_identity(config)
+    if not check_metadata(folder, identity, kind="edit-scaling rows"):
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        write_metadata(folder, identity)
+    records = load_all_records(config)
     fingerprint = model_fingerprint(config.model)
     general = general_requests(config)
-    task = ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, max_calls=1)(row_task)
-    jobs: dict[str, Any] = {}
-    if not (rows_dir / "base.json").is_file():
-        jobs["base"] = task.remote(config, None, [], general, fingerprint)
+    options = {"num_cpus": config.resources.num_cpus, "num_gpus": config.resources.num_gpus, "max_calls": 1}
+    todo: dict[str, tuple[EditorRun, int]] = {}
     for editor_run in config.editors:
-        for n in sorted(config.n_edits):
-            n = min(n, len(records))
+        for n in sorted({min(n, len(records)) for n in config.n_edits}):
             if editor_run.max_edits and n > editor_run.max_edits:
                 continue
             key = f"{editor_run.editor}-{n}"
-            if not (rows_dir / f"{key}.json").is_file():
-                jobs[key] = task.remote(config, editor_run, records[:n], general, fingerprint)
+            path = rows_dir / f"{key}.json"
+            if not path.is_file():
+                todo[key] = (editor_run, n)
+            elif json.loads(path.read_text()).get("run") != editor_run.model_dump(mode="json"):
+                raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.editor!r}; "
+                                            "delete it (or its folder) to recompute")
+    cache_path = None
+    if config.scoring_prefix_layers and todo:
+        cache_path = folder / "scoring-cache"
+        if not check_metadata(cache_path, identity, kind="scoring cache"):
+            task = ray.remote(**options)(scoring_cache_task)
+            gather({"cache": task.remote(config, scored_records(config, records), str(cache_path))}, "scoring cache",
+                   lambda key, value: None)
+    task = ray.remote(**options)(row_task)
+    jobs: dict[str, Any] = {}
+    if not (rows_dir / "base.json").is_file():
+        jobs["base"] = task.remote(config, None, [], general, fingerprint, None)
+    for key, (editor_run, n) in todo.items():
+        jobs[key] = task.remote(config, editor_run, records[:n], general, fingerprint,
+                                str(cache_path) if cache_path else None)
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []
@@ -241,7 +364,8 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             row = json.loads(path.read_text())
             rows.append({"editor": editor_run.editor, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
                          "ppl_ratio": row["ppl"] / base["ppl"]})
-    report = {"machine": machine_info(), "model": config.model, "split": config.split, "base": base, "rows": rows,
+    report = {"machine": machine_info(), "model": config.model, "split": config.split, "fill_split": config.fill_split,
+              "base": base, "rows": rows,
               "config": config.model_dump(mode="json")}
     report_dir = folder / "report"
     report_dir.mkdir(exist_ok=True)

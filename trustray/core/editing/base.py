@@ -44,6 +44,14 @@ class EditModules(BaseConfig):
         return [f"model.layers.{index % num_layers}.{self.module}" for index in sorted({i % num_layers for i in self.layers})]
 
 
+def check_prefix_layers(model: nn.Module, modules: EditModules, prefix_layers: int) -> None:
+    """Refuse to bypass (run once and cache) a decoder layer the editor changes."""
+    num_layers = model.config.num_hidden_layers
+    lowest = min(index % num_layers for index in modules.layers)
+    if prefix_layers > lowest:
+        raise ValueError(f"prefix_layers={prefix_layers} would bypass edited layer {lowest}; use at most {lowest}")
+
+
 def encode_pairs(
     tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], max_length: int = 128
 ) -> list[dict[str, list[int]]]:
@@ -116,16 +124,21 @@ def register(cls: type[Editor]) -> type[Editor]:
     return cls
 
 
-def make_editor(
-    name: str, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None
-) -> Editor:
-    """An editor from the registry by name (settings validated by its `Settings`), readable error if unknown."""
+def editor_class(name: str) -> type[Editor]:
+    """The registered editor called `name`, readable error if unknown."""
     # Importing the editor modules fills the registry.
     from trustray.core.editing import finetune, malmen, mend  # noqa: F401
 
     if name not in EDITORS:
         raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
-    return EDITORS[name](model, tokenizer, settings)
+    return EDITORS[name]
+
+
+def make_editor(
+    name: str, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None
+) -> Editor:
+    """An editor from the registry by name (settings validated by its `Settings`)."""
+    return editor_class(name)(model, tokenizer, settings)
 
 
 def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any, fingerprint: str) -> Editor:

@@ -3,14 +3,22 @@
 Teacher-forced (the literature's ES / GS / LS): per record, the fraction of answer tokens that are the model's
 argmax given the gold prefix — ES on `(prompt, target_new)`, GS on every `(paraphrase, target_new)`, LS as the
 agreement with the unedited model's argmax on `(locality prompt, answer)` (`reference` predictions), since a
-small model may never have known the gold locality answers; `ls_gold` reports accuracy against them too.
+small model may never have known the gold locality answers; `ls_gold` reports accuracy against them too. Only
+the answer's own tokens are scored: the template's end-of-turn token is not (a model that ends its turn after a
+wrong answer would otherwise score on a fact it does not know).
 By generation: the greedy continuation of the chat prompt contains `target_new` (case-insensitive).
+
+When every edited layer lies above decoder layer `k`, the layers below see the same inputs before and after an
+edit: `prefix_cache` runs them once for all pairs, and scoring any number of edit sets of those records costs only
+the layers from `k` up (the results are identical to the full model's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +26,11 @@ from torch import Tensor, nn
 
 from trustray.core.editing.base import EditRecord, batches, encode_pairs
 from trustray.core.editing.metrics import agreement, answer_predictions, exact_match, token_accuracy
+from trustray.core.influence.batching import IGNORE_INDEX
 from trustray.core.influence.gradients import example_losses
+from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
+
+KINDS = ("edit", "paraphrase", "locality")
 
 
 def _pairs(records: Sequence[EditRecord], kind: str) -> tuple[list[str], list[str], list[int]]:
@@ -38,12 +50,49 @@ def _pairs(records: Sequence[EditRecord], kind: str) -> tuple[list[str], list[st
     return prompts, answers, owners
 
 
-def predict(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int,
-            max_length: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Teacher-forced argmax predictions, targets and answer masks, one triple per batch."""
+def scored_examples(tokenizer: Any, records: Sequence[EditRecord], kind: str,
+                    max_length: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """Encoded pairs of `kind` with labels on the answer's own tokens (special tokens unlabelled), and owners."""
+    prompts, answers, owners = _pairs(records, kind)
+    special = set(tokenizer.all_special_ids)
+    examples = [{**example, "labels": [IGNORE_INDEX if label in special else label for label in example["labels"]]}
+                for example in encode_pairs(tokenizer, prompts, answers, max_length)]
+    return examples, owners
+
+
+@dataclass
+class PrefixCache:
+    """Every scored pair's hidden states at the input of decoder layer `layers`, per kind, in `_pairs` order."""
+
+    layers: int
+    states: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def first_records(self, owners_per_kind: Mapping[str, Sequence[int]]) -> PrefixCache:
+        """The cache of a prefix of the records it was built for (pairs are ordered by record)."""
+        return PrefixCache(self.layers, {kind: self.states[kind][: len(owners)]
+                                         for kind, owners in owners_per_kind.items()})
+
+
+def prefix_cache(model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], layers: int,
+                 batch_size: int = 16, max_length: int = 128) -> PrefixCache:
+    """Run the decoder layers below `layers` once for every pair `teacher_forced_scores` scores on `records`."""
+    cache = PrefixCache(layers)
+    for kind in KINDS:
+        examples, _ = scored_examples(tokenizer, records, kind, max_length)
+        cache.states[kind] = prefix_states(model, examples, layers, batch_size) if examples else []
+    return cache
+
+
+def _predict(model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
+             prefix: PrefixCache | None, kind: str) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Teacher-forced (argmax predictions, targets, answer mask) per batch, on the cached prefix when given."""
     device = next(model.parameters()).device
-    encoded = encode_pairs(tokenizer, prompts, answers, max_length)
-    return [tuple(t.cpu() for t in answer_predictions(model, batch)) for batch in batches(encoded, batch_size, device)]
+    bypass = contextlib.nullcontext()
+    if prefix is not None:
+        examples = with_states(examples, prefix.states[kind][: len(examples)])
+        bypass = skipped_prefix(model, prefix.layers, require_frozen=False)
+    with bypass:
+        return [tuple(t.cpu() for t in answer_predictions(model, batch)) for batch in batches(examples, batch_size, device)]
 
 
 def _per_record(values: Tensor, owners: Sequence[int], count: int) -> Tensor:
@@ -54,36 +103,54 @@ def _per_record(values: Tensor, owners: Sequence[int], count: int) -> Tensor:
 
 
 def locality_reference(model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], batch_size: int = 16,
-                       max_length: int = 128) -> list[Tensor]:
-    """The unedited model's predictions on the locality pairs: compute before applying an edit."""
-    prompts, answers, _ = _pairs(records, "locality")
-    return [predictions for predictions, _, _ in predict(model, tokenizer, prompts, answers, batch_size, max_length)]
+                       max_length: int = 128, prefix: PrefixCache | None = None) -> list[Tensor]:
+    """The unedited model's predictions on each locality pair `[T-1]`: compute before applying an edit."""
+    examples, _ = scored_examples(tokenizer, records, "locality", max_length)
+    if not examples:
+        return []
+    predictions = [row for batch, _, _ in _predict(model, examples, batch_size, prefix, "locality") for row in batch]
+    return [row[: len(example["input_ids"]) - 1] for row, example in zip(predictions, examples, strict=True)]
+
+
+def _padded(rows: Sequence[Tensor], width: int) -> Tensor:
+    """Per-pair predictions stacked into a batch of `width` positions (padding never counts: it is unmasked)."""
+    batch = torch.full((len(rows), width), -1, dtype=torch.long)
+    for index, row in enumerate(rows):
+        batch[index, : min(len(row), width)] = row[:width]
+    return batch
 
 
 def teacher_forced_scores(
     model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], reference: Sequence[Tensor],
-    batch_size: int = 16, max_length: int = 128,
+    batch_size: int = 16, max_length: int = 128, prefix: PrefixCache | None = None,
 ) -> dict[str, float]:
     """Mean ES, GS, LS (agreement with `reference`), LS against gold answers, and exact-match ES over records.
 
-    A metric whose pairs are absent from every record (no paraphrases, no locality probes) is left out.
+    `reference` holds the unedited model's locality predictions for these records (`locality_reference`).
+    `prefix` is a `prefix_cache` of these records (or of a longer list starting with them). A metric whose pairs
+    are absent from every record (no paraphrases, no locality probes) is left out.
     """
     scores: dict[str, float] = {}
-    for kind, key in (("edit", "es"), ("paraphrase", "gs"), ("locality", "ls")):
-        prompts, answers, owners = _pairs(records, kind)
-        if not prompts:  # e.g. API edits sent without paraphrases or locality probes
+    for kind, key in zip(KINDS, ("es", "gs", "ls"), strict=True):
+        examples, owners = scored_examples(tokenizer, records, kind, max_length)
+        if not examples:  # e.g. API edits sent without paraphrases or locality probes
             continue
-        results = predict(model, tokenizer, prompts, answers, batch_size, max_length)
+        results = _predict(model, examples, batch_size, prefix, kind)
         accuracy = torch.cat([token_accuracy(*result) for result in results])
         scores[key if kind != "locality" else "ls_gold"] = float(_per_record(accuracy, owners, len(records)).mean())
         if kind == "edit":
             exact = torch.cat([exact_match(*result) for result in results])
             scores["es_exact"] = float(exact.mean())
         if kind == "locality":
-            if len(reference) != len(results):
-                raise ValueError("reference predictions do not match the locality batches; recompute them")
-            agree = torch.cat([agreement(p, ref, m) for (p, _, m), ref in zip(results, reference, strict=True)])
-            scores["ls"] = float(_per_record(agree, owners, len(records)).mean())
+            if len(reference) != len(examples):
+                raise ValueError(f"{len(reference)} reference predictions for {len(examples)} locality pairs; "
+                                 "recompute them for these records")
+            agree, start = [], 0
+            for predictions, _, mask in results:
+                rows = reference[start : start + len(predictions)]
+                agree.append(agreement(predictions, _padded(rows, predictions.shape[1]), mask))
+                start += len(predictions)
+            scores["ls"] = float(_per_record(torch.cat(agree), owners, len(records)).mean())
     return scores
 
 

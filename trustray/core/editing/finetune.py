@@ -31,12 +31,14 @@ from trustray.core.editing.base import (
     EditorSettings,
     EditRecord,
     batches,
+    check_prefix_layers,
     encode_pairs,
     register,
 )
 from trustray.core.editing.tracing import linear_modules
-from trustray.core.influence.batching import IGNORE_INDEX, collate
+from trustray.core.influence.batching import IGNORE_INDEX
 from trustray.core.influence.gradients import model_inputs
+from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
 
 LOG = logging.getLogger(__name__)
 
@@ -148,15 +150,6 @@ def text_examples(tokenizer: Any, texts: Sequence[str], max_length: int) -> list
     return examples
 
 
-def pad_id(tokenizer: Any) -> int:
-    value = getattr(tokenizer, "pad_token_id", None)
-    return int(value) if value is not None else 0
-
-
-def collate_on(examples: Sequence[Mapping[str, Any]], tokenizer: Any, device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device) for key, value in collate(examples, pad_id(tokenizer)).items()}
-
-
 def project_frobenius(delta: Tensor, bound: float) -> None:
     """In place: scale `delta` onto the Frobenius ball of radius `bound` when it lies outside (exact projection)."""
     norm = float(torch.linalg.matrix_norm(delta))
@@ -190,6 +183,11 @@ class FineTuneSettings(EditorSettings):
         1e-2, ge=0,
         description="Stop when an epoch's mean edit NLL falls below this (as ROME's FT); 0 runs every epoch.",
     )
+    prefix_layers: int = Field(
+        0, ge=0,
+        description="Decoder layers run once per example and bypassed in every Adam step (≤ the lowest edited "
+        "layer; the result is the same as with the full model, each step costs only the layers above).",
+    )
 
 
 @register
@@ -208,6 +206,24 @@ class FineTuneEditor(Editor):
         super().__init__(model, tokenizer, settings)
         self.modules = linear_modules(model, self.module_names)
         self.last_history: list[dict[str, float]] = []
+        check_prefix_layers(model, self.settings.modules, self.settings.prefix_layers)
+
+    # -- model passes (on the cached prefix when layers are bypassed) --------------------------------------------
+
+    def _batches(self, examples: Sequence[Mapping[str, Any]], size: int, device: torch.device) -> list[dict[str, Tensor]]:
+        """Collated batches of `examples`, carrying the bypassed layers' output when `prefix_layers` > 0."""
+        layers = self.settings.prefix_layers
+        if layers and examples:
+            examples = with_states(examples, prefix_states(self.model, examples, layers, self.settings.batch_size))
+        dtype = next(iter(self.modules.values())).weight.dtype
+        return [{key: value.to(dtype) if key == "inputs_embeds" else value for key, value in batch.items()}
+                for batch in batches(examples, size, device)] if examples else []
+
+    def _logits(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> Tensor:
+        if not self.settings.prefix_layers:
+            return forward_logits(self.model, batch, params)
+        with skipped_prefix(self.model, self.settings.prefix_layers, require_frozen=False):
+            return forward_logits(self.model, batch, params)
 
     # -- what subclasses add ------------------------------------------------------------------------------------
 
@@ -240,7 +256,7 @@ class FineTuneEditor(Editor):
         settings = self.settings
         first = next(iter(self.modules.values())).weight
         device = first.device
-        edit_batches = batches(edit_examples(self.tokenizer, records, settings.max_length), settings.batch_size, device)
+        edit_batches = self._batches(edit_examples(self.tokenizer, records, settings.max_length), settings.batch_size, device)
         self._prepare(records, device)
         deltas = {
             name: torch.zeros(module.weight.shape, dtype=torch.float32, device=device, requires_grad=True)
@@ -255,7 +271,7 @@ class FineTuneEditor(Editor):
             epoch_loss, extras = 0.0, {}
             for index, batch in enumerate(edit_batches):
                 params = edited_weights(self.modules, deltas)
-                edit_loss = row_nll(forward_logits(self.model, batch, params), batch["labels"]).mean()
+                edit_loss = row_nll(self._logits(batch, params), batch["labels"]).mean()
                 extra, logged = self._extra_loss(index, step, params, device)
                 loss = edit_loss if extra is None else edit_loss + extra
                 optimizer.zero_grad(set_to_none=True)
@@ -338,27 +354,24 @@ class FineTuneKLEditor(FineTuneEditor):
         self._locality = []
         for start in range(0, len(records), settings.batch_size):
             examples = locality_examples(self.tokenizer, records[start : start + settings.batch_size], settings.max_length)
-            self._locality.append(collate_on(examples, self.tokenizer, device) if examples else None)
+            self._locality.append(self._batches(examples, len(examples), device)[0] if examples else None)
         self._replay = []
         if not callable(self.general_text):
             examples = text_examples(self.tokenizer, self.general_text, settings.replay_max_length)
             if self.general_text and not examples:
                 LOG.warning("ft_kl: no general-text string has 2 tokens or more; the replay term is skipped")
-            self._replay = [
-                collate_on(examples[start : start + settings.replay_batch_size], self.tokenizer, device)
-                for start in range(0, len(examples), settings.replay_batch_size)
-            ]
+            self._replay = self._batches(examples, settings.replay_batch_size, device)
 
     def _replay_batch(self, step: int, device: torch.device) -> dict[str, Tensor] | None:
         if callable(self.general_text):
             examples = text_examples(self.tokenizer, list(self.general_text(step)), self.settings.replay_max_length)
-            return collate_on(examples, self.tokenizer, device) if examples else None
+            return self._batches(examples, len(examples), device)[0] if examples else None
         return self._replay[step % len(self._replay)] if self._replay else None
 
     def _kl(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
         with torch.no_grad():
-            reference = forward_logits(self.model, batch)
-        total, count = answer_kl(reference, forward_logits(self.model, batch, params), batch["labels"])
+            reference = self._logits(batch)
+        total, count = answer_kl(reference, self._logits(batch, params), batch["labels"])
         return total / max(count, 1)
 
     def _extra_loss(
@@ -377,7 +390,7 @@ class FineTuneKLEditor(FineTuneEditor):
             if settings.replay_loss == "kl":
                 value = self._kl(replay, params)
             else:
-                value = row_nll(forward_logits(self.model, replay, params), replay["labels"]).mean()
+                value = row_nll(self._logits(replay, params), replay["labels"]).mean()
             terms.append(settings.replay_coef * value)
             logged[f"replay_{settings.replay_loss}"] = float(value.detach())
         return (torch.stack(terms).sum() if terms else None), logged

@@ -55,7 +55,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from trustray.core.editing.base import Editor, EditorSettings, EditRecord, batches, encode_pairs, register
+from trustray.core.editing.base import (
+    Editor,
+    EditorSettings,
+    EditRecord,
+    batches,
+    check_prefix_layers,
+    encode_pairs,
+    register,
+)
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.metrics import agreement, token_accuracy
 from trustray.core.editing.normalize import RunningStats
@@ -180,7 +188,7 @@ class MalmenEditor(Editor):
     def __init__(self, model: nn.Module, tokenizer: Any, settings: MalmenSettings | Mapping[str, Any] | None = None) -> None:
         super().__init__(model, tokenizer, settings)
         self.modules = linear_modules(model, self.module_names)
-        self._check_prefix()
+        check_prefix_layers(self.model, self.settings.modules, self.settings.prefix_layers)
         weight = next(iter(self.modules.values())).weight
         self.device, self.dtype = weight.device, weight.dtype
         shapes: dict[str, list[str]] = {}
@@ -198,13 +206,6 @@ class MalmenEditor(Editor):
             module.in_features, module.out_features, s.rank, s.n_blocks, len(names), s.lr_init, s.log_lambda_init, generator
         )
 
-    def _check_prefix(self) -> None:
-        num_layers = self.model.config.num_hidden_layers
-        lowest = min(index % num_layers for index in self.settings.modules.layers)
-        if self.settings.prefix_layers > lowest:
-            raise ValueError(
-                f"prefix_layers={self.settings.prefix_layers} would bypass edited layer {lowest}; use at most {lowest}"
-            )
 
     def hypernet(self, name: str) -> tuple[ShiftNet, int]:
         """The ShiftNet serving edited module `name` and the module's layer index within it."""

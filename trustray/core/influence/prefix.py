@@ -82,17 +82,18 @@ def with_states(examples: Sequence[Mapping[str, Any]], states: Sequence[Tensor])
 
 
 @contextlib.contextmanager
-def skipped_prefix(model: nn.Module, layers: int) -> Iterator[nn.Module]:
+def skipped_prefix(model: nn.Module, layers: int, require_frozen: bool = True) -> Iterator[nn.Module]:
     """Within the block, the first `layers` decoder layers pass their input through unchanged.
 
-    Parameter names are untouched (the layers are swapped back on exit), so adapters and optimizer states
+    With `require_frozen` (for training), a bypassed layer holding a trainable parameter is an error; inference
+    under `no_grad` may pass False. Parameter names are untouched (the layers are swapped back on exit), so adapters and optimizer states
     saved inside the block load into the full model.
     """
     decoder = decoder_layers(model)
     if not 0 <= layers < len(decoder):
         raise ValueError(f"cannot skip {layers} of {len(decoder)} decoder layers")
     trainable = [index for index in range(layers) if any(p.requires_grad for p in decoder[index].parameters())]
-    if trainable:
+    if trainable and require_frozen:
         raise ValueError(f"decoder layers {trainable} have trainable parameters and cannot be skipped")
     originals = [decoder[index] for index in range(layers)]
     try:
