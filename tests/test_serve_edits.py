@@ -116,3 +116,31 @@ def test_deleting_an_edit_set_removes_its_model(client, http):
     with pytest.raises(openai.NotFoundError):
         _ask(client, made["model"])
     assert http.get("/v1/edits/not-an-id", headers=_auth()).status_code == 404
+
+
+def _poll(http, edit_id: str) -> dict:
+    import time
+
+    for _ in range(240):
+        status = http.get(f"/v1/edits/{edit_id}", headers=_auth()).json()
+        if status["status"] != "running":
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"edit set {edit_id} still running")
+
+
+def test_an_edit_job_can_run_in_the_background(client, http):
+    response = http.post("/v1/edits", json={**EDITS, "wait": False}, headers=_auth())
+    assert response.status_code == 202 and response.json()["status"] == "running"
+    done = _poll(http, response.json()["id"])
+    assert done["status"] == "succeeded" and "es" in done["metrics"]
+    assert _ask(client, done["model"]) == _ask(client, done["model"])
+
+    too_long = {"edits": [{"prompt": "why " * 200 + "?", "target_new": "y"}], "wait": False}
+    failed = http.post("/v1/edits", json=too_long, headers=_auth())
+    assert failed.status_code == 202
+    status = _poll(http, failed.json()["id"])
+    assert status["status"] == "failed" and "max_length" in status["error"]
+    assert http.delete(f"/v1/edits/{status['id']}", headers=_auth()).json()["deleted"] is True
+    assert http.get(f"/v1/edits/{status['id']}", headers=_auth()).status_code == 404
+    assert http.post("/v1/edits", json={**too_long, "wait": True}, headers=_auth()).status_code == 400

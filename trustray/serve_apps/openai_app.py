@@ -34,7 +34,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trustray.artifacts import ArtifactMismatchError, read_metadata
+from trustray.artifacts import ArtifactMismatchError, atomic_write_text, read_metadata
 from trustray.config import load_config
 from trustray.core.rag.index import Passage, PassageIndex
 from trustray.core.rag.prompting import format_passages, rag_messages
@@ -297,12 +297,26 @@ class EditorDeployment:
         self.editor = build_editor(self.config.editor, self.model, self.tokenizer, self.fingerprint,
                                    self.config.editor_dir, self.config.editor_settings)
         self._executor = _SerialExecutor("editor")
+        self._jobs: set[asyncio.Future] = set()  # jobs answered with 202, kept referenced until they finish
         logger.info("editor deployment ready: %s on %s", self.config.editor, model)
 
-    async def create(self, records: list[dict[str, Any]], name: str | None) -> dict[str, Any] | APIError:
-        return await self._executor.run(self._create_sync, records, name)
+    async def create(self, records: list[dict[str, Any]], name: str | None, wait: bool = True) -> dict[str, Any] | APIError:
+        """Edit set of `records`; with `wait=False` the job runs on and its status is answered at once."""
+        edit_id = uuid.uuid4().hex[:12]
+        job = {"status": "running", "name": name, "editor": self.config.editor, "n_edits": len(records),
+               "created": int(time.time())}
+        write_job(self.config, edit_id, job)
+        running = asyncio.ensure_future(self._executor.run(self._create_sync, edit_id, job, records))
+        if wait:
+            result = await running
+            if isinstance(result, APIError):  # the caller gets the reason now: no failed job is kept
+                job_path(self.config, edit_id).unlink(missing_ok=True)
+            return result
+        self._jobs.add(running)
+        running.add_done_callback(self._jobs.discard)
+        return edit_set_summary(self.config, edit_id, job)
 
-    def _create_sync(self, records: list[dict[str, Any]], name: str | None) -> dict[str, Any] | APIError:
+    def _create_sync(self, edit_id: str, job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | APIError:
         from trustray.core.editing.editset import FINGERPRINT_KEY, EditSet
         from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
 
@@ -311,19 +325,31 @@ class EditorDeployment:
             began = time.perf_counter()
             deltas = self.editor.compute_deltas(records)
             seconds = time.perf_counter() - began
+            with EditSet(deltas).apply(self.model):
+                metrics = teacher_forced_scores(self.model, self.tokenizer, records, reference)
         except ValueError as error:  # e.g. a prompt longer than the editor's max_length
+            write_job(self.config, edit_id, {**job, "status": "failed", "error": str(error)})
             return APIError(400, f"the edits cannot be applied: {error}", param="edits")
-        with EditSet(deltas).apply(self.model):
-            metrics = teacher_forced_scores(self.model, self.tokenizer, records, reference)
-        edit_id = uuid.uuid4().hex[:12]
-        created = int(time.time())
+        except Exception as error:
+            write_job(self.config, edit_id, {**job, "status": "failed", "error": repr(error)})
+            raise
         metadata = {
-            FINGERPRINT_KEY: self.fingerprint, "editor": self.config.editor, "name": name, "status": "succeeded",
-            "n_edits": len(records), "edits": [{k: r[k] for k in ("prompt", "target_new")} for r in records],
-            "metrics": {**metrics, "edit_seconds": round(seconds, 3)}, "created": created,
+            **job, FINGERPRINT_KEY: self.fingerprint, "status": "succeeded",
+            "edits": [{k: r[k] for k in ("prompt", "target_new")} for r in records],
+            "metrics": {**metrics, "edit_seconds": round(seconds, 3)},
         }
         EditSet(deltas, metadata).save(Path(self.config.store_dir) / edit_id)
+        job_path(self.config, edit_id).unlink(missing_ok=True)
         return edit_set_summary(self.config, edit_id, metadata)
+
+
+def job_path(config: EditServeConfig, edit_id: str) -> Path:
+    """Status of an edit set still being made (or that failed): `<store_dir>/.jobs/<id>.json`."""
+    return Path(config.store_dir) / ".jobs" / f"{edit_id}.json"
+
+
+def write_job(config: EditServeConfig, edit_id: str, job: dict[str, Any]) -> None:
+    atomic_write_text(job_path(config, edit_id), json.dumps(job))
 
 
 def edit_set_summary(config: EditServeConfig, edit_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -332,7 +358,7 @@ def edit_set_summary(config: EditServeConfig, edit_id: str, metadata: dict[str, 
         "id": edit_id, "object": "edit_set", "model": f"{config.model_prefix}{edit_id}",
         "status": metadata.get("status", "succeeded"), "created": metadata.get("created"),
         "name": metadata.get("name"), "editor": metadata.get("editor"), "n_edits": metadata.get("n_edits"),
-        "metrics": metadata.get("metrics", {}),
+        "metrics": metadata.get("metrics", {}), **({"error": metadata["error"]} if "error" in metadata else {}),
     }
 
 
@@ -492,16 +518,26 @@ class OpenAIIngress:
         if len(body.edits) > edits.max_edits_per_request:
             raise APIError(400, f"at most {edits.max_edits_per_request} edits per request", param="edits")
         records = [item.record(index) for index, item in enumerate(body.edits)]
-        return JSONResponse(await self._await(self.editor.create.remote(records, body.name)))
+        summary = await self._await(self.editor.create.remote(records, body.name, body.wait))
+        return JSONResponse(summary, status_code=200 if body.wait else 202)
 
     @app.get("/v1/edits/{edit_id}")
     async def get_edits(self, edit_id: str, request: Request) -> Any:
         edits = self._edits_config(request)
+        job = job_path(edits, edit_id)
+        if EDIT_ID.match(edit_id) and job.is_file():
+            return edit_set_summary(edits, edit_id, json.loads(job.read_text()))
         return edit_set_summary(edits, edit_id, read_metadata(self._edit_folder(edits, edit_id)))
 
     @app.delete("/v1/edits/{edit_id}")
     async def delete_edits(self, edit_id: str, request: Request) -> Any:
         edits = self._edits_config(request)
+        job = job_path(edits, edit_id)
+        if EDIT_ID.match(edit_id) and job.is_file():
+            if json.loads(job.read_text())["status"] == "running":
+                raise APIError(409, f"edit set {edit_id!r} is still being made", param="edit_id", code="conflict")
+            job.unlink()
+            return {"id": edit_id, "object": "edit_set", "deleted": True}
         shutil.rmtree(self._edit_folder(edits, edit_id))
         return {"id": edit_id, "object": "edit_set", "deleted": True}
 

@@ -158,3 +158,7 @@ class EditsRequest(BaseModel):
 
     edits: list[EditItem] = Field(min_length=1)
     name: str | None = Field(None, max_length=200, description="A label kept in the edit set's metadata.")
+    wait: bool = Field(
+        True, description="Answer when the edit set is ready (200). False: answer at once (202, status "
+        "'running') and poll GET /v1/edits/{id} until 'succeeded' or 'failed'.",
+    )
