@@ -164,3 +164,20 @@ def test_ft_kl_on_a_cached_prefix_equals_the_full_model(loaded):
         torch.testing.assert_close(cached[name], delta, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="prefix_layers"):
         FineTuneEditor(model, tokenizer, {**FT, "prefix_layers": 2})
+
+
+def test_the_answer_window_keeps_losses_and_kl(loaded):
+    model, tokenizer = loaded
+    records = make_records(3)
+    editor = FineTuneKLEditor(model, tokenizer, FT)
+    batch = batches(locality_examples(tokenizer, records, 128) + encode_pairs(tokenizer, ["Hi?"], ["A long answer here"]),
+                    8, "cpu")[0]
+    logits, labels = editor._logits(batch)
+    assert labels.shape[1] < batch["labels"].shape[1]  # the prompt positions were not projected
+    full = forward_logits(model, batch)
+    torch.testing.assert_close(row_nll(logits, labels), row_nll(full, batch["labels"]))
+    shifted = full + torch.randn_like(full)
+    window = shifted[:, -labels.shape[1]:]
+    assert answer_kl(full[:, -labels.shape[1]:], window, labels)[1] == answer_kl(full, shifted, batch["labels"])[1]
+    torch.testing.assert_close(answer_kl(full[:, -labels.shape[1]:], window, labels)[0],
+                               answer_kl(full, shifted, batch["labels"])[0])

@@ -130,6 +130,19 @@ def test_compute_deltas_shapes_rows_and_clean_model(model, tokenizer):
     assert float(editor.nets["128x64"].normalizer.count) == 0  # compute_deltas never updates the statistics
     assert_unchanged(model, before)
 
+    # The cached rows are the gradient of the answer NLL computed on the full logits: Σ_t g_t k_tᵀ = ∂L/∂W in the
+    # top layer (lower layers also reach the answers through attention from prompt positions, which are not cached).
+    one_batch = MalmenEditor(model, tokenizer, settings(batch_size=8)).cache(records)
+    batch = batches(encoded, 8, "cpu")[0]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    names = ["model.layers.1.mlp.down_proj"]
+    weight_grads = torch.autograd.grad(loss, [model.get_submodule(name).weight for name in names])
+    for name, weight_grad in zip(names, weight_grads, strict=True):
+        keys, grads = one_batch[name]
+        torch.testing.assert_close(grads.T @ keys, weight_grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
 
 def test_chunked_stage_two_equals_unchunked(model, tokenizer):
     records = make_records(6)

@@ -200,7 +200,7 @@ def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) ->
     reference = locality_reference(engine.model, engine.tokenizer, scored, config.batch_size, prefix=cache)
     with atomic_folder(path) as tmp:
         torch.save({"layers": cache.layers, "states": cache.states, "reference": reference}, tmp / "cache.pt")
-        write_metadata(tmp, folder_identity(config))
+        write_metadata(tmp, scoring_identity(config))
     return path
 
 
@@ -301,6 +301,13 @@ def folder_identity(config: EvalEditConfig) -> dict[str, Any]:
                                                                  "output_dir", "results_dir"})}
 
 
+def scoring_identity(config: EvalEditConfig) -> dict[str, Any]:
+    """What the scoring cache depends on: the scored pairs and the cached layers."""
+    return {"kind": "edit-scoring-cache", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
+            "settings": config.model_dump(mode="json", include={"data", "split", "eval_sample", "paraphrases_scored",
+                                                                 "locality_scored", "scoring_prefix_layers"})}
+
+
 def load_all_records(config: EvalEditConfig) -> list[dict]:
     """The split's records, followed by `fill_split`'s when N needs more."""
     records = load_records(config.data, config.split)
@@ -345,7 +352,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     cache_path = None
     if config.scoring_prefix_layers and todo:
         cache_path = folder / "scoring-cache"
-        if not check_metadata(cache_path, identity, kind="scoring cache"):
+        if not check_metadata(cache_path, scoring_identity(config), kind="scoring cache"):
             task = ray.remote(**options)(scoring_cache_task)
             gather({"cache": task.remote(config, scored_records(config, records), str(cache_path))}, "scoring cache",
                    lambda key, value: None)

@@ -16,6 +16,7 @@ shared with `trustray.core.editing.mend`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from trustray.core.editing.base import (
     encode_pairs,
     register,
 )
+from trustray.core.editing.metrics import answer_window
 from trustray.core.editing.tracing import linear_modules
 from trustray.core.influence.batching import IGNORE_INDEX
 from trustray.core.influence.gradients import model_inputs
@@ -91,9 +93,15 @@ def edited_weights(modules: Mapping[str, nn.Linear], deltas: Mapping[str, Tensor
     return params
 
 
-def forward_logits(model: nn.Module, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> Tensor:
-    """The model's logits on a collated batch, with `params` substituted functionally when given."""
+def forward_logits(model: nn.Module, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None,
+                   logits_to_keep: int = 0) -> Tensor:
+    """The model's logits on a collated batch, with `params` substituted functionally when given.
+
+    With `logits_to_keep` = k > 0, only the last k positions' logits (the model's own argument; 0 keeps all).
+    """
     inputs = model_inputs(dict(batch))
+    if logits_to_keep:
+        inputs["logits_to_keep"] = logits_to_keep
     if not params:
         return model(**inputs).logits
     return functional_call(model, dict(params), args=(), kwargs=inputs).logits
@@ -219,11 +227,14 @@ class FineTuneEditor(Editor):
         return [{key: value.to(dtype) if key == "inputs_embeds" else value for key, value in batch.items()}
                 for batch in batches(examples, size, device)] if examples else []
 
-    def _logits(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> Tensor:
-        if not self.settings.prefix_layers:
-            return forward_logits(self.model, batch, params)
-        with skipped_prefix(self.model, self.settings.prefix_layers, require_frozen=False):
-            return forward_logits(self.model, batch, params)
+    def _logits(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(logits, labels) over the batch's answer window only (the same losses, no vocabulary projection of
+        prompt positions)."""
+        keep = answer_window(batch["labels"])
+        bypass = (skipped_prefix(self.model, self.settings.prefix_layers, require_frozen=False)
+                  if self.settings.prefix_layers else contextlib.nullcontext())
+        with bypass:
+            return forward_logits(self.model, batch, params, keep), batch["labels"][:, -keep:]
 
     # -- what subclasses add ------------------------------------------------------------------------------------
 
@@ -271,7 +282,7 @@ class FineTuneEditor(Editor):
             epoch_loss, extras = 0.0, {}
             for index, batch in enumerate(edit_batches):
                 params = edited_weights(self.modules, deltas)
-                edit_loss = row_nll(self._logits(batch, params), batch["labels"]).mean()
+                edit_loss = row_nll(*self._logits(batch, params)).mean()
                 extra, logged = self._extra_loss(index, step, params, device)
                 loss = edit_loss if extra is None else edit_loss + extra
                 optimizer.zero_grad(set_to_none=True)
@@ -370,8 +381,9 @@ class FineTuneKLEditor(FineTuneEditor):
 
     def _kl(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
         with torch.no_grad():
-            reference = self._logits(batch)
-        total, count = answer_kl(reference, self._logits(batch, params), batch["labels"])
+            reference, _ = self._logits(batch)
+        logits, labels = self._logits(batch, params)
+        total, count = answer_kl(reference, logits, labels)
         return total / max(count, 1)
 
     def _extra_loss(
@@ -390,7 +402,7 @@ class FineTuneKLEditor(FineTuneEditor):
             if settings.replay_loss == "kl":
                 value = self._kl(replay, params)
             else:
-                value = row_nll(self._logits(replay, params), replay["labels"]).mean()
+                value = row_nll(*self._logits(replay, params)).mean()
             terms.append(settings.replay_coef * value)
             logged[f"replay_{settings.replay_loss}"] = float(value.detach())
         return (torch.stack(terms).sum() if terms else None), logged

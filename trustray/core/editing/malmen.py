@@ -65,7 +65,7 @@ from trustray.core.editing.base import (
     register,
 )
 from trustray.core.editing.editset import EditSet
-from trustray.core.editing.metrics import agreement, token_accuracy
+from trustray.core.editing.metrics import agreement, answer_window, token_accuracy
 from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.ridge import ridge_backward, ridge_solve
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
@@ -279,7 +279,9 @@ class MalmenEditor(Editor):
         with KeyValueTracer(self.modules, torch.zeros(1, 1, dtype=torch.bool)) as tracer:
             for batch in self._batches(examples):
                 tracer.mask = edit_positions(batch["labels"])
-                torch.autograd.grad(_answer_nll(self._logits(batch), batch["labels"]), weights)
+                keep = answer_window(batch["labels"])  # the same NLL without projecting the prompt positions
+                logits = self.model(**model_inputs(dict(batch)), logits_to_keep=keep).logits.float()
+                torch.autograd.grad(_answer_nll(logits, batch["labels"][:, -keep:]), weights)
         keys, grads = tracer.keys, tracer.grads
         cached = {name: (keys[name], grads[name]) for name in self.modules}
         if update_normalizers:

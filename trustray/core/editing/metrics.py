@@ -20,12 +20,28 @@ def _positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     return targets != -100, targets
 
 
+def answer_window(labels: Tensor) -> int:
+    """How many final positions of a batch hold every position whose next token is labelled.
+
+    Passed to the model as `logits_to_keep`, so the vocabulary projection (most of a small model's cost) runs on
+    the answers only, not on the prompts.
+    """
+    labelled = (labels[:, 1:] != -100).any(dim=0).nonzero()
+    return labels.shape[1] - int(labelled[0]) if len(labelled) else labels.shape[1]
+
+
 @torch.no_grad()
 def answer_predictions(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(argmax predictions [B, T-1], targets [B, T-1], mask [B, T-1]) at the answer positions of a batch."""
-    logits = model(**model_inputs(batch)).logits[:, :-1]
+    """(argmax predictions [B, T-1], targets [B, T-1], mask [B, T-1]) at the answer positions of a batch.
+
+    Predictions outside the answer window are -1 (never compared: the mask is False there).
+    """
     mask, targets = _positions(batch["labels"])
-    return logits.argmax(dim=-1), targets, mask
+    keep = answer_window(batch["labels"])
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+    predictions = torch.full_like(targets, -1)
+    predictions[:, targets.shape[1] - keep + 1 :] = logits[:, :-1].argmax(dim=-1)
+    return predictions, targets, mask
 
 
 def token_accuracy(predictions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

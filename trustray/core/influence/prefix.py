@@ -20,6 +20,10 @@ from torch import Tensor, nn
 from trustray.core.influence.batching import collate
 
 
+class _PrefixCaptured(Exception):
+    """Stops a forward pass once the cached layer's input is captured."""
+
+
 class _PassThrough(nn.Module):
     """Stands in for a frozen decoder layer whose output is already the model's input."""
 
@@ -57,6 +61,7 @@ def prefix_states(
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _PrefixCaptured  # the layers above and the vocabulary projection are not needed
 
     states: list[Tensor] = []
     device = next(model.parameters()).device
@@ -66,7 +71,8 @@ def prefix_states(
             chunk = examples[start : start + batch_size]
             batch = collate(chunk, pad_token_id)
             captured.clear()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            with contextlib.suppress(_PrefixCaptured):
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             hidden = captured[0].float().cpu()
             states.extend(hidden[row, : len(example["input_ids"])].clone() for row, example in enumerate(chunk))
     finally:

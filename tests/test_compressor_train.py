@@ -1,0 +1,158 @@
+"""compressor_train end to end on tiny models with Ray: the artifact works, the signal is the teacher's own numbers,
+reruns reuse, a crash resumes, other settings are refused; plus the LSR data helpers by hand."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trustray.artifacts import ArtifactMismatchError, read_metadata
+from trustray.config import load_config
+from trustray.core.rag.lsr import lsr_candidates, teacher_logprobs, teacher_logprobs_batch, teacher_summary
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_candidates_keep_retrieval_order_the_cap_and_the_source():
+    passages = [("A", "One is here. Two is here. Three is here."), ("B", "Two is here. Four is here.")]
+    assert lsr_candidates(passages, 10) == [("A", "One is here."), ("A", "Two is here."), ("A", "Three is here."),
+                                            ("B", "Four is here.")]
+    assert lsr_candidates(passages, 2) == [("A", "One is here."), ("A", "Two is here.")]
+    # The source sentence is always offered (in the last slot when the cap is reached) unless it is dropped.
+    assert lsr_candidates(passages, 2, source=("C", "Five is here.")) == [("A", "One is here."), ("C", "Five is here.")]
+    assert lsr_candidates(passages, 2, source=("A", "Two is here.")) == [("A", "One is here."), ("A", "Two is here.")]
+    dropped = lsr_candidates(passages, 10, source=("A", "Two is here."), drop_source=True)
+    assert dropped == [("A", "One is here."), ("A", "Three is here."), ("B", "Four is here.")]
+
+
+def test_teacher_summary_by_hand():
+    # beta 1: row 1 -> Q = [.5, .5] (EMPTY ties, argmax takes EMPTY), row 2 -> Q one-hot-ish on a sentence.
+    summary = teacher_summary([[-1.0, -1.0], [-50.0, -1.0, -50.0]], beta=1.0)
+    assert summary["empty_best_fraction"] == 0.5 and summary["mean_candidates"] == 1.5
+    assert summary["mean_teacher_entropy"] == pytest.approx(math.log(2) / 2, abs=1e-6)
+    assert summary["mean_uniform_entropy"] == pytest.approx((math.log(2) + math.log(3)) / 2)
+
+
+def test_batched_teacher_equals_one_question_at_a_time(tiny_llama_dir):
+    from trustray.models.engines import EngineConfig, HFEngine
+
+    engine = HFEngine(EngineConfig(model=tiny_llama_dir, engine="hf", max_batch_size=3, torch_threads=1), device="cpu")
+    examples = [("Where is the tower?", "Paris", [("Paris", "The tower is in Paris."), ("Rome", "Rome is old.")]),
+                ("Who founded Rome?", "Romulus", [("Rome", "Rome was founded on seven hills by Romulus, they say.")])]
+    batched = teacher_logprobs_batch(engine, examples)
+    assert [len(row) for row in batched] == [3, 2]
+    for row, (question, answer, candidates) in zip(batched, examples, strict=True):
+        assert row == pytest.approx(teacher_logprobs(engine, question, answer, candidates), rel=1e-5)
+
+
+def _config(tiny_llama_dir: str, tiny_embedder_dir: str, index_dir: Path, out: Path, *overrides: str):
+    from trustray.pipelines.compressor_train import CompressorTrainConfig
+
+    return load_config(CompressorTrainConfig, CONFIGS / "compressor_train" / "tiny.yaml",
+                       [f"teacher.chat.model={tiny_llama_dir}", f"retrieval.embedder.model={tiny_embedder_dir}",
+                        f"retrieval.index_dir={index_dir}", f"output_dir={out}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tiny_llama_dir, tiny_embedder_dir, tmp_path_factory):
+    """The tiny preset run once from the command line, over a 20-document index of the tiny embedder."""
+    from trustray import cli
+    from trustray.pipelines import build_index
+
+    root = tmp_path_factory.mktemp("compressor")
+    index_dir = build_index.run(load_config(build_index.BuildIndexConfig, CONFIGS / "build_index" / "tiny.yaml",
+                                            [f"embedder.model={tiny_embedder_dir}", f"output_dir={root / 'index'}",
+                                             "limit=20"]))
+    out = root / "run"
+    assert cli.main(["run", "compressor_train", "--config", str(CONFIGS / "compressor_train" / "tiny.yaml"),
+                     f"teacher.chat.model={tiny_llama_dir}", f"retrieval.embedder.model={tiny_embedder_dir}",
+                     f"retrieval.index_dir={index_dir}", f"output_dir={out}"]) == 0
+    return _config(tiny_llama_dir, tiny_embedder_dir, index_dir, out), out
+
+
+def _file_times(folder: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file() and "ray_train" not in path.parts}
+
+
+def test_the_artifact_loads_and_compresses(trained, tiny_embedder_dir):
+    from trustray.core.rag.compress import build_compressor
+    from trustray.core.rag.scorer import SentenceScorer
+    from trustray.models.sources import model_fingerprint
+
+    config, out = trained
+    scorer = SentenceScorer.load(out / "compressor", model_fingerprint(tiny_embedder_dir))
+    compressor = build_compressor("extractive", count_tokens=lambda text: len(text.split()), scorer=scorer.score)
+    kept = compressor.compress("When was the tower built?", [("Tower", "It was built in 1889. It is made of iron.")], 8)
+    assert kept.context_tokens <= 8 and kept.source_tokens > 8
+
+    metadata = read_metadata(out / "compressor")
+    assert metadata["teacher_model"] == config.teacher.chat.model and metadata["kind"] == "sentence_scorer"
+    stats = metadata["signal_stats"]
+    assert stats["questions"] == 12 and 0 <= stats["empty_best_fraction"] <= 1
+    assert 0 < stats["mean_teacher_entropy"] <= stats["mean_uniform_entropy"]
+    assert [entry["step"] for entry in metadata["history"]] == [0, 2, 4]
+    assert metadata["train_questions"] == 8 and metadata["dev_questions"] == 4
+    assert {"dev_loss", "dev_top1_agreement", "dev_regret"} <= metadata["history"][-1].keys()
+    assert len(list((out / "signal").glob("shard-*.parquet"))) == 3
+
+
+def test_the_signal_is_the_teachers_own_log_probabilities(trained):
+    from trustray.models.engines import HFEngine
+    from trustray.pipelines.compressor_train import read_signal
+
+    config, out = trained
+    rows = read_signal(out / "signal")
+    assert len(rows) == 12 and all(1 <= len(row["teacher_logprobs"]) <= 5 for row in rows)
+    for row in rows:
+        assert (row["sentence"] in row["candidates"]) != row["source_dropped"]
+    assert read_metadata(out / "signal")["scorings"] == sum(len(row["teacher_logprobs"]) for row in rows)
+    engine = HFEngine(config.teacher.chat, device="cpu")
+    row = rows[0]
+    direct = teacher_logprobs(engine, row["question"], row["answer"],
+                              list(zip(row["candidate_titles"], row["candidates"], strict=True)))
+    assert row["teacher_logprobs"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_a_rerun_reuses_and_other_settings_are_refused(trained, tiny_llama_dir, tiny_embedder_dir):
+    from trustray.pipelines.compressor_train import run
+
+    config, out = trained
+    before = _file_times(out)
+    assert run(config) == out / "compressor"
+    assert _file_times(out) == before
+    index_dir = Path(config.retrieval.index_dir)
+    with pytest.raises(ArtifactMismatchError, match="train"):
+        run(_config(tiny_llama_dir, tiny_embedder_dir, index_dir, out, "train.lr=0.5"))
+    with pytest.raises(ArtifactMismatchError, match="signal"):
+        run(_config(tiny_llama_dir, tiny_embedder_dir, index_dir, out, "questions.count=13"))
+    assert _file_times(out) == before
+
+
+def _scores(folder: Path, embedder_dir: str) -> tuple[list[float], float]:
+    from trustray.core.rag.scorer import SentenceScorer
+    from trustray.models.sources import model_fingerprint
+
+    scorer = SentenceScorer.load(folder, model_fingerprint(embedder_dir))
+    return scorer.score("When was the tower built?", ["It was built in 1889.", "It is made of iron."])
+
+
+def test_a_crash_loses_nothing_finished(trained, tiny_embedder_dir):
+    from trustray.pipelines.compressor_train import run
+
+    config, out = trained
+    scores, empty = _scores(out / "compressor", tiny_embedder_dir)
+    shards = sorted((out / "signal").glob("shard-*.parquet"))
+    kept_files = {path: path.stat().st_mtime_ns for path in [*shards[1:], *(out / "checkpoints" / "step-2").iterdir()]}
+    shutil.rmtree(out / "compressor")
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    shards[0].unlink()
+
+    run(config)
+    # Only the lost shard is scored again, training resumes from step 2 and ends where it ended before.
+    assert {path: path.stat().st_mtime_ns for path in kept_files} == kept_files
+    assert shards[0].is_file() and (out / "checkpoints" / "step-4").is_dir()
+    resumed_scores, resumed_empty = _scores(out / "compressor", tiny_embedder_dir)
+    assert resumed_scores == pytest.approx(scores, rel=1e-5) and resumed_empty == pytest.approx(empty, abs=1e-6)
