@@ -132,7 +132,7 @@ def test_compute_deltas_shapes_rows_and_clean_model(model, tokenizer):
 
     # The cached rows are the gradient of the answer NLL computed on the full logits: Σ_t g_t k_tᵀ = ∂L/∂W in the
     # top layer (lower layers also reach the answers through attention from prompt positions, which are not cached).
-    one_batch = MalmenEditor(model, tokenizer, settings(batch_size=8)).cache(records)
+    one_batch = MalmenEditor(model, tokenizer, settings(batch_size=len(records))).cache(records)
     batch = batches(encoded, 8, "cpu")[0]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
@@ -142,6 +142,18 @@ def test_compute_deltas_shapes_rows_and_clean_model(model, tokenizer):
         keys, grads = one_batch[name]
         torch.testing.assert_close(grads.T @ keys, weight_grad, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)
+
+
+def test_a_partial_sub_batch_gets_value_gradients_of_a_full_ones_scale(model, tokenizer):
+    same_length = [{"prompt": f"What is the colour of thing {i}?", "target_new": "blue", "paraphrases": [],
+                    "locality": []} for i in range(2)]
+    editor = MalmenEditor(model, tokenizer, settings(batch_size=2))
+    top = "model.layers.1.mlp.down_proj"
+    alone_keys, alone_grads = editor.cache(same_length[:1])[top]
+    keys, grads = editor.cache(same_length)[top]
+    rows = len(alone_keys)
+    torch.testing.assert_close(alone_keys, keys[:rows])
+    torch.testing.assert_close(alone_grads, grads[:rows])  # not twice as large because it had the batch alone
 
 
 def test_chunked_stage_two_equals_unchunked(model, tokenizer):

@@ -281,7 +281,10 @@ class MalmenEditor(Editor):
                 tracer.mask = edit_positions(batch["labels"])
                 keep = answer_window(batch["labels"])  # the same NLL without projecting the prompt positions
                 logits = self.model(**model_inputs(dict(batch)), logits_to_keep=keep).logits.float()
-                torch.autograd.grad(_answer_nll(logits, batch["labels"][:, -keep:]), weights)
+                # Weighted by the sub-batch's share of a full one: a partial last sub-batch (or a single edit) gets
+                # value gradients of the scale the hyper-network was trained on, not up to batch_size times larger.
+                share = batch["labels"].shape[0] / self.settings.batch_size
+                torch.autograd.grad(share * _answer_nll(logits, batch["labels"][:, -keep:]), weights)
         keys, grads = tracer.keys, tracer.grads
         cached = {name: (keys[name], grads[name]) for name in self.modules}
         if update_normalizers:
