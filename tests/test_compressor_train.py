@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from trustray.artifacts import ArtifactMismatchError, read_metadata
 from trustray.config import load_config
@@ -48,6 +49,19 @@ def test_batched_teacher_equals_one_question_at_a_time(tiny_llama_dir):
         assert row == pytest.approx(teacher_logprobs(engine, question, answer, candidates), rel=1e-5)
 
 
+def test_scorer_embeds_in_length_chunks_without_reordering(tiny_embedder_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from trustray.core.rag.scorer import EMBED_CHUNK, SentenceScorer
+
+    scorer = SentenceScorer(SentenceTransformer(tiny_embedder_dir, device="cpu")).eval()
+    texts = [" ".join(["word"] * (1 + (7 * i) % 23)) + f" {i}" for i in range(EMBED_CHUNK + 9)]
+    with torch.no_grad():
+        together = scorer.embed(texts)
+        one_by_one = torch.cat([scorer.embed([text]) for text in texts])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
 def _config(tiny_llama_dir: str, tiny_embedder_dir: str, index_dir: Path, out: Path, *overrides: str):
     from trustray.pipelines.compressor_train import CompressorTrainConfig
 
@@ -56,16 +70,30 @@ def _config(tiny_llama_dir: str, tiny_embedder_dir: str, index_dir: Path, out: P
                         f"retrieval.index_dir={index_dir}", f"output_dir={out}", *overrides])
 
 
+def _tiny_index(folder: Path, embedder_dir: str) -> Path:
+    """One passage per intro: the pages the tiny preset's questions come from, plus ten others."""
+    from trustray.artifacts import write_metadata
+    from trustray.core.rag.index import PassageIndex
+    from trustray.data.cloze import build_cloze_questions
+    from trustray.data.corpus import load_wiki_corpus
+    from trustray.models.embedders import Embedder, EmbedderConfig
+
+    pages = {q["doc_id"] for q in build_cloze_questions(12, seed=0)}
+    docs = [doc for doc in load_wiki_corpus() if doc["id"] in pages] + load_wiki_corpus(10)
+    embedder = Embedder(EmbedderConfig(model=embedder_dir), device="cpu")
+    PassageIndex(embedder.encode([doc["text"] for doc in docs]), [f"{doc['id']}#0" for doc in docs],
+                 [doc["title"] for doc in docs], [doc["text"] for doc in docs]).save(folder)
+    write_metadata(folder, {"embedder": embedder_dir, "embedder_fingerprint": embedder.fingerprint, "normalize": True})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_llama_dir, tiny_embedder_dir, tmp_path_factory):
-    """The tiny preset run once from the command line, over a 20-document index of the tiny embedder."""
+    """The tiny preset run once from the command line."""
     from trustray import cli
-    from trustray.pipelines import build_index
 
     root = tmp_path_factory.mktemp("compressor")
-    index_dir = build_index.run(load_config(build_index.BuildIndexConfig, CONFIGS / "build_index" / "tiny.yaml",
-                                            [f"embedder.model={tiny_embedder_dir}", f"output_dir={root / 'index'}",
-                                             "limit=20"]))
+    index_dir = _tiny_index(root / "index", tiny_embedder_dir)
     out = root / "run"
     assert cli.main(["run", "compressor_train", "--config", str(CONFIGS / "compressor_train" / "tiny.yaml"),
                      f"teacher.chat.model={tiny_llama_dir}", f"retrieval.embedder.model={tiny_embedder_dir}",
@@ -94,7 +122,7 @@ def test_the_artifact_loads_and_compresses(trained, tiny_embedder_dir):
     assert stats["questions"] == 12 and 0 <= stats["empty_best_fraction"] <= 1
     assert 0 < stats["mean_teacher_entropy"] <= stats["mean_uniform_entropy"]
     assert [entry["step"] for entry in metadata["history"]] == [0, 2, 4]
-    assert metadata["train_questions"] == 8 and metadata["dev_questions"] == 4
+    assert metadata["train_questions"] == 8 and metadata["dev_questions"] == len(metadata["dev_question_ids"]) == 4
     assert {"dev_loss", "dev_top1_agreement", "dev_regret"} <= metadata["history"][-1].keys()
     assert len(list((out / "signal").glob("shard-*.parquet"))) == 3
 

@@ -391,10 +391,14 @@ class HFEngine:
                 for row, (p, c) in enumerate(chunk):  # right padding keeps positions aligned with a single run
                     ids[row, : len(p) + len(c)] = torch.tensor(p + c)
                     mask[row, : len(p) + len(c)] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                # Vocabulary logits only from the first position any row scores: over every prompt position they
+                # were ~30% of a 135M model's scoring time on CPU (and most of its memory).
+                first = min(len(p) for p, _ in chunk) - 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    logits_to_keep=length - first).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 for row, (p, c) in enumerate(chunk):
-                    positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=self.device)
+                    positions = torch.arange(len(p) - 1 - first, len(p) + len(c) - 1 - first, device=self.device)
                     targets = torch.tensor(c, device=self.device)
                     results.append(logprobs[row, positions, targets].tolist())
         return results

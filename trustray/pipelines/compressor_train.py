@@ -325,7 +325,7 @@ def read_signal(folder: Path) -> list[dict[str, Any]]:
 
 def build_signal(config: CompressorTrainConfig, questions: list[dict[str, Any]], folder: Path,
                  identity: dict[str, Any]) -> list[dict[str, Any]]:
-    """Score the questions no shard holds yet; returns the whole signal, in question order."""
+    """Score the questions no shard holds yet; returns the whole signal (sorted by id, as `read_signal`)."""
     from tqdm.auto import tqdm
 
     if not check_metadata(folder, identity, kind="teacher signal"):
@@ -341,24 +341,25 @@ def build_signal(config: CompressorTrainConfig, questions: list[dict[str, Any]],
                 write_shard(folder, table)
                 progress.update(table.num_rows)
         logger.info("teacher signal scored in %.0f s", time.perf_counter() - began)
-    by_id = {row["id"]: row for row in read_signal(folder)}
-    missing = [q["id"] for q in questions if q["id"] not in by_id]
+    rows = read_signal(folder)
+    missing = sorted({q["id"] for q in questions} - {row["id"] for row in rows})
     if missing:
         raise RuntimeError(f"the teacher signal lacks {len(missing)} questions (e.g. {missing[:3]}); rerun to score them")
-    rows = [by_id[q["id"]] for q in questions]
     if not pending and "rows" in (read_metadata(folder) or {}):
         return rows
     scorings = sum(len(row["teacher_logprobs"]) for row in rows)
     write_metadata(folder, {
         **identity, "rows": len(rows), "scorings": scorings,
         "teacher_seconds_per_scoring": round(sum(row["teacher_seconds"] for row in rows) / scorings, 4),
+        # β does not move the argmax: this fraction belongs to the β-free signal.
         "empty_best_fraction": teacher_summary([row["teacher_logprobs"] for row in rows], 1.0)["empty_best_fraction"],
     })
     return rows
 
 
 def signal_stats(rows: list[dict[str, Any]], beta: float) -> dict[str, Any]:
-    """The teacher's targets at `beta`, plus how often the sentence a cloze came from is the teacher's best."""
+    """The teacher's targets at `beta`, plus how often the sentence a cloze came from is the teacher's best
+    sentence (where it was kept)."""
     summary = teacher_summary([row["teacher_logprobs"] for row in rows], beta)
     with_source = [row for row in rows if not row["source_dropped"]]
     source_best = sum(
@@ -567,7 +568,8 @@ def run(config: CompressorTrainConfig) -> Path:
         **identities["compressor"], "signal_stats": stats,
         "signal_cost": {key: signal_metadata.get(key) for key in ("rows", "scorings", "teacher_seconds_per_scoring")},
         "train_questions": len(train_rows),
-        "dev_questions": len(dev_rows), "steps": info["total"], "history": info["history"],
+        "dev_questions": len(dev_rows), "dev_question_ids": [row["id"] for row in dev_rows],
+        "steps": info["total"], "history": info["history"],
         "seconds": {"questions_and_signal": round(signal_seconds, 1),
                     "training": round(time.perf_counter() - began - signal_seconds, 1)},
         "config": config.model_dump(mode="json"),
