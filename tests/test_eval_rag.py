@@ -31,8 +31,29 @@ def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, r
     for mode in ("closed_book", "rag"):
         assert set(written[mode]) >= {"em", "f1", "contains"}
         assert all(0.0 <= written[mode][key] <= 1.0 for key in ("em", "f1", "contains"))
+        assert written[mode]["p95_ms"] >= written[mode]["p50_ms"] > 0
     # Retrieved passages make the RAG prompt longer than the closed-book one.
-    assert written["rag"]["prompt_tokens_mean"] > written["closed_book"]["prompt_tokens_mean"]
+    assert written["rag"]["tokens_in"] > written["closed_book"]["tokens_in"]
     rows = [json.loads(line) for line in output.with_suffix(".questions.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(len(row["rag"]["sources"]) == 2 for row in rows)
+    assert len(rows) == 6 and all(len(row["sources"]) == 2 for row in rows)
     assert "closed_book" in eval_rag.format_table(summary)
+
+    # Compressors under a 24-token budget, and the robustness run with 2 random passages mixed into the top 2.
+    compressors = (f"compressors=[{{name: truncate, budget: 24}}, "
+                   f"{{name: extractive, budget: 24, embedder: {{model: {tiny_embedder_dir}}}}}]")
+    summary = eval_rag.run(load_config(eval_rag.EvalRagConfig, CONFIGS / "eval_rag/tiny.yaml", [
+        f"index_dir={index_dir}", f"embedder.model={tiny_embedder_dir}", f"chat.model={tiny_llama_dir}",
+        f"output={output}", "modes=[rag]", "irrelevant=2", compressors]))
+    assert summary["conditions"] == ["rag", "truncate", "extractive"]
+    for condition in ("truncate", "extractive"):
+        assert summary[condition]["tokens_in"] < summary["rag"]["tokens_in"]
+        assert 0 < summary[condition]["compression"] < 1 and summary[condition]["context_kept"] < 1
+    rows = [json.loads(line) for line in output.with_suffix(".questions.jsonl").read_text().splitlines()]
+    assert all(len(row["sources"]) == 4 for row in rows)  # 2 retrieved + 2 irrelevant
+    assert all(row["truncate"]["context_tokens"] <= 24 and row["extractive"]["context_tokens"] <= 24 for row in rows)
+
+
+def test_translate_flags_become_one_override():
+    assert eval_rag.translate_flags(["a=1", "--compressor", "truncate", "--compressor=extractive=/x/y"]) == [
+        "a=1", "compressors=[{name: truncate}, {name: extractive, scorer_dir: '/x/y'}]"]
+    assert eval_rag.translate_flags(["top_k=3"]) == ["top_k=3"]

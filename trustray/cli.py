@@ -55,8 +55,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trustray.pipelines import load_pipeline, pipeline_main
 
     name = EVALUATIONS[args.what]
-    summary = pipeline_main(load_pipeline(name), args.args, prog=f"trustray eval {args.what}")
-    print(importlib.import_module(f"trustray.pipelines.{name}").format_table(summary))
+    module = importlib.import_module(f"trustray.pipelines.{name}")
+    # An evaluation may take flags of its own (eval rag: --compressor NAME), turned into config overrides.
+    argv = module.translate_flags(args.args) if hasattr(module, "translate_flags") else args.args
+    summary = pipeline_main(load_pipeline(name), argv, prog=f"trustray eval {args.what}")
+    print(module.format_table(summary))
     return 0
 
 
@@ -186,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="run an evaluation")
     evaluate.add_argument("what", choices=sorted(EVALUATIONS))
     evaluate.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
-                          help="e.g. --config configs/eval_rag/cpu.yaml top_k=5, "
+                          help="e.g. --config configs/eval_rag/cpu.yaml top_k=5 [--compressor truncate "
+                          "--compressor extractive=outputs/compressor_train/cpu/compressor], "
                           "--config configs/eval_influence/cpu.yaml lds.n_subsets=20")
     evaluate.set_defaults(func=cmd_eval)
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import ray
@@ -49,6 +50,14 @@ class Retriever:
         if not questions:
             return []
         return self.index.search(self.embedder.encode(questions), k)
+
+
+    def random_passages(self, count: int, seed: int = 0) -> list[Passage]:
+        """Up to `count` distinct passages of the index drawn at random (seeded; score 0): distractors for
+        robustness runs."""
+        rows = random.Random(seed).sample(range(len(self.index)), min(count, len(self.index)))
+        index = self.index
+        return [Passage(index.ids[r], index.titles[r], index.texts[r], 0.0) for r in rows]
 
 
 RetrieverActor = ray.remote(Retriever)

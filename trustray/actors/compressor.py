@@ -1,0 +1,89 @@
+"""The passage compressor as a service: a `trustray.core.rag.compress` compressor with the chat model's token counter.
+
+`PassageCompressor` is the plain class (used by the Serve deployment and by `trustray eval rag --compressor`);
+`start_compressor_actor` hosts it as a Ray actor that scales separately from the chat model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+
+from trustray.config import BaseConfig, Resources
+from trustray.core.rag.compress import Compressed
+from trustray.models.embedders import EmbedderConfig
+
+
+class CompressorConfig(BaseConfig):
+    """Which compressor runs, under what budget (algorithm settings; resources are configured apart)."""
+
+    name: str = Field("extractive", description="A name from trustray.core.rag.compress.COMPRESSORS (none, truncate, "
+                      "extractive).")
+    label: str | None = Field(None, description="Name in evaluation tables (default: name, +lsr with a scorer_dir).")
+    budget: int = Field(128, ge=1, description="Most context tokens sent to the chat model (its own tokenizer, on the "
+                        "passages as the prompt formats them).")
+    scorer_dir: str | None = Field(
+        None, description="A trained sentence scorer (`compressor_train`'s output_dir/compressor) for `extractive`; "
+        "None: the embedder's cosine similarity only (untrained, never keeps nothing).",
+    )
+    embedder: EmbedderConfig = Field(
+        default_factory=EmbedderConfig, description="The embedder the scorer starts from (a trained scorer made from "
+        "another one is refused).",
+    )
+    gamma: float = Field(0.05, gt=0, description="Temperature of the untrained scorer's cosine similarities.")
+
+
+class PassageCompressor:
+    """Compress retrieved passages for one question at a time, counting tokens with the chat model's tokenizer."""
+
+    def __init__(self, config: CompressorConfig, chat_model: str, device: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from trustray.core.rag.compress import build_compressor
+        from trustray.models.sources import resolve_model_source
+
+        self.config = config
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(chat_model))
+        options: dict[str, Any] = {
+            "count_tokens": lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        }
+        if config.name == "extractive":
+            options["scorer"] = self._scorer(device).score
+        elif config.scorer_dir is not None:
+            raise ValueError(f"scorer_dir is for the extractive compressor, not {config.name!r}")
+        self.compressor = build_compressor(config.name, **options)
+
+    def _scorer(self, device: str | None) -> Any:
+        import torch
+
+        from trustray.core.rag.scorer import SentenceScorer
+        from trustray.models.sources import model_fingerprint, resolve_model_source
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.config.scorer_dir is not None:
+            scorer = SentenceScorer.load(self.config.scorer_dir, model_fingerprint(self.config.embedder.model), device)
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            encoder = SentenceTransformer(resolve_model_source(self.config.embedder.model), device=device)
+            scorer = SentenceScorer(encoder, gamma=self.config.gamma).to(device)
+        return scorer.eval()
+
+    def compress(self, question: str, passages: Sequence[tuple[str, str]]) -> Compressed:
+        return self.compressor.compress(question, passages, self.config.budget)
+
+    def compress_many(self, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]]) -> list[Compressed]:
+        if len(questions) != len(passages):
+            raise ValueError(f"{len(questions)} questions but {len(passages)} passage lists")
+        return [self.compress(question, group) for question, group in zip(questions, passages, strict=True)]
+
+
+def start_compressor_actor(config: CompressorConfig, chat_model: str, resources: Resources | None = None) -> Any:
+    """`PassageCompressor` as a Ray actor with its own resources."""
+    import ray
+
+    resources = resources or Resources(num_cpus=0.5)
+    actor = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)(PassageCompressor)
+    return actor.remote(config, chat_model)
