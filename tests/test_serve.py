@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,36 +16,15 @@ TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "tiny.
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _build_index(folder: Path, embedder_dir: str) -> Path:
-    from trustray.artifacts import write_metadata
-    from trustray.core.rag.index import PassageIndex
-    from trustray.models.embedders import Embedder, EmbedderConfig
-    from trustray.models.tiny import TINY_CORPUS
-
-    embedder = Embedder(EmbedderConfig(model=embedder_dir, torch_threads=1))
-    texts = TINY_CORPUS[:10]
-    titles = [text.split(" is ")[0] for text in texts]
-    PassageIndex(embedder.encode(texts), [f"p{i}" for i in range(len(texts))], titles, texts).save(folder)
-    write_metadata(folder, {"embedder_model": embedder_dir, "embedder_fingerprint": embedder.fingerprint})
-    return folder
-
-
 @pytest.fixture(scope="module")
-def serve_config(tiny_llama_dir, tiny_embedder_dir, tmp_path_factory) -> ServeConfig:
-    index_dir = _build_index(tmp_path_factory.mktemp("serve-index"), tiny_embedder_dir)
+def serve_config(tiny_llama_dir, tiny_embedder_dir, tiny_index_dir, free_port) -> ServeConfig:
     return load_config(
         ServeConfig,
         TINY_CONFIG,
         [
-            f"port={_free_port()}",
+            f"port={free_port}",
             f"chat.model={tiny_llama_dir}",
-            f"rag.index_dir={index_dir}",
+            f"rag.index_dir={tiny_index_dir}",
             f"rag.embedder.model={tiny_embedder_dir}",
         ],
     )

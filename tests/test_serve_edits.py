@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
@@ -21,19 +20,13 @@ EDITS = {"name": "tower colour", "edits": [
 ]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url(ray_local, tiny_llama_dir, tmp_path_factory):
+def url(ray_local, tiny_llama_dir, tmp_path_factory, free_port):
     from trustray.serve_apps.openai_app import run_app, shutdown
 
     store = tmp_path_factory.mktemp("edit-sets")
     config = load_config(ServeConfig, TINY_CONFIG, [
-        f"port={_free_port()}", f"chat.model={tiny_llama_dir}", "rag=null",
+        f"port={free_port}", f"chat.model={tiny_llama_dir}", "rag=null",
         f"edits={{store_dir: '{store}', api_key: {KEY}, editor: ft, editor_settings: "
         "{modules: {layers: [-1]}, max_length: 96, steps: 20, lr: 0.05, norm_bound: 3.0}}",
         "deployments.editor.resources.num_cpus=0.25",

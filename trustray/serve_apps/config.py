@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from trustray.actors.compressor import CompressorConfig
 from trustray.config import BaseConfig, Resources
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig
@@ -74,6 +75,10 @@ class DeploymentsConfig(BaseConfig):
     retriever: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="The replicas hosting the embedder and passage index."
     )
+    compressor: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="The replicas running the passage compressor (rag.compressor), scaled apart from the chat model.",
+    )
     editor: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(resources=Resources(num_cpus=0.25), max_ongoing_requests=4),
         description="The replicas running the editor for POST /v1/edits (each holds a copy of the base model).",
@@ -93,6 +98,10 @@ class RagServeConfig(BaseConfig):
         default_factory=EmbedderConfig, description="Embedder of the questions; must be the one that built the index."
     )
     top_k: int = Field(3, ge=1, le=50, description="Passages retrieved and put in the prompt per question.")
+    compressor: CompressorConfig | None = Field(
+        None, description="Compress the retrieved passages under a token budget before generation (None: the whole "
+        "top-k goes to the chat model). Responses then carry the compressed context and the token counts.",
+    )
 
 
 class EditServeConfig(BaseConfig):

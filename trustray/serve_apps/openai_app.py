@@ -273,6 +273,21 @@ class RetrieverDeployment:
         return self.index.search(self.embedder.encode(questions), k)
 
 
+@serve.deployment
+class CompressorDeployment:
+    """Compresses retrieved passages under the budget (`trustray.actors.compressor.PassageCompressor`)."""
+
+    def __init__(self, config: dict[str, Any], chat_model: str):
+        from trustray.actors.compressor import CompressorConfig, PassageCompressor
+
+        self.compressor = PassageCompressor(CompressorConfig.model_validate(config), chat_model)
+        self._executor = _SerialExecutor("compressor")
+        logger.info("compressor ready: %s, budget %d tokens", self.compressor.config.name, self.compressor.config.budget)
+
+    async def compress(self, question: str, passages: list[tuple[str, str]]) -> Any:
+        return await self._executor.run(self.compressor.compress, question, passages)
+
+
 # -- HTTP ingress --------------------------------------------------------------------------------------
 app = FastAPI(title="trustray", description="OpenAI-compatible chat and retrieval-augmented chat.")
 
@@ -405,6 +420,7 @@ class _Job:
         self.engine_request: EngineRequest = ""
         self.sources: list[dict[str, Any]] | None = None
         self.context_text: str | None = None
+        self.compression: dict[str, Any] | None = None
         self.edit_id: str | None = None
 
     def choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
@@ -439,6 +455,8 @@ class _Job:
         }
         if self.sources is not None:
             payload["sources"] = self.sources
+        if self.compression is not None:
+            payload["compression"] = self.compression
         return payload
 
 
@@ -468,12 +486,13 @@ class OpenAIIngress:
     """HTTP front: validates requests, adds retrieved passages for the RAG model, calls the chat deployment."""
 
     def __init__(self, config: dict[str, Any], chat: DeploymentHandle, retriever: DeploymentHandle | None,
-                 editor: DeploymentHandle | None = None):
+                 editor: DeploymentHandle | None = None, compressor: DeploymentHandle | None = None):
         self.config = ServeConfig.model_validate(config)
         self.limits = self.config.limits
         self.chat = chat
         self.retriever = retriever
         self.editor = editor
+        self.compressor = compressor
         self.created = int(time.time())
 
     @app.get("/healthz")
@@ -639,6 +658,14 @@ class OpenAIIngress:
         passages: list[Passage] = (await self._await(self.retriever.retrieve.remote([question], rag.top_k)))[0]
         pairs = [(passage.title, passage.text) for passage in passages]
         job.sources = [{"id": p.id, "title": p.title, "score": p.score} for p in passages]
+        if self.compressor is not None:
+            compressed = await self._await(self.compressor.compress.remote(question, pairs))
+            pairs = compressed.passages
+            job.compression = {
+                "compressor": rag.compressor.name, "context": format_passages(pairs) if pairs else "",
+                "tokens_before": compressed.source_tokens, "tokens_after": compressed.context_tokens,
+                "closed_book": compressed.empty,
+            }
         job.context_text = format_passages(pairs)
         return rag_messages(question, pairs, history=messages[:-1])
 
@@ -690,7 +717,8 @@ class OpenAIIngress:
         async def events() -> AsyncIterator[str]:
             finished = False
             try:
-                extra = {"sources": job.sources} if job.sources is not None else {}
+                extra = {key: value for key, value in (("sources", job.sources), ("compression", job.compression))
+                         if value is not None}
                 yield _sse(job.chunk([job.choice(None, None, first=True)], **extra))
                 tail: dict[str, Any] = {"completion_tokens": 0, "finish_reason": "stop"}
                 async for item in pieces:
@@ -739,7 +767,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         chat_config.model_dump(), config.batch_max_size, config.batch_wait_timeout_s,
         edits.store_dir if edits is not None else None,
     )
-    retriever = None
+    retriever = compressor = None
     if config.rag is not None:
         index_dir = _local_path(config.rag.index_dir)
         embedder = config.rag.embedder.model_copy(update={"model": _local_path(config.rag.embedder.model)})
@@ -749,8 +777,19 @@ def build_app(config: ServeConfig) -> serve.Application:
         retriever = RetrieverDeployment.options(**config.deployments.retriever.serve_options()).bind(
             index_dir, embedder.model_dump()
         )
+        if config.rag.compressor is not None:
+            compressor_config = config.rag.compressor
+            scorer_dir = compressor_config.scorer_dir
+            compressor_config = compressor_config.model_copy(update={
+                "scorer_dir": _local_path(scorer_dir) if scorer_dir else None,
+                "embedder": compressor_config.embedder.model_copy(
+                    update={"model": _local_path(compressor_config.embedder.model)}),
+            })
+            compressor = CompressorDeployment.options(**config.deployments.compressor.serve_options()).bind(
+                compressor_config.model_dump(), chat_config.model
+            )
     return OpenAIIngress.options(**config.deployments.ingress.serve_options()).bind(
-        config.model_dump(), chat, retriever, editor
+        config.model_dump(), chat, retriever, editor, compressor
     )
 
 
