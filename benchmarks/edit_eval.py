@@ -1,0 +1,31 @@
+"""How many facts can be fixed at once, at what cost? The editing scaling curve on the embedded default.
+
+Runs `trustray eval edit` with a preset (default cpu; its MALMEN editor comes from
+`trustray run edit_train --config configs/edit_train/<preset>.yaml`, run that first) and copies the report into
+benchmarks/results: edit_scaling.json (rows {editor, n_edits, es, gs, ls, ppl_ratio, seconds, peak_mem_mb, ...},
+the unedited baseline, the machine) and edit_scaling.png.
+Run: .venv/bin/python benchmarks/edit_eval.py [--preset cpu] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trustray.pipelines import eval_edit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "gpu"])
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    config = ROOT / "configs" / "eval_edit" / f"{args.preset}.yaml"
+    report = eval_edit.main(["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides])
+    print(eval_edit.format_table(report))
+
+
+if __name__ == "__main__":
+    main()
