@@ -144,6 +144,19 @@ def test_compute_deltas_shapes_rows_and_clean_model(model, tokenizer):
     model.zero_grad(set_to_none=True)
 
 
+def test_streamed_deltas_equal_one_solve_over_all_rows(model, tokenizer):
+    records = make_records(5)
+    editor = MalmenEditor(model, tokenizer, settings(batch_size=2))  # 3 sub-batches, the last one partial
+    with torch.no_grad():
+        whole = {name: solution.T for name, solution in editor._solve(editor.cache(records)).items()}
+    streamed = editor.compute_deltas(records)
+    assert streamed.keys() == whole.keys()
+    for name, delta in whole.items():
+        torch.testing.assert_close(streamed[name], delta, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        editor.compute_deltas([])
+
+
 def test_a_partial_sub_batch_gets_value_gradients_of_a_full_ones_scale(model, tokenizer):
     same_length = [{"prompt": f"What is the colour of thing {i}?", "target_new": "blue", "paraphrases": [],
                     "locality": []} for i in range(2)]

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from trustray.core.editing import ridge as ridge_module
-from trustray.core.editing.ridge import RidgeSolve, ridge, ridge_backward, ridge_precision, ridge_solve
+from trustray.core.editing.ridge import (
+    RidgeSolve,
+    ridge,
+    ridge_backward,
+    ridge_precision,
+    ridge_solve,
+    ridge_solve_gram,
+)
 
 torch.set_num_threads(1)
 
@@ -165,3 +172,13 @@ def test_invalid_inputs():
         ridge_solve(torch.zeros(4, 6, dtype=torch.float64), value_diffs, 0.0)
     with pytest.raises(ValueError, match=r"\[k, v\]"):
         ridge_backward(keys, 1.0, torch.zeros(5, 2, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64))
+
+
+def test_gram_solve_equals_the_row_solve():
+    generator = torch.Generator().manual_seed(3)
+    keys, diffs = torch.randn(40, 12, generator=generator), torch.randn(40, 5, generator=generator)
+    gram = sum(chunk.double().T @ chunk.double() for chunk in keys.split(7))
+    cross = sum(k.double().T @ d.double() for k, d in zip(keys.split(7), diffs.split(7), strict=True))
+    torch.testing.assert_close(ridge_solve_gram(gram, cross, 0.3), ridge_solve(keys, diffs, 0.3), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="must be"):
+        ridge_solve_gram(gram[:, :3], cross, 0.3)

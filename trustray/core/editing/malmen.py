@@ -67,7 +67,7 @@ from trustray.core.editing.base import (
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.metrics import agreement, answer_window, token_accuracy
 from trustray.core.editing.normalize import RunningStats
-from trustray.core.editing.ridge import ridge_backward, ridge_solve
+from trustray.core.editing.ridge import ridge_backward, ridge_solve, ridge_solve_gram
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
 from trustray.core.influence.gradients import model_inputs
 from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
@@ -305,9 +305,29 @@ class MalmenEditor(Editor):
             solutions[name] = ridge_solve(keys, diffs, net.log_lambda[layer].exp())
         return solutions
 
+    @torch.no_grad()
     def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
-        """`{module: Sᵀ}` (float32, shaped like the weight) writing every record's `target_new` at once."""
-        return {name: solution.T.contiguous() for name, solution in self._solve(self.cache(records)).items()}
+        """`{module: Sᵀ}` (float32, shaped like the weight) writing every record's `target_new` at once.
+
+        Streamed: each sub-batch of `batch_size` records is traced (frozen prefix included), turned into value
+        differences and reduced to its KᵀK and KᵀD at once, so memory does not grow with the number of edits.
+        """
+        if not records:
+            raise ValueError("compute_deltas needs at least one edit record")
+        grams: dict[str, Tensor] = {}
+        crosses: dict[str, Tensor] = {}
+        for start in range(0, len(records), self.settings.batch_size):
+            for name, (keys, grads) in self.cache(records[start : start + self.settings.batch_size]).items():
+                net, layer = self.hypernet(name)
+                diffs = torch.cat([net.value_diffs(k, g, layer) for k, g in self._chunks(keys, grads)])
+                keys64 = keys.to(torch.float64)
+                grams[name] = grams.get(name, 0) + keys64.T @ keys64
+                crosses[name] = crosses.get(name, 0) + keys64.T @ diffs.to(torch.float64)
+        deltas = {}
+        for name in grams:
+            net, layer = self.hypernet(name)
+            deltas[name] = ridge_solve_gram(grams[name], crosses[name], net.log_lambda[layer].exp()).T.contiguous()
+        return deltas
 
     # ---- meta-training ------------------------------------------------------------------------------------------
 

@@ -112,6 +112,20 @@ def ridge_solve(keys: Tensor, value_diffs: Tensor, lam: Tensor | float) -> Tenso
     return _solve(keys, value_diffs, lam)[0]
 
 
+def ridge_solve_gram(gram: Tensor, cross: Tensor, lam: Tensor | float) -> Tensor:
+    """S = (G + λI)⁻¹ C from accumulated G = KᵀK [k, k] and C = KᵀD [k, v]: `ridge_solve` when the rows are too
+    many to hold at once (sum the products of each chunk of rows, in float64). Returns float32."""
+    lam_value = _lam_value(lam)
+    if gram.shape[0] != gram.shape[1] or cross.shape[0] != gram.shape[0]:
+        raise ValueError(f"gram {tuple(gram.shape)} must be [k, k] and cross {tuple(cross.shape)} [k, v]")
+    system = gram.to(torch.float64).clone()
+    system.diagonal().add_(lam_value)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise ValueError(f"KᵀK + λI is not positive definite (λ = {lam_value}): use lam > 0")
+    return torch.cholesky_solve(cross.to(torch.float64), factor).to(torch.float32)
+
+
 def _gradients(keys: Tensor, factor: Tensor, solution: Tensor, grad_solution: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂D, ∂L/∂λ) from the Cholesky factor of M; see `ridge_backward`."""
     out_dtype = _result_dtype(keys, solution, grad_solution)
