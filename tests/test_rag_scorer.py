@@ -61,12 +61,41 @@ def test_lsr_training_learns_the_chat_models_preference(tiny_embedder_dir):
 def test_a_scorer_for_another_embedder_is_refused(tiny_embedder_dir, tmp_path):
     scorer = _scorer(tiny_embedder_dir)
     scorer.empty_head.bias.data.fill_(1.5)
+    scorer.log_scale.data.fill_(2.0)
     scorer.save(tmp_path / "scorer", {"embedder": "tiny", "embedder_fingerprint": "abc"})
     loaded = SentenceScorer.load(tmp_path / "scorer", "abc")
-    assert loaded.empty_head.bias.item() == 1.5
+    assert loaded.empty_head.bias.item() == 1.5 and loaded.log_scale.item() == 2.0
     (loaded_scores, loaded_empty), (scores, empty) = loaded.score("q", ["a", "b"]), scorer.score("q", ["a", "b"])
     assert loaded_scores == pytest.approx(scores, rel=1e-5) and loaded_empty == pytest.approx(empty)
     with pytest.raises(ArtifactMismatchError, match="trained from embedder"):
         SentenceScorer.load(tmp_path / "scorer", "another")
     with pytest.raises(ValueError, match="embedder_fingerprint"):
         scorer.save(tmp_path / "bad", {"embedder": "tiny"})
+
+
+def test_a_scorer_of_an_older_head_format_is_refused(tiny_embedder_dir, tmp_path):
+    """Format 1 kept an unscaled EMPTY logit and a fixed γ: read with today's meaning, its EMPTY choice would shift."""
+    scorer = _scorer(tiny_embedder_dir)
+    scorer.save(tmp_path / "scorer", {"embedder": "tiny", "embedder_fingerprint": "abc"})
+    torch.save({"state": scorer.empty_head.state_dict(), "gamma": 0.05}, tmp_path / "scorer" / "head.pt")
+    with pytest.raises(ArtifactMismatchError, match="head format 1"):
+        SentenceScorer.load(tmp_path / "scorer", "abc")
+
+
+def test_a_flat_teacher_is_fitted_by_the_scale_not_by_squashing_the_ranking(tiny_embedder_dir):
+    """With only the scale and the EMPTY head trained, a teacher flatter than cos/γ lowers the learned scale and
+    raises EMPTY, while the ranking of the sentences (from the frozen encoder) is untouched."""
+    scorer = _scorer(tiny_embedder_dir)
+    optimizer = torch.optim.AdamW(scorer.head_parameters(), lr=5e-2, weight_decay=0.0)
+    tasks = [_task(i) for i in range(len(TOPICS))]
+    questions, candidates = [t[0] for t in tasks], [t[1] for t in tasks]
+    flat = torch.stack([t[2] for t in tasks]) / 20  # EMPTY a little below the best, every sentence close
+    with torch.no_grad():
+        before, _ = scorer(questions, candidates)
+    for _ in range(80):
+        scorer.lsr_step(optimizer, questions, candidates, flat, beta=0.5)
+    with torch.no_grad():
+        after, _ = scorer(questions, candidates)
+    assert scorer.gamma > 0.1  # the temperature rose from 0.05
+    assert torch.equal(after[:, 1:].argsort(dim=1), before[:, 1:].argsort(dim=1))
+    assert (after[:, 0] - after[:, 1:].max(dim=1).values).mean() > (before[:, 0] - before[:, 1:].max(dim=1).values).mean()

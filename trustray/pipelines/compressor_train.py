@@ -98,7 +98,8 @@ class ScorerTrainSettings(BaseConfig):
     lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate (RECOMP and REPLUG use 2e-5).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a linear warmup; linear decay after.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    gamma: float = Field(0.05, gt=0, description="Sentence logit = cosine / gamma.")
+    gamma: float = Field(0.05, gt=0, description="Initial temperature: sentence logit = cosine / gamma (then learned).")
+    head_lr: float = Field(1e-2, gt=0, description="AdamW peak learning rate of the logit scale and the EMPTY head (no weight decay); the encoder uses `lr`.")
     max_seq_length: int = Field(128, ge=8, description="Embedder tokens read per question or sentence.")
     dev_questions: int = Field(64, ge=1, description="Questions held out to report dev loss and teacher agreement.")
     checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints (the unit of resume).")
@@ -470,7 +471,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     warmup = max(1, round(settings.warmup_ratio * total))
     torch.manual_seed(settings.seed)
     scorer = new_scorer(config, device)
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    head = {id(param) for param in scorer.head_parameters()}
+    optimizer = torch.optim.AdamW([
+        {"params": [param for param in scorer.parameters() if id(param) not in head], "lr": settings.lr},
+        {"params": scorer.head_parameters(), "lr": settings.head_lr, "weight_decay": 0.0},
+    ], weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
     folder = Path(loop_config["checkpoint_dir"])
@@ -496,7 +501,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         schedule.step()
         if step % settings.checkpoint_every == 0 or step == total:
             metrics = {"step": step, "epoch": (step - 1) // steps_per_epoch(len(train), settings.batch_size) + 1,
-                       "train_loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0],
+                       "train_loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0], "gamma": scorer.gamma,
                        **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)}
             history.append(metrics)
             losses = []
