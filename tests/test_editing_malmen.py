@@ -188,7 +188,8 @@ def differentiable_meta_loss(editor: MalmenEditor, model, tokenizer, records, ge
     params = {}
     for name, (keys, grads) in cached.items():
         net, layer = editor.hypernet(name)
-        solution = ridge(keys, net.value_diffs(keys, grads, layer), net.log_lambda[layer].exp())
+        prior = editor.preservation_prior(name)
+        solution = ridge(keys, net.value_diffs(keys, grads, layer), net.log_lambda[layer].exp(), prior)
         params[f"{name}.weight"] = model.get_submodule(name).weight.detach() + solution.T
     pairs = editor.meta_pairs(records)
     [gen] = batches(encode_pairs(tokenizer, *pairs["gen"]), 64, "cpu")
@@ -211,10 +212,14 @@ def differentiable_meta_loss(editor: MalmenEditor, model, tokenizer, records, ge
     )
 
 
-def test_two_stage_meta_gradient_equals_autograd(model, tokenizer):
+@pytest.mark.parametrize("preserve_weight", [0.0, 3.0])
+def test_two_stage_meta_gradient_equals_autograd(model, tokenizer, preserve_weight):
     records, general = make_records(6), TINY_CORPUS[:3]
     # η₀ large enough that the locality and retention terms carry several percent of the gradient.
-    editor = MalmenEditor(model, tokenizer, settings(loc_coef=0.7, retention_coef=0.5, batch_size=64, lr_init=0.03))
+    editor = MalmenEditor(model, tokenizer, settings(loc_coef=0.7, retention_coef=0.5, batch_size=64, lr_init=0.03,
+                                                     preserve_weight=preserve_weight))
+    kept = make_records(5, offset=20)
+    editor.fit_preservation([r["locality"][0]["prompt"] for r in kept], [r["locality"][0]["answer"] for r in kept])
     perturb(editor)
     editor.nets.zero_grad()
     stats = editor.meta_backward(records, general)
@@ -293,6 +298,31 @@ def test_prefix_cache_gives_the_same_deltas_and_gradients(model, tokenizer):
         assert relative(cached_grads[name], full_grads[name]) < 1e-3, name
     assert cached_stats["loss"] == pytest.approx(full_stats["loss"], rel=1e-4)
     assert_unchanged(model, before)
+
+
+def test_preserved_keys_are_the_answer_keys_moment_and_move_less(model, tokenizer):
+    """fit_preservation stores E[kkᵀ] of the keys `cache` sees for those pairs; with μ > 0 their values move less."""
+    edits = make_records(6)
+    kept = make_records(6, offset=30)
+    prompts, answers = [r["locality"][0]["prompt"] for r in kept], [r["locality"][0]["answer"] for r in kept]
+    editor = MalmenEditor(model, tokenizer, settings())
+    perturb(editor)
+    count = editor.fit_preservation(prompts, answers)
+    preserved_keys = {name: keys for name, (keys, _) in editor.cache([{"prompt": p, "target_new": a} for p, a in zip(prompts, answers, strict=True)]).items()}
+    for name, keys in preserved_keys.items():
+        assert keys.shape[0] == count
+        torch.testing.assert_close(editor.preserved[name], keys.T @ keys / count, rtol=1e-5, atol=1e-6)
+    moved = {}
+    for mu in (0.0, 1e4):
+        editor.settings.preserve_weight = mu
+        deltas = editor.compute_deltas(edits)
+        moved[mu] = sum(float((keys @ deltas[name].T).norm()) for name, keys in preserved_keys.items())
+    assert moved[1e4] < 0.1 * moved[0.0]
+    restored = MalmenEditor(model, tokenizer, settings(preserve_weight=1e4))
+    restored.load_state_dict(editor.state_dict())
+    assert all(torch.equal(restored.compute_deltas(edits)[name], deltas[name]) for name in deltas)
+    with pytest.raises(ValueError, match="fit_preservation"):
+        MalmenEditor(model, tokenizer, settings(preserve_weight=1.0)).compute_deltas(edits)
 
 
 def test_settings_are_checked(model, tokenizer):

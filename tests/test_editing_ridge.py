@@ -99,7 +99,7 @@ def test_gradcheck(n, k, v):
     keys, value_diffs = _problem(n, k, v, seed=6)
     value_diffs.requires_grad_(True)
     lam = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda d, lam_: RidgeSolve.apply(keys, d, lam_), (value_diffs, lam))
+    assert torch.autograd.gradcheck(lambda d, lam_: RidgeSolve.apply(keys, d, lam_, None), (value_diffs, lam))
 
 
 def test_float_lambda_and_keys_requiring_grad():
@@ -147,9 +147,9 @@ def test_failed_float32_factorisation_falls_back(monkeypatch):
     calls: list[torch.dtype] = []
     real = ridge_module._cholesky
 
-    def failing_in_float32(keys_, lam_value, dtype):
+    def failing_in_float32(keys_, lam_value, dtype, prior):
         calls.append(dtype)
-        factor, info = real(keys_, lam_value, dtype)
+        factor, info = real(keys_, lam_value, dtype, prior)
         return factor, 1 if dtype == torch.float32 else info
 
     monkeypatch.setattr(ridge_module, "_cholesky", failing_in_float32)
@@ -182,3 +182,47 @@ def test_gram_solve_equals_the_row_solve():
     torch.testing.assert_close(ridge_solve_gram(gram, cross, 0.3), ridge_solve(keys, diffs, 0.3), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="must be"):
         ridge_solve_gram(gram[:, :3], cross, 0.3)
+
+
+def _prior(k: int, seed: int = 3) -> torch.Tensor:
+    """A symmetric positive semi-definite [k, k] matrix of rank k // 2 (like a moment of few preserved keys)."""
+    generator = torch.Generator().manual_seed(seed)
+    preserved = torch.randn(k // 2, k, generator=generator, dtype=torch.float64)
+    return preserved.T @ preserved / (k // 2)
+
+
+def test_prior_closed_form_and_preserved_keys():
+    """(KᵀK + P + λI)⁻¹KᵀD; with P = μ·K₀ᵀK₀ it is the ridge solve of K and D stacked with √μ·K₀ and zero targets."""
+    keys, value_diffs = _problem(5, 8, 3)
+    keys64, diffs64 = keys.double(), value_diffs.double()
+    preserved = torch.randn(6, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mu = 7.0
+    prior = mu * preserved.T @ preserved
+    solution = ridge_solve(keys64, diffs64, 0.5, prior)
+    expected = torch.linalg.solve(keys64.T @ keys64 + prior + 0.5 * torch.eye(8, dtype=torch.float64), keys64.T @ diffs64)
+    torch.testing.assert_close(solution, expected)
+    stacked = ridge_solve(torch.cat([keys64, mu**0.5 * preserved]), torch.cat([diffs64, torch.zeros(6, 3, dtype=torch.float64)]), 0.5)
+    torch.testing.assert_close(solution, stacked)
+    gram = ridge_solve_gram(keys64.T @ keys64, keys64.T @ diffs64, 0.5, prior)
+    torch.testing.assert_close(gram.double(), expected, rtol=1e-6, atol=1e-7)
+    # The preserved keys' values move less than without the prior.
+    plain = ridge_solve(keys64, diffs64, 0.5)
+    assert float((preserved @ solution).norm()) < float((preserved @ plain).norm())
+
+
+def test_prior_backward_matches_autograd():
+    keys, value_diffs = _problem(5, 8, 3)
+    keys64 = keys.double()
+    prior = _prior(8)
+    weights = torch.randn(8, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    diffs = value_diffs.double().requires_grad_(True)
+    lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    system = keys64.T @ keys64 + prior + lam * torch.eye(8, dtype=torch.float64)
+    (torch.linalg.solve(system, keys64.T @ diffs) * weights).sum().backward()
+    solution = ridge_solve(keys64, value_diffs.double(), 0.7, prior)
+    grad_diffs, grad_lam = ridge_backward(keys64, 0.7, solution, weights, prior)
+    torch.testing.assert_close(grad_diffs, diffs.grad)
+    torch.testing.assert_close(grad_lam, lam.grad)
+    assert torch.autograd.gradcheck(lambda d, lam_: ridge(keys64, d, lam_, prior), (value_diffs.double().requires_grad_(True), lam))
+    with pytest.raises(ValueError, match="prior must be"):
+        ridge_solve(keys64, value_diffs.double(), 0.7, prior[:4, :4])

@@ -68,7 +68,7 @@ from trustray.core.editing.editset import EditSet
 from trustray.core.editing.metrics import agreement, answer_window, token_accuracy
 from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.ridge import ridge_backward, ridge_solve, ridge_solve_gram
-from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
+from trustray.core.editing.tracing import KeyMoments, KeyValueTracer, edit_positions, linear_modules
 from trustray.core.influence.gradients import model_inputs
 from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
 
@@ -86,6 +86,7 @@ class MalmenSettings(EditorSettings):
     scalar_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the per-layer log η and log λ (a relative rate).")
     loc_coef: float = Field(1.0, ge=0, description="Weight of the locality KL(pre ‖ post) on the locality answers.")
     retention_coef: float = Field(0.0, ge=0, description="Weight of the KL(pre ‖ post) on general text (0: off); needs `general` texts.")
+    preserve_weight: float = Field(0.0, ge=0, description="μ of the preserved-key term: the solve is (KᵀK + μ·E[k₀k₀ᵀ] + λI)⁻¹KᵀD with k₀ the keys `fit_preservation` saw (0: off). In units of rows: μ = 1000 weighs like 1,000 typical preserved keys asked to keep their values.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip of the hyper-networks' meta-gradient norm.")
     hyper_chunk: int = Field(1024, ge=1, description="Cached rows per hyper-network pass (bounds the memory of stage two).")
     prefix_layers: int = Field(0, ge=0, description="Decoder layers run once per call and bypassed (≤ the lowest edited layer).")
@@ -199,6 +200,7 @@ class MalmenEditor(Editor):
         self.nets = nn.ModuleDict({key: self._make_net(names, generator) for key, names in shapes.items()}).to(self.device)
         self.steps = 0
         self._optimizer: torch.optim.Adam | None = None
+        self.preserved: dict[str, Tensor] = {}
 
     def _make_net(self, names: list[str], generator: torch.Generator) -> ShiftNet:
         module, s = self.modules[names[0]], self.settings
@@ -260,8 +262,9 @@ class MalmenEditor(Editor):
             for batch in batches(examples, self.settings.batch_size, self.device)
         ]
 
-    def _logits(self, batch: Mapping[str, Tensor]) -> Tensor:
-        return self.model(**model_inputs(dict(batch))).logits.float()
+    def _logits(self, batch: Mapping[str, Tensor], keep: int) -> Tensor:
+        """Logits of the last `keep` positions (float32)."""
+        return self.model(**model_inputs(dict(batch)), logits_to_keep=keep).logits.float()
 
     # ---- caching and solving ------------------------------------------------------------------------------------
 
@@ -292,6 +295,35 @@ class MalmenEditor(Editor):
                 self.hypernet(name)[0].normalizer.update(torch.cat([k, g], dim=-1))
         return cached
 
+    @torch.no_grad()
+    def fit_preservation(self, prompts: Sequence[str], answers: Sequence[str]) -> int:
+        """Store E[k₀k₀ᵀ] per edited module over the keys predicting `answers` to `prompts` (facts to keep).
+
+        MEMIT's covariance term, on the positions that matter for locality: answer positions of other chat
+        questions, which share the chat template's key directions with every edit. Returns the number of keys.
+        """
+        examples = self._pairs(prompts, answers)
+        sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in self.modules.items()}
+        count = 0
+        with self._session(), KeyMoments(self.modules, sums) as tracer:
+            for batch in self._batches(examples):
+                tracer.mask = edit_positions(batch["labels"])
+                with torch.no_grad():
+                    self.model(**model_inputs(dict(batch)), logits_to_keep=answer_window(batch["labels"]))
+                count += int(tracer.mask.sum())
+        if count == 0:
+            raise ValueError("fit_preservation saw no answer positions")
+        self.preserved = {name: (total / count).float() for name, total in sums.items()}
+        return count
+
+    def preservation_prior(self, name: str) -> Tensor | None:
+        """μ·E[k₀k₀ᵀ] of module `name`, or None when the preserved-key term is off."""
+        if self.settings.preserve_weight == 0:
+            return None
+        if name not in self.preserved:
+            raise ValueError("preserve_weight > 0 needs the preserved-key moments: call fit_preservation first")
+        return self.settings.preserve_weight * self.preserved[name].to(self.device)
+
     def _chunks(self, keys: Tensor, grads: Tensor) -> zip:
         return zip(keys.split(self.settings.hyper_chunk), grads.split(self.settings.hyper_chunk), strict=True)
 
@@ -302,7 +334,7 @@ class MalmenEditor(Editor):
         for name, (keys, grads) in cached.items():
             net, layer = self.hypernet(name)
             diffs = torch.cat([net.value_diffs(k, g, layer) for k, g in self._chunks(keys, grads)])
-            solutions[name] = ridge_solve(keys, diffs, net.log_lambda[layer].exp())
+            solutions[name] = ridge_solve(keys, diffs, net.log_lambda[layer].exp(), self.preservation_prior(name))
         return solutions
 
     @torch.no_grad()
@@ -326,7 +358,8 @@ class MalmenEditor(Editor):
         deltas = {}
         for name in grams:
             net, layer = self.hypernet(name)
-            deltas[name] = ridge_solve_gram(grams[name], crosses[name], net.log_lambda[layer].exp()).T.contiguous()
+            lam = net.log_lambda[layer].exp()
+            deltas[name] = ridge_solve_gram(grams[name], crosses[name], lam, self.preservation_prior(name)).T.contiguous()
         return deltas
 
     # ---- meta-training ------------------------------------------------------------------------------------------
@@ -393,11 +426,12 @@ class MalmenEditor(Editor):
         """
         total, scores = 0.0, []
         for batch in self._batches(examples):
-            labels = batch["labels"]
+            keep = answer_window(batch["labels"])  # the vocabulary projection runs on the answer window only
+            labels = batch["labels"][:, -keep:]
             with torch.no_grad():
-                pre = self._logits(batch) if kl else None
+                pre = self._logits(batch, keep) if kl else None
             with edit_set.apply(self.model), torch.set_grad_enabled(coef > 0):
-                post = self._logits(batch)
+                post = self._logits(batch, keep)
                 loss = _kl(pre, post, labels) if kl else _answer_nll(post, labels)
                 if coef > 0:
                     for acc, grad in zip(weight_grads, torch.autograd.grad(coef * loss, weights), strict=True):
@@ -413,7 +447,7 @@ class MalmenEditor(Editor):
         for name, (keys, grads) in cached.items():
             net, layer = self.hypernet(name)
             lam = net.log_lambda[layer].exp()
-            diff_grads, lam_grad = ridge_backward(keys, lam, solutions[name], solution_grads[name])
+            diff_grads, lam_grad = ridge_backward(keys, lam, solutions[name], solution_grads[name], self.preservation_prior(name))
             (lam_grad * lam.detach() * net.log_lambda[layer]).backward()  # ∂L/∂log λ = λ·∂L/∂λ
             for (k, g), diff_grad in zip(self._chunks(keys, grads), diff_grads.split(self.settings.hyper_chunk), strict=True):
                 (diff_grad * net.value_diffs(k, g, layer)).sum().backward()
@@ -444,8 +478,10 @@ class MalmenEditor(Editor):
     # ---- persistence --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Flat tensors: `nets.*` (weights and normalisers), `optimizer.{param}.{slot}` (Adam), `steps`."""
+        """Flat tensors: `nets.*` (weights and normalisers), `optimizer.{param}.{slot}` (Adam), `steps`, and
+        `preserved.{module}` (the preserved-key moments, when fitted)."""
         state = {f"nets.{key}": value.detach().clone() for key, value in self.nets.state_dict().items()}
+        state.update({f"preserved.{name}": moment.clone() for name, moment in self.preserved.items()})
         state["steps"] = torch.tensor(self.steps)
         if self._optimizer is not None:
             for index, slots in self._optimizer.state_dict()["state"].items():
@@ -455,7 +491,7 @@ class MalmenEditor(Editor):
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Restore what `state_dict` saved (the optimizer's learning rates come from the current settings)."""
-        unknown = sorted(key for key in state if not key.startswith(("nets.", "optimizer.")) and key != "steps")
+        unknown = sorted(key for key in state if not key.startswith(("nets.", "optimizer.", "preserved.")) and key != "steps")
         if unknown:
             raise ValueError(f"not a MALMEN editor state: unexpected keys {unknown[:5]}")
         try:
@@ -463,6 +499,10 @@ class MalmenEditor(Editor):
         except RuntimeError as error:
             raise ValueError(f"MALMEN state does not fit this model and these settings: {error}") from error
         self.steps = int(state["steps"]) if "steps" in state else 0
+        preserved = {key.removeprefix("preserved."): value for key, value in state.items() if key.startswith("preserved.")}
+        if set(preserved) - set(self.modules):
+            raise ValueError(f"preserved-key moments for modules this editor does not edit: {sorted(set(preserved) - set(self.modules))[:3]}")
+        self.preserved = preserved
         slots: dict[int, dict[str, Tensor]] = {}
         for key, value in state.items():
             if key.startswith("optimizer."):

@@ -157,3 +157,34 @@ class KeyValueTracer:
     @staticmethod
     def _concat(parts: list, width: int) -> Tensor:
         return torch.cat(parts) if parts else torch.empty(0, width)
+
+
+class KeyMoments:
+    """Context manager adding Σ k kᵀ (float64) of each module's inputs at the masked positions into `sums[name]`.
+
+    Forward only (no value gradients): the second moment MEMIT-style preservation needs. Set `mask` per batch.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Linear], sums: dict[str, Tensor]) -> None:
+        self.modules, self.sums = modules, sums
+        self.mask = torch.zeros(1, 1, dtype=torch.bool)
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> KeyMoments:
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            inputs = args[0]
+            if tuple(inputs.shape[:-1]) != tuple(self.mask.shape):
+                raise ValueError(f"moment mask {tuple(self.mask.shape)} does not match {name}'s input {tuple(inputs.shape)}")
+            keys = inputs[self.mask.to(inputs.device)].detach().to(torch.float64)
+            self.sums[name] += (keys.T @ keys).to(self.sums[name].device)
+
+        return hook
