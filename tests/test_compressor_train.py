@@ -121,7 +121,8 @@ def test_the_artifact_loads_and_compresses(trained, tiny_embedder_dir):
     stats = metadata["signal_stats"]
     assert stats["questions"] == 12 and 0 <= stats["empty_best_fraction"] <= 1
     assert 0 < stats["mean_teacher_entropy"] <= stats["mean_uniform_entropy"]
-    assert [entry["step"] for entry in metadata["history"]] == [0, 2, 4]
+    assert [entry["step"] for entry in metadata["history"]] == [0, 0, 2, 4]  # untrained, calibrated, steps
+    assert metadata["history"][1]["calibrated"] and metadata["history"][1]["dev_loss"] <= metadata["history"][0]["dev_loss"]
     assert metadata["train_questions"] == 8 and metadata["dev_questions"] == len(metadata["dev_question_ids"]) == 4
     assert {"dev_loss", "dev_top1_agreement", "dev_regret"} <= metadata["history"][-1].keys()
     assert len(list((out / "signal").glob("shard-*.parquet"))) == 3

@@ -7,6 +7,7 @@ import torch
 
 from trustray.artifacts import ArtifactMismatchError
 from trustray.core.rag.compress import build_compressor
+from trustray.core.rag.lsr import lsr_loss
 from trustray.core.rag.scorer import SentenceScorer
 
 torch.set_num_threads(1)
@@ -83,17 +84,19 @@ def test_a_scorer_of_an_older_head_format_is_refused(tiny_embedder_dir, tmp_path
 
 
 def test_a_flat_teacher_is_fitted_by_the_scale_not_by_squashing_the_ranking(tiny_embedder_dir):
-    """With only the scale and the EMPTY head trained, a teacher flatter than cos/γ lowers the learned scale and
-    raises EMPTY, while the ranking of the sentences (from the frozen encoder) is untouched."""
+    """`calibrate` (scale and EMPTY head only): a teacher flatter than cos/γ lowers the learned scale and raises
+    EMPTY, while the ranking of the sentences (from the frozen encoder) is untouched."""
     scorer = _scorer(tiny_embedder_dir)
-    optimizer = torch.optim.AdamW(scorer.head_parameters(), lr=5e-2, weight_decay=0.0)
     tasks = [_task(i) for i in range(len(TOPICS))]
     questions, candidates = [t[0] for t in tasks], [t[1] for t in tasks]
     flat = torch.stack([t[2] for t in tasks]) / 20  # EMPTY a little below the best, every sentence close
     with torch.no_grad():
-        before, _ = scorer(questions, candidates)
-    for _ in range(80):
-        scorer.lsr_step(optimizer, questions, candidates, flat, beta=0.5)
+        before, mask = scorer(questions, candidates)
+    initial = lsr_loss(before, flat, mask, 0.5).item()
+    encoder = {name: value.clone() for name, value in scorer.encoder.state_dict().items()}
+    final = scorer.calibrate(questions, candidates, flat, beta=0.5, steps=200)
+    assert final < 0.5 * initial
+    assert all(torch.equal(encoder[name], value) for name, value in scorer.encoder.state_dict().items())
     with torch.no_grad():
         after, _ = scorer(questions, candidates)
     assert scorer.gamma > 0.1  # the temperature rose from 0.05

@@ -99,6 +99,7 @@ class ScorerTrainSettings(BaseConfig):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a linear warmup; linear decay after.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     gamma: float = Field(0.05, gt=0, description="Initial temperature: sentence logit = cosine / gamma (then learned).")
+    calibration_steps: int = Field(300, ge=0, description="Full-batch steps fitting the logit scale and the EMPTY head with the encoder frozen, before training the encoder (0: off).")
     head_lr: float = Field(1e-2, gt=0, description="AdamW peak learning rate of the logit scale and the EMPTY head (no weight decay); the encoder uses `lr`.")
     max_seq_length: int = Field(128, ge=8, description="Embedder tokens read per question or sentence.")
     dev_questions: int = Field(64, ge=1, description="Questions held out to report dev loss and teacher agreement.")
@@ -481,8 +482,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     folder = Path(loop_config["checkpoint_dir"])
     resume = latest_checkpoint(folder)
     if resume is None:
-        start, history = 0, [{"step": 0, **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)}]
+        history = [{"step": 0, **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)}]
         logger.info("untrained scorer: %s", history[0])
+        if settings.calibration_steps:
+            train_loss = scorer.calibrate([row["question"] for row in train], [row["candidates"] for row in train],
+                                          lm_targets(train), config.teacher.beta, settings.calibration_steps)
+            history.append({"step": 0, "calibrated": True, "train_loss": train_loss, "gamma": scorer.gamma,
+                            **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)})
+            logger.info("calibrated scale and EMPTY head: %s", history[-1])
+        start = 0
     else:
         state = torch.load(resume / STATE_FILE, map_location=device, weights_only=True)
         scorer.load_state_dict(state["scorer"])

@@ -82,22 +82,47 @@ class SentenceScorer(nn.Module):
         """(logits [B, 1 + C], mask [B, 1 + C]); column 0 is EMPTY, C the most candidates of any question."""
         if len(questions) != len(candidates):
             raise ValueError(f"{len(questions)} questions but {len(candidates)} candidate lists")
-        width = 1 + max((len(c) for c in candidates), default=0)
         query = self.embed(questions)
         flat = [sentence for group in candidates for sentence in group]
         sentences = self.embed(flat) if flat else query.new_zeros(0, query.shape[1])
-        logits = query.new_full((len(questions), width), torch.finfo(query.dtype).min)
-        mask = torch.zeros(len(questions), width, dtype=torch.bool, device=query.device)
+        return self._logits(query, sentences, [len(group) for group in candidates])
+
+    def _logits(self, query: Tensor, sentences: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """`forward` from embeddings: `query` [B, dim], `sentences` [sum(counts), dim], `counts[b]` per question."""
+        width = 1 + max(counts, default=0)
+        logits = query.new_full((len(counts), width), torch.finfo(query.dtype).min)
+        mask = torch.zeros(len(counts), width, dtype=torch.bool, device=query.device)
         scale = self.log_scale.exp()
         logits[:, 0] = scale * self.empty_head(query).squeeze(-1)
         mask[:, 0] = True
         start = 0
-        for row, group in enumerate(candidates):
-            block = sentences[start : start + len(group)]
-            logits[row, 1 : 1 + len(group)] = scale * (block @ query[row])
-            mask[row, 1 : 1 + len(group)] = True
-            start += len(group)
+        for row, count in enumerate(counts):
+            logits[row, 1 : 1 + count] = scale * (sentences[start : start + count] @ query[row])
+            mask[row, 1 : 1 + count] = True
+            start += count
         return logits, mask
+
+    def calibrate(self, questions: Sequence[str], candidates: Sequence[Sequence[str]], lm_logprobs: Tensor,
+                  beta: float, steps: int = 300, lr: float = 0.05) -> float:
+        """Fit the scale and the EMPTY head to the teacher with the encoder frozen; returns the final LSR loss.
+
+        Run before training the encoder: the embeddings are computed once, so hundreds of full-batch steps cost
+        less than one encoder step, and the encoder's first gradients then carry the teacher's ranking instead of
+        the mismatch of an untrained temperature and abstain option (module docstring).
+        """
+        with torch.no_grad():
+            query = self.embed(questions)
+            flat = [sentence for group in candidates for sentence in group]
+            sentences = self.embed(flat) if flat else query.new_zeros(0, query.shape[1])
+        counts = [len(group) for group in candidates]
+        optimizer = torch.optim.Adam(self.head_parameters(), lr=lr)
+        for _ in range(steps):
+            logits, mask = self._logits(query, sentences, counts)
+            loss = lsr_loss(logits, lm_logprobs.to(logits.device)[:, : logits.shape[1]], mask, beta)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return loss.item()
 
     @torch.no_grad()
     def score(self, question: str, sentences: Sequence[str]) -> tuple[list[float], float]:
