@@ -3,6 +3,7 @@ reruns reuse, a crash resumes, other settings are refused; plus the LSR data hel
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -185,3 +186,27 @@ def test_a_crash_loses_nothing_finished(trained, tiny_embedder_dir):
     assert shards[0].is_file() and (out / "checkpoints" / "step-4").is_dir()
     resumed_scores, resumed_empty = _scores(out / "compressor", tiny_embedder_dir)
     assert resumed_scores == pytest.approx(scores, rel=1e-5) and resumed_empty == pytest.approx(empty, abs=1e-6)
+
+
+def test_the_abstractive_compressor_distils_the_signal_and_serves(trained, tiny_llama_dir, ray_local):
+    """abstractive_train on the tiny run's signal: a summarizer artifact, reused on a rerun, that the compressor
+    actor class loads and keeps within budget."""
+    from trustray.actors.compressor import CompressorConfig, PassageCompressor
+    from trustray.pipelines.abstractive_train import AbstractiveTrainConfig, run
+
+    _, out = trained
+    config = load_config(AbstractiveTrainConfig, CONFIGS / "abstractive_train" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"signal_dir={out / 'signal'}", f"output_dir={out / 'abstractive'}"])
+    folder = run(config)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["kind"] == "summarizer" and metadata["train_questions"] == 8 and metadata["dev_questions"] == 4
+    assert [entry["step"] for entry in metadata["history"]] == [1, 2]
+    assert 0 <= metadata["history"][-1]["dev_empty_agreement"] <= 1
+    before = _file_times(folder)
+    assert run(config) == folder and _file_times(folder) == before
+    compressor = PassageCompressor(CompressorConfig(name="abstractive", budget=12, summarizer_dir=str(folder)),
+                                   tiny_llama_dir)
+    kept = compressor.compress("When was the tower built?", [("Tower", "It was built in 1889. It is made of iron.")])
+    assert kept.context_tokens <= 12
+    with pytest.raises(ValueError, match="summarizer_dir"):
+        PassageCompressor(CompressorConfig(name="truncate", summarizer_dir=str(folder)), tiny_llama_dir)

@@ -20,7 +20,7 @@ class CompressorConfig(BaseConfig):
     """Which compressor runs, under what budget (algorithm settings; resources are configured apart)."""
 
     name: str = Field("extractive", description="A name from trustray.core.rag.compress.COMPRESSORS (none, truncate, "
-                      "extractive).")
+                      "extractive, abstractive).")
     label: str | None = Field(None, description="Name in evaluation tables (default: name, +lsr with a scorer_dir).")
     budget: int = Field(128, ge=1, description="Most context tokens sent to the chat model (its own tokenizer, on the "
                         "passages as the prompt formats them).")
@@ -33,6 +33,12 @@ class CompressorConfig(BaseConfig):
         "another one is refused).",
     )
     gamma: float = Field(0.05, gt=0, description="Temperature of the untrained scorer's cosine similarities.")
+    summarizer_dir: str | None = Field(
+        None, description="A trained summarizer (`abstractive_train`'s output_dir/summarizer) for `abstractive`; "
+        "None: the chat model itself, untrained (zero-shot, with the summarizer's instruction).",
+    )
+    summary_tokens: int = Field(64, ge=1, description="Most tokens the untrained summarizer writes (a trained one "
+                                "keeps its own setting).")
 
 
 class PassageCompressor:
@@ -53,7 +59,26 @@ class PassageCompressor:
             options["scorer"] = self._scorer(device).score
         elif config.scorer_dir is not None:
             raise ValueError(f"scorer_dir is for the extractive compressor, not {config.name!r}")
+        if config.name == "abstractive":
+            summarizer = self._summarizer(chat_model, device)
+            options["summarize"] = lambda question, passages: summarizer.summarize([question], [passages])[0]
+        elif config.summarizer_dir is not None:
+            raise ValueError(f"summarizer_dir is for the abstractive compressor, not {config.name!r}")
         self.compressor = build_compressor(config.name, **options)
+
+    def _summarizer(self, chat_model: str, device: str | None) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trustray.core.rag.abstractive import Summarizer, load_summarizer
+        from trustray.models.sources import resolve_model_source
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.config.summarizer_dir is not None:
+            return load_summarizer(self.config.summarizer_dir, device)
+        source = resolve_model_source(chat_model)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        return Summarizer(model, AutoTokenizer.from_pretrained(source), max_new_tokens=self.config.summary_tokens)
 
     def _scorer(self, device: str | None) -> Any:
         import torch

@@ -80,8 +80,13 @@ class EvalRagConfig(BaseConfig):
 
 
 def label(compressor: CompressorConfig) -> str:
-    """The condition's name: the compressor's label, else its name (+lsr for a trained scorer)."""
-    return compressor.label or (f"{compressor.name}+lsr" if compressor.scorer_dir else compressor.name)
+    """The condition's name: the compressor's label, else its name (+lsr for a trained scorer, +distilled for a
+    trained summarizer)."""
+    if compressor.label:
+        return compressor.label
+    if compressor.scorer_dir:
+        return f"{compressor.name}+lsr"
+    return f"{compressor.name}+distilled" if compressor.summarizer_dir else compressor.name
 
 
 def with_irrelevant(passages: list[Passage], pool: list[Passage], count: int, rng: random.Random) -> list[Passage]:
@@ -167,12 +172,15 @@ def run(config: EvalRagConfig) -> dict:
     rows = [{"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"],
              "sources": [{"id": p.id, "title": p.title, "score": p.score} for p in found]}
             for q, found in zip(questions, retrieved, strict=True)]
-    for condition in conditions:
-        compressor = compressors.get(condition)
-        answers = []
-        for question, found in tqdm(list(zip(questions, retrieved, strict=True)), desc=condition):
+    # Conditions take turns on each question, so a change of load on the machine during the run shifts every
+    # condition's latency alike instead of whichever condition was running then.
+    answers_of: dict[str, list[dict[str, Any]]] = {condition: [] for condition in conditions}
+    for question, found in tqdm(list(zip(questions, retrieved, strict=True)), desc="questions"):
+        for condition in conditions:
             passages = None if condition == "closed_book" else found
-            answers.append(answer_one(question["question"], passages, chat, compressor, sampling))
+            answers_of[condition].append(
+                answer_one(question["question"], passages, chat, compressors.get(condition), sampling))
+    for condition, answers in answers_of.items():
         summary[condition] = summarize(answers, goldens, 0.0 if condition == "closed_book" else retrieval_seconds)
         for row, answer, golden in zip(rows, answers, goldens, strict=True):
             row[condition] = {**answer, "em": exact_match(answer["answer"], golden),
@@ -212,7 +220,8 @@ def format_table(summary: dict) -> str:
 
 
 def translate_flags(argv: list[str]) -> list[str]:
-    """`--compressor NAME` (repeatable; NAME=SCORER_DIR for a trained extractive scorer) as one override."""
+    """`--compressor NAME` (repeatable; NAME=DIR for a trained extractive scorer or abstractive summarizer) as one
+    override."""
     rest, chosen = [], []
     items = iter(argv)
     for item in items:
@@ -220,8 +229,9 @@ def translate_flags(argv: list[str]) -> list[str]:
             value = item.split("=", 1)[1] if "=" in item else next(items, None)
             if not value:
                 raise ValueError("--compressor needs a name, e.g. --compressor extractive")
-            name, _, scorer_dir = value.partition("=")
-            chosen.append(f"{{name: {name}, scorer_dir: '{scorer_dir}'}}" if scorer_dir else f"{{name: {name}}}")
+            name, _, folder = value.partition("=")
+            field = "summarizer_dir" if name == "abstractive" else "scorer_dir"
+            chosen.append(f"{{name: {name}, {field}: '{folder}'}}" if folder else f"{{name: {name}}}")
         else:
             rest.append(item)
     return rest + ([f"compressors=[{', '.join(chosen)}]"] if chosen else [])

@@ -110,22 +110,23 @@ class TruncateCompressor:
             remaining = budget - (self.count_tokens(format_passages(kept)) if kept else 0)
             share = remaining // (len(passages) - position)
             words = text.split()
-            count = self._longest_prefix(title, words, share, separator_tokens=2 if kept else 0)
+            count = longest_prefix(self.count_tokens, title, words, share, separator_tokens=2 if kept else 0)
             if count:
                 kept.append((title, " ".join(words[:count])))
         context = self.count_tokens(format_passages(kept)) if kept else 0
         return Compressed(kept, context, source)
 
-    def _longest_prefix(self, title: str, words: list[str], share: int, separator_tokens: int) -> int:
-        """Most words of a passage whose `title: words` fits in `share` tokens (binary search on the count)."""
-        low, high = 0, len(words)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.count_tokens(format_passages([(title, " ".join(words[:middle]))])) + separator_tokens <= share:
-                low = middle
-            else:
-                high = middle - 1
-        return low
+
+def longest_prefix(count_tokens: TokenCounter, title: str, words: list[str], share: int, separator_tokens: int = 0) -> int:
+    """Most words of a passage whose `title: words` fits in `share` tokens (binary search on the count)."""
+    low, high = 0, len(words)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens(format_passages([(title, " ".join(words[:middle]))])) + separator_tokens <= share:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @register
@@ -156,3 +157,30 @@ class ExtractiveCompressor:
             kept.pop()
         context = self.count_tokens(format_passages(kept)) if kept else 0
         return Compressed(kept, context, source)
+
+
+# (question, passages) -> the summary the abstractive model writes ("" = keep nothing)
+Summarize = Callable[[str, Passages], str]
+
+
+@register
+class AbstractiveCompressor:
+    """A summary written by a small LM (`trustray.core.rag.abstractive.Summarizer`), cut to the budget; nothing
+    when it writes nothing. The summary reaches the chat model as one passage titled `title`."""
+
+    name = "abstractive"
+    title = "Summary"
+
+    def __init__(self, count_tokens: TokenCounter, summarize: Summarize) -> None:
+        self.count_tokens = count_tokens
+        self.summarize = summarize
+
+    def compress(self, question: str, passages: Passages, budget: int) -> Compressed:
+        _check_budget(budget)
+        source = self.count_tokens(format_passages(passages)) if passages else 0
+        words = self.summarize(question, passages).split() if passages else []
+        count = longest_prefix(self.count_tokens, self.title, words, budget)
+        if not count:
+            return Compressed([], 0, source)
+        kept = [(self.title, " ".join(words[:count]))]
+        return Compressed(kept, self.count_tokens(format_passages(kept)), source)
