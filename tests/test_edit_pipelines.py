@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -123,3 +124,27 @@ def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir,
                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'train'}", "edits_per_step=4"])
     with pytest.raises(ArtifactMismatchError):
         run(other)
+
+
+def test_edit_train_starts_from_an_editor_and_fits_preserved_keys(tiny_llama_dir, tmp_path, ray_local):
+    """`init_from` continues a finished MALMEN editor; `preserve_records` holds records out and stores their keys."""
+    from trustray.pipelines.edit_train import EditTrainConfig, load_records, run
+
+    settings = {"modules": {"layers": [-1]}, "rank": 8, "batch_size": 8, "max_length": 96}
+    common = {"model": tiny_llama_dir, "editor": "malmen", "steps": 2, "edits_per_step": 8, "eval_every": 2,
+              "eval_edits": 8, "checkpoint_every": 2}
+    base_dir = run(EditTrainConfig(**common, editor_settings=settings, output_dir=str(tmp_path / "base")))
+    with pytest.raises(ValueError, match="preserve_records"):
+        EditTrainConfig(**common, editor_settings={**settings, "preserve_weight": 10.0})
+    warm = EditTrainConfig(**common, editor_settings={**settings, "preserve_weight": 10.0}, preserve_records=64,
+                           init_from=os.path.relpath(base_dir), output_dir=str(tmp_path / "warm"))  # relative to here
+    warm_dir = run(warm)
+    state = torch.load(warm_dir / "editor.pt", weights_only=True)
+    assert int(state["steps"]) == 4  # two steps of its own after the two of the editor it started from
+    preserved = [key for key in state if key.startswith("preserved.")]
+    assert len(preserved) == 1 and state[preserved[0]].shape[0] == state[preserved[0]].shape[1]
+    metadata = json.loads((warm_dir / "metadata.json").read_text())
+    assert metadata["preserved_records"] == 64
+    assert metadata["train_records"] == len(load_records(warm.data, "train")) - 64
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        run(warm.model_copy(update={"init_from": str(tmp_path), "output_dir": str(tmp_path / "bad")}))

@@ -22,9 +22,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
+from trustray.artifacts import (
+    ArtifactMismatchError,
+    atomic_folder,
+    check_metadata,
+    read_metadata,
+    write_metadata,
+)
 from trustray.config import BaseConfig
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
@@ -64,8 +70,16 @@ class EditTrainConfig(BaseConfig):
     eval_edits: int = Field(64, ge=1, description="Dev records edited at once in each evaluation.")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints (the unit of resume).")
     seed: int = Field(0, description="Seeds the batches and the editor's initialisation.")
+    preserve_records: int = Field(0, ge=0, description="MALMEN's preserved keys: the last N training records are kept out of the meta-training batches and their (prompt, true answer) pairs give E[k₀k₀ᵀ] (`fit_preservation`), weighted by the editor setting `preserve_weight`.")
+    init_from: str | None = Field(None, description="A finished edit_train editor folder (same model, same shapes) whose networks, normalisers and optimizer state this run starts from.")
     resources: EditTrainResources = Field(default_factory=EditTrainResources, description="The worker.")
     output_dir: str | None = Field(None, description="Artifacts (default outputs/edit_train/<name>).")
+
+    @model_validator(mode="after")
+    def _preservation_has_keys(self) -> EditTrainConfig:
+        if self.editor_settings.get("preserve_weight", 0) > 0 and self.preserve_records == 0:
+            raise ValueError("editor_settings.preserve_weight > 0 needs preserve_records > 0 (the keys to preserve)")
+        return self
 
     def output_path(self) -> Path:
         return Path(self.output_dir or f"outputs/edit_train/{self.name}")
@@ -141,7 +155,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     editor = load_editor(config, model, tokenizer)
-    train, dev = loop_config["train"], loop_config["dev"]
+    train, dev, preserved = loop_config["train"], loop_config["dev"], loop_config["preserved"]
     reference = locality_reference(model, tokenizer, dev)
     folder = Path(loop_config["checkpoint_dir"])
     start = 0
@@ -150,6 +164,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         editor.load_state_dict(torch.load(resume / EDITOR_FILE, map_location=device, weights_only=True))
         start = json.loads((resume / STEP_FILE).read_text())["step"]
         logger.info("resuming meta-training from %s (step %d)", resume, start)
+    else:
+        if loop_config["init_from"]:
+            editor.load_state_dict(torch.load(Path(loop_config["init_from"]) / EDITOR_FILE, map_location=device,
+                                              weights_only=True))
+            logger.info("starting from the editor in %s", loop_config["init_from"])
+        if preserved:
+            count = editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved])
+            logger.info("preserved keys: %d answer positions of %d held-out training records", count, len(preserved))
     for step in range(start + 1, config.steps + 1):
         began = time.perf_counter()
         metrics = {"step": step, **editor.meta_step(step_batch(train, config.edits_per_step, config.seed, step))}
@@ -170,7 +192,8 @@ def expected_metadata(config: EditTrainConfig) -> dict[str, Any]:
         "editor": config.editor,
         "model": config.model,
         "model_fingerprint": model_fingerprint(config.model),
-        "settings": config.model_dump(mode="json", include={"editor_settings", "data", "steps", "edits_per_step", "seed"}),
+        "settings": config.model_dump(mode="json", include={"editor_settings", "data", "steps", "edits_per_step", "seed",
+                                                            "preserve_records", "init_from"}),
     }
 
 
@@ -197,10 +220,22 @@ def run(config: EditTrainConfig) -> Path:
     if not check_metadata(out / "checkpoints", run_identity, kind="meta-training checkpoints"):
         write_metadata(out / "checkpoints", run_identity)
     train = load_records(config.data, "train")
+    if config.preserve_records >= len(train):
+        raise ValueError(f"preserve_records={config.preserve_records} leaves none of the {len(train)} training records")
+    preserved = train[len(train) - config.preserve_records :]
+    train = train[: len(train) - config.preserve_records]
     dev = load_records(config.data, "dev")[: config.eval_edits]
+    if config.init_from:
+        init = read_metadata(config.init_from) or {}
+        if init.get("kind") != TRAINED_EDITOR_KIND or init.get("editor") != config.editor:
+            raise FileNotFoundError(f"init_from={config.init_from} holds no finished {config.editor} editor")
+        if init["model_fingerprint"] != expected["model_fingerprint"]:
+            raise ArtifactMismatchError(f"init_from={config.init_from} was trained on {init['model']}, not {config.model}")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "train": train, "dev": dev,
+        train_loop_config={"config": config.model_dump(mode="json"), "train": train, "dev": dev, "preserved": preserved,
+                           # the worker's working directory is not the caller's
+                           "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
                            "checkpoint_dir": str(out / "checkpoints")},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=config.resources.use_gpu,
                                      resources_per_worker={"CPU": config.resources.num_cpus}),
@@ -218,6 +253,7 @@ def run(config: EditTrainConfig) -> Path:
     with atomic_folder(editor_dir) as tmp:
         (tmp / EDITOR_FILE).write_bytes((final / EDITOR_FILE).read_bytes())
         write_metadata(tmp, {**expected, "history": history, "train_records": len(train), "dev_records": len(dev),
+                             "preserved_records": len(preserved),
                              "seconds": round(time.perf_counter() - began, 1)})
     logger.info("editor %s meta-trained: %s", config.editor, editor_dir)
     return editor_dir
