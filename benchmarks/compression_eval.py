@@ -1,7 +1,7 @@
 """How much accuracy is kept at what fraction of the tokens? Compressed retrieval on the dev split.
 
 Runs `trustray eval rag` with configs/eval_rag/compress_<preset>.yaml (no retrieval, full top-k, truncate, the
-untrained and the LSR-trained extractive compressor), then the same with `irrelevant` random passages mixed into
+untrained and the LSR-trained extractive compressor, the distilled abstractive one), then the same with `irrelevant` random passages mixed into
 each top-k (robustness), and writes benchmarks/results/compression_eval.json: rows {method, em, f1, contains,
 tokens_in, compression, p50_ms, p95_ms, run} (run: "clean" or "irrelevant"), plus the machine and both summaries.
 Run: .venv/bin/python benchmarks/compression_eval.py [--preset cpu] [--irrelevant 2] [key=value ...]

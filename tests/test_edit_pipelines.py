@@ -65,6 +65,15 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert eval_edit.run(config)["rows"] == report["rows"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert "ES" in eval_edit.format_table(report)
+    # A second run of one editor, told apart by its label: its own rows; the others are reused untouched.
+    first = config.editors[0]
+    labelled = config.model_copy(update={"editors": [*config.editors, first.model_copy(update={
+        "label": "ft_short", "editor_settings": {**first.editor_settings, "steps": 2}, "max_edits": 1})]})
+    grown = {(row["editor"], row["n_edits"]): row for row in eval_edit.run(labelled)["rows"]}
+    assert set(grown) == set(rows) | {("ft_short", 1)} and grown[("ft_short", 1)]["run"]["editor_settings"]["steps"] == 2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(ValueError, match="label"):
+        eval_edit.EvalEditConfig(editors=[{"editor": "ft"}, {"editor": "ft"}])
     changed = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
                           [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "locality_scored=1"])
     with pytest.raises(ArtifactMismatchError, match="locality_scored"):

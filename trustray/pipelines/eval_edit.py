@@ -57,6 +57,15 @@ class EditorRun(BaseConfig):
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl.")
     max_edits: int | None = Field(None, ge=1, description="Largest N for this editor (baselines may stop at 1,024).")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_+.]+$", description="Name of its rows and curve (default: the editor's name); set it to compare two runs of one editor.")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.editor
+
+    def settings_identity(self) -> dict[str, Any]:
+        """What a stored row must have been made with (the label only names it)."""
+        return self.model_dump(mode="json", exclude={"label"})
 
 
 class GeneralAbility(BaseConfig):
@@ -106,9 +115,10 @@ class EvalEditConfig(BaseConfig):
     @field_validator("editors")
     @classmethod
     def _distinct_editors(cls, editors: list[EditorRun]) -> list[EditorRun]:
-        names = [run.editor for run in editors]
+        names = [run.name for run in editors]
         if len(set(names)) != len(names):
-            raise ValueError(f"each editor may appear once (its rows are keyed by name): {names}")
+            raise ValueError(f"each editor may appear once (its rows are keyed by name; set label to tell two runs "
+                             f"of one editor apart): {names}")
         return editors
 
     def output_path(self) -> Path:
@@ -342,12 +352,13 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
         for n in sorted({min(n, len(records)) for n in config.n_edits}):
             if editor_run.max_edits and n > editor_run.max_edits:
                 continue
-            key = f"{editor_run.editor}-{n}"
+            key = f"{editor_run.name}-{n}"
             path = rows_dir / f"{key}.json"
             if not path.is_file():
                 todo[key] = (editor_run, n)
-            elif json.loads(path.read_text()).get("run") != editor_run.model_dump(mode="json"):
-                raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.editor!r}; "
+            elif {k: v for k, v in json.loads(path.read_text()).get("run", {}).items() if k != "label"} \
+                    != editor_run.settings_identity():
+                raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
                                             "delete it (or its folder) to recompute")
     cache_path = None
     if config.scoring_prefix_layers and todo:
@@ -367,9 +378,10 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []
     for editor_run in config.editors:
-        for path in sorted(rows_dir.glob(f"{editor_run.editor}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+        mine = [path for path in rows_dir.glob(f"{editor_run.name}-*.json") if path.stem.rsplit("-", 1)[0] == editor_run.name]
+        for path in sorted(mine, key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             row = json.loads(path.read_text())
-            rows.append({"editor": editor_run.editor, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
+            rows.append({"editor": editor_run.name, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
                          "ppl_ratio": row["ppl"] / base["ppl"]})
     report = {"machine": machine_info(), "model": config.model, "split": config.split, "fill_split": config.fill_split,
               "base": base, "rows": rows,
@@ -409,9 +421,9 @@ def write_plot(path: Path, rows: list[dict[str, Any]], machine: dict[str, Any]) 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'editor':<8} {'N':>6} {'ES':>6} {'GS':>6} {'LS':>6} {'ppl x':>6} {'s':>8} {'MB':>8}"]
+    lines = [f"{'editor':<16} {'N':>6} {'ES':>6} {'GS':>6} {'LS':>6} {'ppl x':>6} {'s':>8} {'MB':>8}"]
     for row in report["rows"]:
-        lines.append(f"{row['editor']:<8} {row['n_edits']:>6} {row['es']:6.3f} {row['gs']:6.3f} {row['ls']:6.3f} "
+        lines.append(f"{row['editor']:<16} {row['n_edits']:>6} {row['es']:6.3f} {row['gs']:6.3f} {row['ls']:6.3f} "
                      f"{row['ppl_ratio']:6.3f} {row['seconds']:8.1f} {row['peak_mem_mb']:8.0f}")
     lines.append(f"written: {report['written']}")
     return "\n".join(lines)
