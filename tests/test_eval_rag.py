@@ -57,3 +57,7 @@ def test_translate_flags_become_one_override():
     assert eval_rag.translate_flags(["a=1", "--compressor", "truncate", "--compressor=extractive=/x/y"]) == [
         "a=1", "compressors=[{name: truncate}, {name: extractive, scorer_dir: '/x/y'}]"]
     assert eval_rag.translate_flags(["top_k=3"]) == ["top_k=3"]
+    [override] = eval_rag.translate_flags(["--compressor", "abstractive=/s", "--compressor", "abstractive"])
+    assert override == "compressors=[{name: abstractive, summarizer_dir: '/s'}, {name: abstractive}]"
+    config = eval_rag.EvalRagConfig(compressors=[{"name": "abstractive", "summarizer_dir": "/s"}, {"name": "abstractive"}])
+    assert [eval_rag.label(c) for c in config.compressors] == ["abstractive+distilled", "abstractive"]
