@@ -29,6 +29,14 @@ class Resources(BaseConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor/replica (fractions allowed).")
 
 
+class TrainWorkerResources(BaseConfig):
+    """The one Ray Train worker of a training pipeline; kept apart from the algorithm settings."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the worker.")
+    use_gpu: bool = Field(False, description="One GPU for the worker.")
+    torch_threads: int = Field(1, ge=1, description="torch threads in the worker.")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn `a.b=1 c=x` into a nested dict; values are parsed as YAML scalars (numbers, bools, lists)."""
     nested: dict[str, Any] = {}

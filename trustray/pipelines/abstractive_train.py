@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import Field
 
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig
+from trustray.config import BaseConfig, TrainWorkerResources
 from trustray.core.rag.abstractive import KIND as SUMMARIZER_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines.compressor_train import (
@@ -64,18 +64,12 @@ class SummarizerTrainSettings(BaseConfig):
     seed: int = Field(0, description="Seeds the dev split (as compressor_train's train.seed) and the batch order.")
 
 
-class SummarizerTrainResources(BaseConfig):
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the worker.")
-    use_gpu: bool = Field(False, description="One GPU for the worker.")
-    torch_threads: int = Field(1, ge=1, description="torch threads in the worker.")
-
-
 class AbstractiveTrainConfig(BaseConfig):
     name: str = Field("default", description="Run name; the default output folder is outputs/abstractive_train/<name>.")
     signal_dir: str = Field("outputs/compressor_train/cpu/signal", description="A compressor_train run's `signal/` folder.")
     model: str = Field(DEFAULT_CHAT_MODEL, description="The summarizer's base model: built-in name, local folder or HF id (seq2seq or causal).")
     train: SummarizerTrainSettings = Field(default_factory=SummarizerTrainSettings, description="Fine-tuning.")
-    resources: SummarizerTrainResources = Field(default_factory=SummarizerTrainResources, description="The worker.")
+    resources: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The worker.")
     output_dir: str | None = Field(None, description="Artifacts (default outputs/abstractive_train/<name>).")
 
     def output_path(self) -> Path:

@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import Field
 
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig, Resources
+from trustray.config import BaseConfig, Resources, TrainWorkerResources
 from trustray.core.rag.lsr import teacher_requests, teacher_summary
 from trustray.data.io import read_jsonl, write_jsonl
 from trustray.models.embedders import EmbedderConfig
@@ -120,18 +120,10 @@ class TeacherPoolResources(BaseConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
 
 
-class TrainResources(BaseConfig):
-    """The Ray Train worker."""
-
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the worker.")
-    use_gpu: bool = Field(False, description="One GPU for the worker.")
-    torch_threads: int = Field(1, ge=1, description="torch threads in the worker.")
-
-
 class CompressorTrainResources(BaseConfig):
     retriever: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="The retrieval actor.")
     teacher: TeacherPoolResources = Field(default_factory=TeacherPoolResources, description="Teacher actor pool.")
-    train: TrainResources = Field(default_factory=TrainResources, description="The training worker.")
+    train: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The training worker.")
 
 
 class CompressorTrainConfig(BaseConfig):

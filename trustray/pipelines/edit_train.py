@@ -31,7 +31,7 @@ from trustray.artifacts import (
     read_metadata,
     write_metadata,
 )
-from trustray.config import BaseConfig
+from trustray.config import BaseConfig, TrainWorkerResources
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 
@@ -46,14 +46,6 @@ class EditDataSettings(BaseConfig):
     source: str = Field("wiki", description="'wiki' (the bundled dataset), or a zsRE / CounterFact JSON(L) file.")
     format: Literal["wiki", "zsre", "counterfact"] = Field("wiki", description="Record format of `source`.")
     seed: int = Field(0, description="Seed of the bundled dataset's construction.")
-
-
-class EditTrainResources(BaseConfig):
-    """The Ray Train worker; kept apart from the algorithm settings."""
-
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the worker.")
-    use_gpu: bool = Field(False, description="One GPU for the worker.")
-    torch_threads: int = Field(1, ge=1, description="torch threads in the worker.")
 
 
 class EditTrainConfig(BaseConfig):
@@ -72,7 +64,7 @@ class EditTrainConfig(BaseConfig):
     seed: int = Field(0, description="Seeds the batches and the editor's initialisation.")
     preserve_records: int = Field(0, ge=0, description="MALMEN's preserved keys: the last N training records are kept out of the meta-training batches and their (prompt, true answer) pairs give E[k₀k₀ᵀ] (`fit_preservation`), weighted by the editor setting `preserve_weight`.")
     init_from: str | None = Field(None, description="A finished edit_train editor folder (same model, same shapes) whose networks, normalisers and optimizer state this run starts from.")
-    resources: EditTrainResources = Field(default_factory=EditTrainResources, description="The worker.")
+    resources: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The worker.")
     output_dir: str | None = Field(None, description="Artifacts (default outputs/edit_train/<name>).")
 
     @model_validator(mode="after")
