@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from trustray.config import load_config
 from trustray.pipelines import build_index, eval_rag
 
@@ -61,3 +63,15 @@ def test_translate_flags_become_one_override():
     assert override == "compressors=[{name: abstractive, summarizer_dir: '/s'}, {name: abstractive}]"
     config = eval_rag.EvalRagConfig(compressors=[{"name": "abstractive", "summarizer_dir": "/s"}, {"name": "abstractive"}])
     assert [eval_rag.label(c) for c in config.compressors] == ["abstractive+distilled", "abstractive"]
+
+
+def test_a_plan_the_cluster_cannot_place_is_refused(ray_local):
+    """Every compressor actor lives as long as the chat actor: asking for more CPUs than exist fails at once."""
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    config = eval_rag.EvalRagConfig(compressors=[{"name": "truncate", "label": "a"}, {"name": "truncate", "label": "b"}],
+                                    chat_resources={"num_cpus": cpus}, compressor_resources={"num_cpus": 0.5})
+    with pytest.raises(ValueError, match="do not fit"):
+        eval_rag.check_resources(config)
+    eval_rag.check_resources(config.model_copy(update={"chat_resources": eval_rag.Resources(num_cpus=cpus - 1)}))

@@ -137,6 +137,19 @@ def summarize(rows: list[dict[str, Any]], goldens: list[list[str]], retrieval_se
     return summary
 
 
+def check_resources(config: EvalRagConfig) -> None:
+    """The chat actor and every compressor actor are alive at once: refuse a plan the cluster cannot place, which
+    would otherwise wait forever for the last actor."""
+    needed = {"CPU": config.chat_resources.num_cpus + len(config.compressors) * config.compressor_resources.num_cpus,
+              "GPU": config.chat_resources.num_gpus + len(config.compressors) * config.compressor_resources.num_gpus}
+    available = ray.cluster_resources()
+    short = {kind: (amount, available.get(kind, 0.0)) for kind, amount in needed.items() if amount > available.get(kind, 0.0)}
+    if short:
+        detail = ", ".join(f"{amount:g} {kind} needed, {have:g} in the cluster" for kind, (amount, have) in short.items())
+        raise ValueError(f"the chat model and {len(config.compressors)} compressor actors do not fit ({detail}): "
+                         "lower chat_resources / compressor_resources or evaluate fewer compressors at once")
+
+
 def run(config: EvalRagConfig) -> dict:
     """Every condition on the QA split; returns the summary (also written as JSON, rows as JSONL)."""
     from tqdm.auto import tqdm
@@ -162,6 +175,7 @@ def run(config: EvalRagConfig) -> dict:
                          for q, found in zip(questions, retrieved, strict=True)]
         ray.kill(retriever)
 
+    check_resources(config)
     chat = start_chat_actor(config.chat, config.chat_resources)
     compressors = {label(c): start_compressor_actor(c, config.chat.model, config.compressor_resources)
                    for c in config.compressors}
