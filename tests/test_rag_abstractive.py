@@ -76,3 +76,14 @@ def test_the_compressor_keeps_the_summary_within_budget_or_nothing():
     assert nothing.empty and nothing.context_tokens == 0
     assert compressor.compress("long", PASSAGES, budget=1).empty  # not even the title fits
     assert compressor.compress("long", [], budget=6).empty
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_only_the_top_decoder_blocks_and_the_final_norm_are_trained(seq2seq, tiny_llama_dir, tiny_t5_dir):
+    from trustray.pipelines.abstractive_train import AbstractiveTrainConfig, load_base
+
+    config = AbstractiveTrainConfig(model=tiny_t5_dir if seq2seq else tiny_llama_dir, train={"trainable_layers": 1})
+    trained = [name for name, param in load_base(config, "cpu").model.named_parameters() if param.requires_grad]
+    top, norm = ("decoder.block.1.", "decoder.final_layer_norm.") if seq2seq else ("model.layers.1.", "model.norm.")
+    assert trained and all(name.startswith((top, norm)) for name in trained)
+    assert any(name.startswith(norm) for name in trained)

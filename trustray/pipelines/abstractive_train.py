@@ -98,16 +98,17 @@ def load_base(config: AbstractiveTrainConfig, device: str):
     model = auto.from_pretrained(source, dtype=torch.float32).to(device)
     settings = config.train
     summarizer = Summarizer(model, AutoTokenizer.from_pretrained(source), settings.max_input_tokens, settings.max_new_tokens)
-    blocks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    if not blocks:
+    decoder = model.get_decoder()  # a causal model's body, or a seq2seq model's decoder stack
+    lists = [child for child in decoder.children() if isinstance(child, torch.nn.ModuleList)]
+    if not lists:
         raise ValueError(f"{config.model} has no list of decoder blocks to train")
-    decoder = blocks[-1]  # the decoder's blocks (a seq2seq model lists the encoder's first)
-    if settings.trainable_layers > len(decoder):
-        raise ValueError(f"trainable_layers={settings.trainable_layers} but the model has {len(decoder)} decoder blocks")
+    blocks = max(lists, key=len)
+    if settings.trainable_layers > len(blocks):
+        raise ValueError(f"trainable_layers={settings.trainable_layers} but the model has {len(blocks)} decoder blocks")
     for param in model.parameters():
         param.requires_grad_(False)
-    trained = [*decoder[-settings.trainable_layers :]]
-    final_norm = getattr(getattr(model, "model", model), "norm", None)
+    trained = [*blocks[-settings.trainable_layers :]]
+    final_norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layer_norm", None)
     if final_norm is not None:
         trained.append(final_norm)
     for module in trained:
