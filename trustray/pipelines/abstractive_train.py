@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,9 @@ from trustray.core.rag.abstractive import KIND as SUMMARIZER_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines.compressor_train import (
     SIGNAL_KIND,
+    STEP_FILE,
+    latest_checkpoint,
+    prune_checkpoints,
     read_signal,
     split_dev,
     step_batch,
@@ -44,7 +46,6 @@ from trustray.pipelines.compressor_train import (
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-STEP_FILE = "step.json"
 
 
 class SummarizerTrainSettings(BaseConfig):
@@ -164,16 +165,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
     folder = Path(loop_config["checkpoint_dir"])
-    finished = sorted((p for p in folder.glob("step-*") if (p / STEP_FILE).is_file()), key=lambda p: int(p.name[5:]))
+    resume = latest_checkpoint(folder)
     start, history = 0, []
-    if finished:
-        state = torch.load(finished[-1] / STATE_FILE, map_location=device, weights_only=True)
+    if resume is not None:
+        state = torch.load(resume / STATE_FILE, map_location=device, weights_only=True)
         summarizer.model.load_state_dict(state["trained"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        info = json.loads((finished[-1] / STEP_FILE).read_text())
+        info = json.loads((resume / STEP_FILE).read_text())
         start, history = info["step"], info["history"]
-        logger.info("resuming from %s (step %d of %d)", finished[-1], start, total)
+        logger.info("resuming from %s (step %d of %d)", resume, start, total)
     losses: list[float] = []
     summarizer.model.train()
     for step in tqdm(range(start + 1, total + 1), initial=start, total=total, desc="summarizer training"):
@@ -197,8 +198,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 torch.save({"trained": trainable_state(summarizer.model), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict()}, tmp / STATE_FILE)
                 (tmp / STEP_FILE).write_text(json.dumps({"step": step, "total": total, "history": history}, indent=2))
-            for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]))[:-2]:
-                shutil.rmtree(old)
+            prune_checkpoints(folder, keep=2)
             ray.train.report(metrics)
 
 
@@ -243,13 +243,12 @@ def run(config: AbstractiveTrainConfig) -> Path:
                                      resources_per_worker={"CPU": resources.num_cpus}),
         run_config=RunConfig(name="ray_train", storage_path=str(out)),
     ).fit()
-    finished = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / STEP_FILE).is_file()),
-                      key=lambda p: int(p.name[5:]))
-    info = json.loads((finished[-1] / STEP_FILE).read_text()) if finished else {}
-    if not finished or info["step"] != info["total"]:
+    final = latest_checkpoint(out / "checkpoints")
+    info = json.loads((final / STEP_FILE).read_text()) if final else {}
+    if not final or info["step"] != info["total"]:
         raise RuntimeError(f"training ended without a final checkpoint in {out / 'checkpoints'}")
     summarizer = load_base(config, "cpu")
-    state = torch.load(finished[-1] / STATE_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(final / STATE_FILE, map_location="cpu", weights_only=True)
     summarizer.model.load_state_dict(state["trained"], strict=False)
     save_summarizer(out / "summarizer", summarizer, {
         **expected, "train_questions": len(train), "dev_questions": len(dev),
