@@ -72,6 +72,11 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     grown = {(row["editor"], row["n_edits"]): row for row in eval_edit.run(labelled)["rows"]}
     assert set(grown) == set(rows) | {("ft_short", 1)} and grown[("ft_short", 1)]["run"]["editor_settings"]["steps"] == 2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # Raising an editor's max_edits adds its larger N and keeps its rows already computed.
+    raised = labelled.model_copy(update={"editors": [
+        run.model_copy(update={"max_edits": None}) if run.editor == "ft_kl" else run for run in labelled.editors]})
+    assert ("ft_kl", 4) in {(row["editor"], row["n_edits"]) for row in eval_edit.run(raised)["rows"]}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     with pytest.raises(ValueError, match="label"):
         eval_edit.EvalEditConfig(editors=[{"editor": "ft"}, {"editor": "ft"}])
     changed = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",

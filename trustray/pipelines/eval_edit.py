@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
@@ -63,9 +63,13 @@ class EditorRun(BaseConfig):
     def name(self) -> str:
         return self.label or self.editor
 
+    # The label only names the rows and max_edits only says which N run: neither changes a row, so raising
+    # max_edits keeps the rows already computed.
+    NOT_IN_IDENTITY: ClassVar[frozenset[str]] = frozenset({"label", "max_edits"})
+
     def settings_identity(self) -> dict[str, Any]:
-        """What a stored row must have been made with (the label only names it)."""
-        return self.model_dump(mode="json", exclude={"label"})
+        """What a stored row must have been made with."""
+        return self.model_dump(mode="json", exclude=set(self.NOT_IN_IDENTITY))
 
 
 class GeneralAbility(BaseConfig):
@@ -356,8 +360,8 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             path = rows_dir / f"{key}.json"
             if not path.is_file():
                 todo[key] = (editor_run, n)
-            elif {k: v for k, v in json.loads(path.read_text()).get("run", {}).items() if k != "label"} \
-                    != editor_run.settings_identity():
+            elif {k: v for k, v in json.loads(path.read_text()).get("run", {}).items()
+                  if k not in EditorRun.NOT_IN_IDENTITY} != editor_run.settings_identity():
                 raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
                                             "delete it (or its folder) to recompute")
     cache_path = None
