@@ -17,7 +17,7 @@ from trustray.data import (
     read_table,
     write_jsonl,
 )
-from trustray.data.corpus import wiki_doc_id
+from trustray.data.corpus import EDIT_EVAL_POOL, edit_eval_texts, edit_train_texts, wiki_doc_id
 from trustray.data.qa import golden_answers, load_fanoutqa_single_hop, rag_dev_ids
 
 
@@ -38,6 +38,18 @@ def test_wiki_ids_stable_across_loads_and_limits(wiki):
     assert wiki_doc_id("Paris") == wiki_doc_id("Paris") != wiki_doc_id("Rome")
     assert load_wiki_corpus(limit=5) == wiki[:5]
     assert load_corpus("wiki", limit=3) == wiki[:3]
+
+
+def test_editing_texts_keep_eval_and_meta_training_apart():
+    """Perplexity and replay texts are fixed prefixes of one held-out pool; meta-training's texts avoid all of it."""
+    ppl, replay = edit_eval_texts(32, 64)
+    longer, _ = edit_eval_texts(100, 0)
+    assert len(ppl) == 32 and len(replay) == 64 and not set(ppl) & set(replay) and longer[:32] == ppl
+    pool = set(sum(edit_eval_texts(EDIT_EVAL_POOL, 0), []))
+    train = edit_train_texts(2000)
+    assert len(set(train)) == 2000 and not set(train) & pool and edit_train_texts(10) == edit_train_texts(10)
+    with pytest.raises(ValueError, match="held out"):
+        edit_eval_texts(EDIT_EVAL_POOL, 1)
 
 
 def test_rag_dev_split():

@@ -150,14 +150,22 @@ def test_edit_train_starts_from_an_editor_and_fits_preserved_keys(tiny_llama_dir
     base_dir = run(EditTrainConfig(**common, editor_settings=settings, output_dir=str(tmp_path / "base")))
     with pytest.raises(ValueError, match="preserve_records"):
         EditTrainConfig(**common, editor_settings={**settings, "preserve_weight": 10.0})
-    warm = EditTrainConfig(**common, editor_settings={**settings, "preserve_weight": 10.0}, preserve_records=64,
+    with pytest.raises(ValueError, match="preserve_texts"):
+        EditTrainConfig(**common, editor_settings={**settings, "preserve_text_weight": 10.0})
+    with pytest.raises(ValueError, match="retention_texts"):
+        EditTrainConfig(**common, editor_settings={**settings, "retention_coef": 0.5})
+    warm_settings = {**settings, "preserve_weight": 10.0, "preserve_text_weight": 10.0, "retention_coef": 0.5}
+    warm = EditTrainConfig(**common, editor_settings=warm_settings, preserve_records=64, preserve_texts=4,
+                           retention_texts=6, retention_per_step=2,
                            init_from=os.path.relpath(base_dir), output_dir=str(tmp_path / "warm"))  # relative to here
     warm_dir = run(warm)
     state = torch.load(warm_dir / "editor.pt", weights_only=True)
     assert int(state["steps"]) == 4  # two steps of its own after the two of the editor it started from
-    preserved = [key for key in state if key.startswith("preserved.")]
-    assert len(preserved) == 1 and state[preserved[0]].shape[0] == state[preserved[0]].shape[1]
+    for prefix in ("preserved.", "preserved_text."):
+        preserved = [key for key in state if key.startswith(prefix)]
+        assert len(preserved) == 1 and state[preserved[0]].shape[0] == state[preserved[0]].shape[1]
     metadata = json.loads((warm_dir / "metadata.json").read_text())
+    assert all(step["retention_loss"] > 0 for step in metadata["history"])
     assert metadata["preserved_records"] == 64
     assert metadata["train_records"] == len(load_records(warm.data, "train")) - 64
     with pytest.raises(FileNotFoundError, match="init_from"):

@@ -325,6 +325,46 @@ def test_preserved_keys_are_the_answer_keys_moment_and_move_less(model, tokenize
         MalmenEditor(model, tokenizer, settings(preserve_weight=1.0)).compute_deltas(edits)
 
 
+def test_text_keys_are_every_positions_moment_and_add_to_the_prior(model, tokenizer):
+    """fit_text_preservation stores E[ttᵀ] over every position predicting a next token of each text (a hook on
+    one text at a time gives the same); μₜ adds to the prior, saved and restored with the editor."""
+    texts = TINY_CORPUS[:5]
+    editor = MalmenEditor(model, tokenizer, settings())
+    perturb(editor)
+    count = editor.fit_text_preservation(texts)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in editor.modules}
+    handles = [module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(args[0][0, :-1]))
+               for name, module in editor.modules.items()]
+    try:
+        with torch.no_grad():
+            for text in texts:
+                model(torch.tensor([tokenizer(text)["input_ids"]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, keys in seen.items():
+        keys = torch.cat(keys).double()
+        assert keys.shape[0] == count
+        torch.testing.assert_close(editor.preserved_text[name], (keys.T @ keys / count).float(), rtol=1e-4, atol=1e-6)
+    edits = make_records(4)
+    kept = make_records(4, offset=30)
+    editor.fit_preservation([r["locality"][0]["prompt"] for r in kept], [r["locality"][0]["answer"] for r in kept])
+    editor.settings.preserve_weight, editor.settings.preserve_text_weight = 2.0, 3.0
+    name = next(iter(editor.modules))
+    torch.testing.assert_close(editor.preservation_prior(name), 2.0 * editor.preserved[name] + 3.0 * editor.preserved_text[name])
+    moved = {}
+    for mu in (0.0, 1e4):
+        editor.settings.preserve_text_weight = mu
+        deltas = editor.compute_deltas(edits)
+        moved[mu] = sum(float((torch.cat(seen[n]) @ deltas[n].T).norm()) for n in deltas)
+    assert moved[1e4] < 0.2 * moved[0.0]
+    restored = MalmenEditor(model, tokenizer, settings(preserve_weight=2.0, preserve_text_weight=1e4))
+    restored.load_state_dict(editor.state_dict())
+    assert all(torch.equal(restored.compute_deltas(edits)[n], deltas[n]) for n in deltas)
+    with pytest.raises(ValueError, match="fit_text_preservation"):
+        MalmenEditor(model, tokenizer, settings(preserve_text_weight=1.0)).compute_deltas(edits)
+
+
 def test_settings_are_checked(model, tokenizer):
     with pytest.raises(ValueError, match="would bypass edited layer 0"):
         MalmenEditor(model, tokenizer, settings(prefix_layers=1))

@@ -77,3 +77,40 @@ def load_corpus(source: str | Path = WIKI_SOURCE, limit: int | None = None) -> l
     if str(source) == WIKI_SOURCE:
         return load_wiki_corpus(limit)
     return load_corpus_file(source, limit)
+
+
+# Editing's general text. eval_edit measures perplexity (and ft_kl replays) on the first texts of one seeded sample
+# of EDIT_EVAL_POOL intros; edit_train takes its general text (preserved keys, retention) from the other intros only,
+# so the two never meet. random.sample draws one index at a time at this size, so a shorter sample is a prefix of
+# the pool and the texts of earlier eval rows are unchanged.
+EDIT_EVAL_POOL = 1000
+
+
+def _sorted_wiki_texts() -> list[str]:
+    return [doc["text"] for doc in sorted(load_wiki_corpus(), key=lambda doc: doc["id"])]
+
+
+def _edit_eval_pool(texts: list[str]) -> list[str]:
+    import random
+
+    return random.Random("ppl-0").sample(texts, EDIT_EVAL_POOL)
+
+
+def edit_eval_texts(count: int, replay: int = 0) -> tuple[list[str], list[str]]:
+    """(perplexity texts, replay texts): disjoint fixed samples of Wikipedia intros, the same for every row."""
+    if count + replay > EDIT_EVAL_POOL:
+        raise ValueError(f"{count} perplexity + {replay} replay texts exceed the {EDIT_EVAL_POOL} held out for eval")
+    chosen = _edit_eval_pool(_sorted_wiki_texts())[: count + replay]
+    return chosen[:count], chosen[count:]
+
+
+def edit_train_texts(count: int) -> list[str]:
+    """`count` fixed Wikipedia intros for meta-training, none of them in `edit_eval_texts`' pool."""
+    import random
+
+    texts = _sorted_wiki_texts()
+    held_out = set(_edit_eval_pool(texts))
+    rest = [text for text in texts if text not in held_out]
+    if count > len(rest):
+        raise ValueError(f"{count} training texts asked for; {len(rest)} intros are outside the eval pool")
+    return random.Random("edit-train-0").sample(rest, count)

@@ -33,6 +33,7 @@ from trustray.artifacts import (
 )
 from trustray.config import BaseConfig, TrainWorkerResources
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
+from trustray.data.corpus import edit_train_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class EditTrainConfig(BaseConfig):
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints (the unit of resume).")
     seed: int = Field(0, description="Seeds the batches and the editor's initialisation.")
     preserve_records: int = Field(0, ge=0, description="MALMEN's preserved keys: the last N training records are kept out of the meta-training batches and their (prompt, true answer) pairs give E[k₀k₀ᵀ] (`fit_preservation`), weighted by the editor setting `preserve_weight`.")
+    preserve_texts: int = Field(0, ge=0, description="MALMEN's preserved general-text keys: this many Wikipedia intros (none from eval_edit's held-out pool) give E[ttᵀ] over every position (`fit_text_preservation`), weighted by the editor setting `preserve_text_weight`.")
+    retention_texts: int = Field(0, ge=0, description="Further intros (outside the eval pool and the preserved ones) for the retention KL on general text, weighted by the editor setting `retention_coef`.")
+    retention_per_step: int = Field(8, ge=1, description="Retention texts drawn (seeded by step) for each meta step.")
     init_from: str | None = Field(None, description="A finished edit_train editor folder (same model, same shapes) whose networks, normalisers and optimizer state this run starts from.")
     resources: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The worker.")
     output_dir: str | None = Field(None, description="Artifacts (default outputs/edit_train/<name>).")
@@ -71,6 +75,10 @@ class EditTrainConfig(BaseConfig):
     def _preservation_has_keys(self) -> EditTrainConfig:
         if self.editor_settings.get("preserve_weight", 0) > 0 and self.preserve_records == 0:
             raise ValueError("editor_settings.preserve_weight > 0 needs preserve_records > 0 (the keys to preserve)")
+        if self.editor_settings.get("preserve_text_weight", 0) > 0 and self.preserve_texts == 0:
+            raise ValueError("editor_settings.preserve_text_weight > 0 needs preserve_texts > 0 (the texts to preserve)")
+        if self.editor_settings.get("retention_coef", 0) > 0 and self.retention_texts == 0:
+            raise ValueError("editor_settings.retention_coef > 0 needs retention_texts > 0 (the general text)")
         return self
 
     def output_path(self) -> Path:
@@ -94,6 +102,11 @@ def step_batch(records: list[dict[str, Any]], size: int, seed: int, step: int) -
     if size > len(records):
         raise ValueError(f"edits_per_step={size} exceeds the {len(records)} training records")
     return random.Random(f"{seed}-{step}").sample(records, size)
+
+
+def retention_batch(texts: list[str], size: int, seed: int, step: int) -> list[str]:
+    """The step's retention texts: a draw that depends only on the seed and the step (resume repeats it)."""
+    return random.Random(f"{seed}:retention:{step}").sample(texts, min(size, len(texts))) if texts else []
 
 
 def load_editor(config: EditTrainConfig, model: Any, tokenizer: Any) -> Any:
@@ -148,6 +161,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source)
     editor = load_editor(config, model, tokenizer)
     train, dev, preserved = loop_config["train"], loop_config["dev"], loop_config["preserved"]
+    preserved_texts, retention_texts = loop_config["preserved_texts"], loop_config["retention_texts"]
     reference = locality_reference(model, tokenizer, dev)
     folder = Path(loop_config["checkpoint_dir"])
     start = 0
@@ -164,9 +178,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if preserved:
             count = editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved])
             logger.info("preserved keys: %d answer positions of %d held-out training records", count, len(preserved))
+        if preserved_texts:
+            count = editor.fit_text_preservation(preserved_texts)
+            logger.info("preserved text keys: %d positions of %d Wikipedia intros", count, len(preserved_texts))
     for step in range(start + 1, config.steps + 1):
         began = time.perf_counter()
-        metrics = {"step": step, **editor.meta_step(step_batch(train, config.edits_per_step, config.seed, step))}
+        general = retention_batch(retention_texts, config.retention_per_step, config.seed, step)
+        metrics = {"step": step, **editor.meta_step(step_batch(train, config.edits_per_step, config.seed, step), general)}
         metrics["step_seconds"] = time.perf_counter() - began
         if step % config.eval_every == 0 or step == config.steps:
             metrics.update({f"dev_{k}": v for k, v in evaluate_editor(editor, model, tokenizer, dev, reference).items()})
@@ -185,7 +203,8 @@ def expected_metadata(config: EditTrainConfig) -> dict[str, Any]:
         "model": config.model,
         "model_fingerprint": model_fingerprint(config.model),
         "settings": config.model_dump(mode="json", include={"editor_settings", "data", "steps", "edits_per_step", "seed",
-                                                            "preserve_records", "init_from"}),
+                                                            "preserve_records", "preserve_texts", "retention_texts",
+                                                            "retention_per_step", "init_from"}),
     }
 
 
@@ -217,6 +236,7 @@ def run(config: EditTrainConfig) -> Path:
     preserved = train[len(train) - config.preserve_records :]
     train = train[: len(train) - config.preserve_records]
     dev = load_records(config.data, "dev")[: config.eval_edits]
+    general = edit_train_texts(config.preserve_texts + config.retention_texts)
     if config.init_from:
         init = read_metadata(config.init_from) or {}
         if init.get("kind") != TRAINED_EDITOR_KIND or init.get("editor") != config.editor:
@@ -226,6 +246,8 @@ def run(config: EditTrainConfig) -> Path:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "train": train, "dev": dev, "preserved": preserved,
+                           "preserved_texts": general[: config.preserve_texts],
+                           "retention_texts": general[config.preserve_texts :],
                            # the worker's working directory is not the caller's
                            "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
                            "checkpoint_dir": str(out / "checkpoints")},

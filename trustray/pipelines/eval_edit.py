@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from trustray.artifacts import (
     ArtifactMismatchError,
@@ -42,6 +42,7 @@ from trustray.artifacts import (
     write_metadata,
 )
 from trustray.config import BaseConfig, Resources
+from trustray.data.corpus import EDIT_EVAL_POOL, edit_eval_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather
 from trustray.pipelines.edit_train import EditDataSettings, load_records
@@ -103,8 +104,8 @@ class EvalEditConfig(BaseConfig):
         "scored: memory and interference at N beyond the split). None: N is capped at the split's size.",
     )
     replay_texts: int = Field(
-        64, ge=0, description="Wikipedia intros (disjoint from the perplexity texts) given as general text to "
-        "editors that take it (`ft_kl`), unless their settings name their own.",
+        64, ge=0, description="Wikipedia intros (disjoint from the perplexity texts and from meta-training's) given "
+        "as general text to editors that take it (`ft_kl`), unless their settings name their own.",
     )
     scoring_prefix_layers: int = Field(
         0, ge=0, description="Decoder layers run once for all rows (0: none). Rows whose edits reach below are "
@@ -124,6 +125,13 @@ class EvalEditConfig(BaseConfig):
             raise ValueError(f"each editor may appear once (its rows are keyed by name; set label to tell two runs "
                              f"of one editor apart): {names}")
         return editors
+
+    @model_validator(mode="after")
+    def _texts_fit_the_eval_pool(self) -> EvalEditConfig:
+        if self.general.ppl_texts + self.replay_texts > EDIT_EVAL_POOL:
+            raise ValueError(f"general.ppl_texts + replay_texts must be at most {EDIT_EVAL_POOL} (the intros held "
+                             "out of meta-training for evaluation)")
+        return self
 
     def output_path(self) -> Path:
         return Path(self.output_dir or f"outputs/eval_edit/{self.name}")
@@ -165,17 +173,6 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, self._process.memory_info().rss)
         self.peak_mb = (self._peak - self._start) / 2**20
-
-
-def held_out_texts(count: int, replay: int = 0, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(perplexity texts, replay texts): disjoint seeded samples of Wikipedia intros, the same for every row."""
-    import random
-
-    from trustray.data.corpus import load_wiki_corpus
-
-    docs = sorted(load_wiki_corpus(), key=lambda doc: doc["id"])
-    chosen = [doc["text"] for doc in random.Random(f"ppl-{seed}").sample(docs, count + replay)]
-    return chosen[:count], chosen[count:]
 
 
 def scored_records(config: EvalEditConfig, records: list[dict]) -> list[dict]:
@@ -272,7 +269,7 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
     model, tokenizer = engine.model, engine.tokenizer
-    texts, replay = held_out_texts(config.general.ppl_texts, config.replay_texts)
+    texts, replay = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
     if run is None:
         return general_scores(engine, tokenizer, texts, general, config)
     scored = scored_records(config, records)

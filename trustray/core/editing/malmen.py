@@ -86,7 +86,8 @@ class MalmenSettings(EditorSettings):
     scalar_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the per-layer log η and log λ (a relative rate).")
     loc_coef: float = Field(1.0, ge=0, description="Weight of the locality KL(pre ‖ post) on the locality answers.")
     retention_coef: float = Field(0.0, ge=0, description="Weight of the KL(pre ‖ post) on general text (0: off); needs `general` texts.")
-    preserve_weight: float = Field(0.0, ge=0, description="μ of the preserved-key term: the solve is (KᵀK + μ·E[k₀k₀ᵀ] + λI)⁻¹KᵀD with k₀ the keys `fit_preservation` saw (0: off). In units of rows: μ = 1000 weighs like 1,000 typical preserved keys asked to keep their values.")
+    preserve_weight: float = Field(0.0, ge=0, description="μ of the preserved-key term: the solve is (KᵀK + μ·E[k₀k₀ᵀ] + μₜ·E[ttᵀ] + λI)⁻¹KᵀD with k₀ the answer keys `fit_preservation` saw (0: off). In units of rows: μ = 1000 weighs like 1,000 typical preserved keys asked to keep their values.")
+    preserve_text_weight: float = Field(0.0, ge=0, description="μₜ of the general-text keys t: every position of the texts `fit_text_preservation` saw (0: off). Chat answer keys alone leave the directions plain text uses free, which costs perplexity.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip of the hyper-networks' meta-gradient norm.")
     hyper_chunk: int = Field(1024, ge=1, description="Cached rows per hyper-network pass (bounds the memory of stage two).")
     prefix_layers: int = Field(0, ge=0, description="Decoder layers run once per call and bypassed (≤ the lowest edited layer).")
@@ -201,6 +202,7 @@ class MalmenEditor(Editor):
         self.steps = 0
         self._optimizer: torch.optim.Adam | None = None
         self.preserved: dict[str, Tensor] = {}
+        self.preserved_text: dict[str, Tensor] = {}
 
     def _make_net(self, names: list[str], generator: torch.Generator) -> ShiftNet:
         module, s = self.modules[names[0]], self.settings
@@ -296,33 +298,46 @@ class MalmenEditor(Editor):
         return cached
 
     @torch.no_grad()
-    def fit_preservation(self, prompts: Sequence[str], answers: Sequence[str]) -> int:
-        """Store E[k₀k₀ᵀ] per edited module over the keys predicting `answers` to `prompts` (facts to keep).
-
-        MEMIT's covariance term, on the positions that matter for locality: answer positions of other chat
-        questions, which share the chat template's key directions with every edit. Returns the number of keys.
-        """
-        examples = self._pairs(prompts, answers)
+    def _key_moments(self, examples: list[dict[str, Any]]) -> tuple[dict[str, Tensor], int]:
+        """(E[kkᵀ] per edited module over the positions predicting a labelled token, number of positions)."""
         sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in self.modules.items()}
         count = 0
         with self._session(), KeyMoments(self.modules, sums) as tracer:
             for batch in self._batches(examples):
                 tracer.mask = edit_positions(batch["labels"])
                 with torch.no_grad():
-                    self.model(**model_inputs(dict(batch)), logits_to_keep=answer_window(batch["labels"]))
+                    self.model(**model_inputs(dict(batch)), logits_to_keep=1)  # only the keys are wanted
                 count += int(tracer.mask.sum())
         if count == 0:
-            raise ValueError("fit_preservation saw no answer positions")
-        self.preserved = {name: (total / count).float() for name, total in sums.items()}
+            raise ValueError("no labelled positions to take preserved keys from")
+        return {name: (total / count).float() for name, total in sums.items()}, count
+
+    def fit_preservation(self, prompts: Sequence[str], answers: Sequence[str]) -> int:
+        """Store E[k₀k₀ᵀ] per edited module over the keys predicting `answers` to `prompts` (facts to keep).
+
+        MEMIT's covariance term, on the positions that matter for locality: answer positions of other chat
+        questions, which share the chat template's key directions with every edit. Returns the number of keys.
+        """
+        self.preserved, count = self._key_moments(self._pairs(prompts, answers))
+        return count
+
+    def fit_text_preservation(self, texts: Sequence[str]) -> int:
+        """Store E[ttᵀ] per edited module over every position of `texts` (general text whose outputs should not
+        move: MEMIT's Wikipedia covariance). Returns the number of keys."""
+        self.preserved_text, count = self._key_moments(self._texts(texts))
         return count
 
     def preservation_prior(self, name: str) -> Tensor | None:
-        """μ·E[k₀k₀ᵀ] of module `name`, or None when the preserved-key term is off."""
-        if self.settings.preserve_weight == 0:
-            return None
-        if name not in self.preserved:
-            raise ValueError("preserve_weight > 0 needs the preserved-key moments: call fit_preservation first")
-        return self.settings.preserve_weight * self.preserved[name].to(self.device)
+        """μ·E[k₀k₀ᵀ] + μₜ·E[ttᵀ] of module `name`, or None when both preserved-key terms are off."""
+        terms = []
+        for weight, moments, fit in ((self.settings.preserve_weight, self.preserved, "fit_preservation"),
+                                     (self.settings.preserve_text_weight, self.preserved_text, "fit_text_preservation")):
+            if weight == 0:
+                continue
+            if name not in moments:
+                raise ValueError(f"a preserved-key weight > 0 needs its key moments: call {fit} first")
+            terms.append(weight * moments[name].to(self.device))
+        return sum(terms) if terms else None
 
     def _chunks(self, keys: Tensor, grads: Tensor) -> zip:
         return zip(keys.split(self.settings.hyper_chunk), grads.split(self.settings.hyper_chunk), strict=True)
@@ -479,9 +494,10 @@ class MalmenEditor(Editor):
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat tensors: `nets.*` (weights and normalisers), `optimizer.{param}.{slot}` (Adam), `steps`, and
-        `preserved.{module}` (the preserved-key moments, when fitted)."""
+        `preserved.{module}` / `preserved_text.{module}` (the preserved-key moments, when fitted)."""
         state = {f"nets.{key}": value.detach().clone() for key, value in self.nets.state_dict().items()}
         state.update({f"preserved.{name}": moment.clone() for name, moment in self.preserved.items()})
+        state.update({f"preserved_text.{name}": moment.clone() for name, moment in self.preserved_text.items()})
         state["steps"] = torch.tensor(self.steps)
         if self._optimizer is not None:
             for index, slots in self._optimizer.state_dict()["state"].items():
@@ -491,7 +507,8 @@ class MalmenEditor(Editor):
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Restore what `state_dict` saved (the optimizer's learning rates come from the current settings)."""
-        unknown = sorted(key for key in state if not key.startswith(("nets.", "optimizer.", "preserved.")) and key != "steps")
+        unknown = sorted(key for key in state
+                         if not key.startswith(("nets.", "optimizer.", "preserved.", "preserved_text.")) and key != "steps")
         if unknown:
             raise ValueError(f"not a MALMEN editor state: unexpected keys {unknown[:5]}")
         try:
@@ -499,10 +516,13 @@ class MalmenEditor(Editor):
         except RuntimeError as error:
             raise ValueError(f"MALMEN state does not fit this model and these settings: {error}") from error
         self.steps = int(state["steps"]) if "steps" in state else 0
-        preserved = {key.removeprefix("preserved."): value for key, value in state.items() if key.startswith("preserved.")}
-        if set(preserved) - set(self.modules):
-            raise ValueError(f"preserved-key moments for modules this editor does not edit: {sorted(set(preserved) - set(self.modules))[:3]}")
-        self.preserved = preserved
+        moments = {}
+        for prefix in ("preserved.", "preserved_text."):
+            moments[prefix] = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+            if set(moments[prefix]) - set(self.modules):
+                raise ValueError(f"preserved-key moments for modules this editor does not edit: "
+                                 f"{sorted(set(moments[prefix]) - set(self.modules))[:3]}")
+        self.preserved, self.preserved_text = moments["preserved."], moments["preserved_text."]
         slots: dict[int, dict[str, Tensor]] = {}
         for key, value in state.items():
             if key.startswith("optimizer."):

@@ -266,13 +266,17 @@ class MendEditor(Editor):
 
     # -- meta-training ------------------------------------------------------------------------------------------
 
-    def meta_step(self, records: Sequence[EditRecord]) -> dict[str, float]:
+    def meta_step(self, records: Sequence[EditRecord], general: Sequence[str] | None = None) -> dict[str, float]:
         """One meta-training step on a batch of records; returns the losses and teacher-forced ES / GS / LS.
+
+        `general` is MALMEN's retention text; MEND has no retention term and refuses it.
 
         ES: answer-token accuracy on the edit prompts after the edit; GS: the same on the paraphrases used in the
         loss; LS: agreement of the edited with the unedited model's argmax at the locality answer positions.
         `edit_loss` is the paraphrase NLL (before `edit_coef`), `loc_loss` the locality KL (before `loc_coef`).
         """
+        if general:
+            raise ValueError("MEND has no retention term: meta-train it without general text")
         settings = self.settings
         pairs = self.edit_pairs(records)
         deltas = self.deltas_from_pairs(pairs, update=True)
