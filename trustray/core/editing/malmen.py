@@ -368,8 +368,12 @@ class MalmenEditor(Editor):
                 net, layer = self.hypernet(name)
                 diffs = torch.cat([net.value_diffs(k, g, layer) for k, g in self._chunks(keys, grads)])
                 keys64 = keys.to(torch.float64)
-                grams[name] = grams.get(name, 0) + keys64.T @ keys64
-                crosses[name] = crosses.get(name, 0) + keys64.T @ diffs.to(torch.float64)
+                if name not in grams:
+                    grams[name] = keys64.new_zeros(keys64.shape[1], keys64.shape[1])
+                    crosses[name] = keys64.new_zeros(keys64.shape[1], diffs.shape[1])
+                # In place: a fresh [in, in] float64 sum per sub-batch made the process's memory creep with N.
+                grams[name].addmm_(keys64.T, keys64)
+                crosses[name].addmm_(keys64.T, diffs.to(torch.float64))
         deltas = {}
         for name in grams:
             net, layer = self.hypernet(name)
