@@ -81,8 +81,8 @@ def load_corpus(source: str | Path = WIKI_SOURCE, limit: int | None = None) -> l
 
 # Editing's general text. eval_edit measures perplexity (and ft_kl replays) on the first texts of one seeded sample
 # of EDIT_EVAL_POOL intros; edit_train takes its general text (preserved keys, retention) from the other intros only,
-# so the two never meet. random.sample draws one index at a time at this size, so a shorter sample is a prefix of
-# the pool and the texts of earlier eval rows are unchanged.
+# so the two never meet. Earlier eval rows drew random.sample(texts, count + replay) with the same seed; at these
+# sizes random.sample draws one index at a time, so that sample is this pool's prefix and their texts are unchanged.
 EDIT_EVAL_POOL = 1000
 
 

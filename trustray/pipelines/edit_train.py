@@ -236,7 +236,8 @@ def run(config: EditTrainConfig) -> Path:
     preserved = train[len(train) - config.preserve_records :]
     train = train[: len(train) - config.preserve_records]
     dev = load_records(config.data, "dev")[: config.eval_edits]
-    general = edit_train_texts(config.preserve_texts + config.retention_texts)
+    general_count = config.preserve_texts + config.retention_texts
+    general = edit_train_texts(general_count) if general_count else []
     if config.init_from:
         init = read_metadata(config.init_from) or {}
         if init.get("kind") != TRAINED_EDITOR_KIND or init.get("editor") != config.editor:
