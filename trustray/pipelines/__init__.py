@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,27 @@ from trustray.runtime import setup_logging
 logger = logging.getLogger(__name__)
 
 PipelineSpec = dict[str, Any]
+
+
+# Training pipelines checkpoint into `step-<n>` folders; one is finished once its STEP_FILE is written (last).
+STEP_FILE = "step.json"
+
+
+def _finished_checkpoints(folder: Path) -> list[Path]:
+    steps = [path for path in folder.glob("step-*") if (path / STEP_FILE).is_file()]
+    return sorted(steps, key=lambda path: int(path.name.split("-")[1]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest finished `step-<n>` checkpoint under `folder`, if any."""
+    finished = _finished_checkpoints(folder)
+    return finished[-1] if finished else None
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` finished checkpoints."""
+    for path in _finished_checkpoints(folder)[:-keep]:
+        shutil.rmtree(path)
 
 
 def load_pipeline(name: str) -> PipelineSpec:

@@ -32,11 +32,9 @@ from trustray.artifacts import atomic_folder, check_metadata, read_metadata, wri
 from trustray.config import BaseConfig, TrainWorkerResources
 from trustray.core.rag.abstractive import KIND as SUMMARIZER_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines import STEP_FILE, latest_checkpoint, prune_checkpoints
 from trustray.pipelines.compressor_train import (
     SIGNAL_KIND,
-    STEP_FILE,
-    latest_checkpoint,
-    prune_checkpoints,
     read_signal,
     split_dev,
     step_batch,

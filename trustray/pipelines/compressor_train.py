@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,12 @@ from trustray.data.io import read_jsonl, write_jsonl
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig
 from trustray.models.sources import model_fingerprint
+from trustray.pipelines import STEP_FILE, latest_checkpoint, prune_checkpoints
 
 logger = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "questions.jsonl"
 STATE_FILE = "state.pt"
-STEP_FILE = "step.json"
 SIGNAL_KIND = "lsr_teacher_signal"
 
 
@@ -431,19 +430,6 @@ def evaluate(scorer, rows: list[dict[str, Any]], beta: float, batch_size: int) -
     count = len(rows)
     return {"dev_loss": loss / count, "dev_top1_agreement": agree / count, "dev_empty_rate": empty / count,
             "dev_regret": regret / count}
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest finished `step-<n>` checkpoint under `folder`, if any."""
-    steps = [path for path in folder.glob("step-*") if (path / STEP_FILE).is_file()]
-    return max(steps, key=lambda path: int(path.name.split("-")[1]), default=None)
-
-
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    finished = sorted((path for path in folder.glob("step-*") if (path / STEP_FILE).is_file()),
-                      key=lambda path: int(path.name.split("-")[1]))
-    for path in finished[:-keep]:
-        shutil.rmtree(path)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:

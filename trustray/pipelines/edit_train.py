@@ -35,10 +35,10 @@ from trustray.config import BaseConfig, TrainWorkerResources
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
 from trustray.data.corpus import edit_train_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines import STEP_FILE, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
-STEP_FILE = "step.json"
 
 
 class EditDataSettings(BaseConfig):
@@ -113,12 +113,6 @@ def load_editor(config: EditTrainConfig, model: Any, tokenizer: Any) -> Any:
     from trustray.core.editing.base import make_editor
 
     return make_editor(config.editor, model, tokenizer, config.editor_settings)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest finished `step-<n>` checkpoint under `folder`, if any."""
-    steps = [path for path in folder.glob("step-*") if (path / STEP_FILE).is_file()]
-    return max(steps, key=lambda path: int(path.name.split("-")[1]), default=None)
 
 
 def save_editor(folder: Path, editor: Any, info: dict[str, Any]) -> None:
