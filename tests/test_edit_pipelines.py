@@ -125,6 +125,8 @@ def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir,
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     assert load_trained_editor(again, model, tokenizer, metadata["model_fingerprint"]).name == "mend"
+    overridden = load_trained_editor(again, model, tokenizer, metadata["model_fingerprint"], {"batch_size": 3})
+    assert overridden.settings.batch_size == 3 != metadata["settings"]["editor_settings"].get("batch_size")
     with pytest.raises(ArtifactMismatchError, match="meta-trained on"):
         load_trained_editor(again, model, tokenizer, "another-model")
     # Training can be extended: the run's length is not part of the checkpoints' identity.

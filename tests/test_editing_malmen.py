@@ -373,3 +373,30 @@ def test_settings_are_checked(model, tokenizer):
     editor = MalmenEditor(model, tokenizer, settings(retention_coef=0.1))
     with pytest.raises(ValueError, match="needs `general` texts"):
         editor.meta_step(make_records(2))
+
+
+def test_rounds_solve_again_on_the_edited_model(model, tokenizer):
+    records = make_records(6)
+    before = snapshot(model)
+    single = MalmenEditor(model, tokenizer, settings(batch_size=4, lr_init=1.0))
+    perturb(single)
+    first = single.compute_deltas(records)
+    with EditSet({name: 0.5 * delta for name, delta in first.items()}).apply(model):
+        second = single.compute_deltas(records)
+    rounds = MalmenEditor(model, tokenizer, settings(batch_size=4, lr_init=1.0, rounds=2, round_step=0.5))
+    rounds.load_state_dict(single.state_dict())
+    combined = rounds.compute_deltas(records)
+    assert_unchanged(model, before)
+    for name, delta in combined.items():
+        torch.testing.assert_close(delta, 0.5 * first[name] + 0.5 * second[name], rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(second[name], first[name], rtol=1e-2)  # the second round saw the edited model
+
+    def edit_nll(deltas):
+        encoded = encode_pairs(tokenizer, [r["prompt"] for r in records], [r["target_new"] for r in records])
+        batch = batches(encoded, len(encoded), "cpu")[0]
+        with EditSet(deltas).apply(model), torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float(_answer_nll(logits, batch["labels"]))
+
+    half = {name: 0.5 * delta for name, delta in first.items()}
+    assert edit_nll(combined) < edit_nll(half) < edit_nll({})

@@ -56,7 +56,7 @@ class EditorRun(BaseConfig):
 
     editor: str = Field(description="A name from trustray.core.editing.base.EDITORS.")
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (malmen / mend).")
-    editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl.")
+    editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl; for a meta-trained editor, overrides of its inference settings (e.g. MALMEN's rounds, round_step).")
     max_edits: int | None = Field(None, ge=1, description="Largest N for this editor (baselines may stop at 1,024).")
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9_+.]+$", description="Name of its rows and curve (default: the editor's name); set it to compare two runs of one editor.")
 

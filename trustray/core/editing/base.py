@@ -141,8 +141,13 @@ def make_editor(
     return editor_class(name)(model, tokenizer, settings)
 
 
-def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any, fingerprint: str) -> Editor:
-    """A meta-trained editor folder's editor on `model`, refusing one trained for another base model."""
+def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any, fingerprint: str,
+                        overrides: Mapping[str, Any] | None = None) -> Editor:
+    """A meta-trained editor folder's editor on `model`, refusing one trained for another base model.
+
+    `overrides` replace settings it was trained with (inference ones, e.g. MALMEN's `rounds`); a setting that
+    changes the networks' shapes makes loading the state fail.
+    """
     metadata = read_metadata(editor_dir)
     if metadata is None or metadata.get("kind") != TRAINED_EDITOR_KIND:
         raise FileNotFoundError(f"{editor_dir} holds no meta-trained editor (no metadata.json of kind 'editor')")
@@ -151,7 +156,8 @@ def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any
             f"the editor in {editor_dir} was meta-trained on {metadata['model']} (fingerprint "
             f"{metadata['model_fingerprint']}), not on this model ({fingerprint}): its networks would not fit"
         )
-    editor = make_editor(metadata["editor"], model, tokenizer, metadata["settings"]["editor_settings"])
+    editor = make_editor(metadata["editor"], model, tokenizer,
+                         {**metadata["settings"]["editor_settings"], **(overrides or {})})
     device = next(model.parameters()).device
     editor.load_state_dict(torch.load(Path(editor_dir) / EDITOR_FILE, map_location=device, weights_only=True))
     return editor
@@ -159,9 +165,10 @@ def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any
 
 def build_editor(name: str, model: nn.Module, tokenizer: Any, fingerprint: str, editor_dir: str | None = None,
                  settings: Mapping[str, Any] | None = None) -> Editor:
-    """A meta-trained editor from `editor_dir`, or a baseline (ft, ft_kl) built from `settings`."""
+    """A meta-trained editor from `editor_dir` (`settings` override its own), or a baseline (ft, ft_kl) built
+    from `settings`."""
     if editor_dir:
-        editor = load_trained_editor(editor_dir, model, tokenizer, fingerprint)
+        editor = load_trained_editor(editor_dir, model, tokenizer, fingerprint, settings)
         if editor.name != name:
             raise ValueError(f"{editor_dir} holds a {editor.name!r} editor, not {name!r}")
         return editor
