@@ -40,7 +40,6 @@ from trustray.pipelines import STEP_FILE, latest_checkpoint
 logger = logging.getLogger(__name__)
 
 
-
 class EditDataSettings(BaseConfig):
     """Where the edit records come from."""
 
