@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch.func import functional_call
 
+from trustray.core.editing import base as editing_base
 from trustray.core.editing.base import batches, encode_pairs
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.malmen import (
@@ -155,6 +158,22 @@ def test_streamed_deltas_equal_one_solve_over_all_rows(model, tokenizer):
         torch.testing.assert_close(streamed[name], delta, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="at least one"):
         editor.compute_deltas([])
+
+
+def test_long_edits_log_their_progress(model, tokenizer, monkeypatch, caplog):
+    records = make_records(5)
+    editor = MalmenEditor(model, tokenizer, settings(batch_size=2))
+    with caplog.at_level(logging.INFO, logger="trustray.core.editing.base"):
+        editor.compute_deltas(records)
+    assert not caplog.records  # a quick edit stays quiet
+    monkeypatch.setattr(editing_base, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="trustray.core.editing.base"):
+        editor.compute_deltas(records)
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(" (")[0] for line in lines] == [
+        f"malmen: keys and value shifts: {done} / 5 edits" for done in (2, 4, 5)
+    ]
+    assert lines[-1].endswith("about 0 s left)")
 
 
 def test_a_partial_sub_batch_gets_value_gradients_of_a_full_ones_scale(model, tokenizer):

@@ -56,7 +56,9 @@ def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprin
     from trustray.core.editing.editset import EditSet, to_lora
     from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
     from trustray.models.sources import resolve_model_source
+    from trustray.runtime import setup_logging
 
+    setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
     source = resolve_model_source(config.model)
     device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()

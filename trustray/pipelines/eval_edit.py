@@ -46,7 +46,7 @@ from trustray.data.corpus import EDIT_EVAL_POOL, edit_eval_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather
 from trustray.pipelines.edit_train import EditDataSettings, load_records
-from trustray.runtime import machine_info, save_figure
+from trustray.runtime import machine_info, save_figure, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +266,7 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     )
     from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
 
+    setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
     device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
     model, tokenizer = engine.model, engine.tokenizer

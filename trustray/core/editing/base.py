@@ -10,6 +10,8 @@ reverts, composes and exports.
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 from trustray.artifacts import ArtifactMismatchError, read_metadata
 from trustray.config import BaseConfig
 from trustray.core.influence.batching import ResponseTruncatedError, collate, encode_chat
+
+LOG = logging.getLogger(__name__)
 
 EditRecord = Mapping[str, Any]
 # A meta-trained editor folder (written by trustray.pipelines.edit_train): weights + metadata.json of this kind.
@@ -74,6 +78,34 @@ def batches(examples: Sequence[Mapping[str, Any]], size: int, device: torch.devi
         {key: value.to(device) for key, value in collate(examples[start : start + size], 0).items()}
         for start in range(0, len(examples), size)
     ]
+
+
+PROGRESS_SECONDS = 30.0
+"""Seconds between two progress lines of a long edit."""
+
+
+class ProgressLog:
+    """Logs `what: done / total unit` at most every `interval` seconds, and once more at the end when it logged
+    before. Edits of thousands of facts take minutes to hours inside a Ray task or a Serve replica, whose output
+    is read line by line: a tqdm bar's carriage returns would show nothing until it closes."""
+
+    def __init__(self, what: str, total: int, unit: str = "edits", interval: float | None = None) -> None:
+        self.what, self.total, self.unit = what, total, unit
+        self.interval = PROGRESS_SECONDS if interval is None else interval
+        self.done = 0
+        self.logged = False
+        self.began = self.last = time.monotonic()
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        finished = self.done >= self.total
+        if now - self.last < self.interval and not (finished and self.logged):
+            return
+        self.last, self.logged = now, True
+        elapsed = now - self.began
+        left = elapsed / self.done * (self.total - self.done)
+        LOG.info("%s: %d / %d %s (%.0f s, about %.0f s left)", self.what, self.done, self.total, self.unit, elapsed, left)
 
 
 class EditorSettings(BaseConfig):

@@ -31,6 +31,7 @@ from trustray.core.editing.base import (
     Editor,
     EditorSettings,
     EditRecord,
+    ProgressLog,
     batches,
     check_prefix_layers,
     encode_pairs,
@@ -278,6 +279,7 @@ class FineTuneEditor(Editor):
         bounds = self.bounds()
         self.last_history = []
         step = 0
+        progress = ProgressLog(f"{self.name}: optimizer steps", settings.steps * len(edit_batches), unit="steps")
         for epoch in range(settings.steps):
             epoch_loss, extras = 0.0, {}
             for index, batch in enumerate(edit_batches):
@@ -297,6 +299,7 @@ class FineTuneEditor(Editor):
                 for key, value in logged.items():
                     extras[key] = extras.get(key, 0.0) + value / len(edit_batches)
                 step += 1
+                progress.update()
             epoch_loss /= len(records)
             self.last_history.append({"epoch": epoch, "edit_loss": epoch_loss, **extras})
             if epoch_loss < settings.early_stop_loss:

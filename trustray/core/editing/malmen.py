@@ -63,6 +63,7 @@ from trustray.core.editing.base import (
     Editor,
     EditorSettings,
     EditRecord,
+    ProgressLog,
     batches,
     check_prefix_layers,
     encode_pairs,
@@ -380,8 +381,10 @@ class MalmenEditor(Editor):
         not grow with the number of edits."""
         grams: dict[str, Tensor] = {}
         crosses: dict[str, Tensor] = {}
+        progress = ProgressLog("malmen: keys and value shifts", len(records))
         for start in range(0, len(records), self.settings.batch_size):
-            for name, (keys, grads) in self.cache(records[start : start + self.settings.batch_size]).items():
+            batch = records[start : start + self.settings.batch_size]
+            for name, (keys, grads) in self.cache(batch).items():
                 net, layer = self.hypernet(name)
                 diffs = torch.cat([net.value_diffs(k, g, layer) for k, g in self._chunks(keys, grads)])
                 keys64 = keys.to(torch.float64)
@@ -391,6 +394,7 @@ class MalmenEditor(Editor):
                 # In place: a fresh [in, in] float64 sum per sub-batch made the process's memory creep with N.
                 grams[name].addmm_(keys64.T, keys64)
                 crosses[name].addmm_(keys64.T, diffs.to(torch.float64))
+            progress.update(len(batch))
         deltas = {}
         for name in grams:
             net, layer = self.hypernet(name)

@@ -59,6 +59,7 @@ from trustray.core.editing.base import (
     Editor,
     EditorSettings,
     EditRecord,
+    ProgressLog,
     batches,
     register,
 )
@@ -226,12 +227,14 @@ class MendEditor(Editor):
         leaves = {name: module.weight.detach().requires_grad_() for name, module in self.modules.items()}
         params = {f"{name}.weight": leaf for name, leaf in leaves.items()}
         placeholder = torch.zeros(1, 1, dtype=torch.bool)
+        progress = ProgressLog("mend: keys and value gradients", len(examples))
         with KeyValueTracer(self.modules, placeholder) as tracer:
             for batch in batches(examples, self.settings.batch_size, self.device):
                 tracer.mask = edit_positions(batch["labels"])
                 logits = functional_call(self.model, params, args=(), kwargs=model_inputs(batch)).logits
                 loss = row_nll(logits, batch["labels"]).sum()
                 torch.autograd.grad(loss, list(leaves.values()))
+                progress.update(batch["labels"].shape[0])
         keys, grads = tracer.keys, tracer.grads
         pairs = {}
         for name in self.modules:
