@@ -137,8 +137,18 @@ def test_deltas_of_several_records_are_summed(loaded):
     apart = editor.compute_deltas(records[:1])[TOP] + editor.compute_deltas(records[1:2])[TOP]
     assert float((together - apart).norm() / apart.norm()) < 1e-4
     editor.settings.batch_size = 1
+    traced = []
+    original = editor.edit_pairs
+    editor.edit_pairs = lambda part: traced.append(len(part)) or original(part)
     one_by_one = editor.compute_deltas(records[:2])[TOP]
+    assert traced == [1, 1]  # streamed: one sub-batch of records at a time, never all rows at once
     assert float((one_by_one - together).norm() / together.norm()) < 1e-4
+    pairs = original(records)
+    with torch.no_grad():
+        whole = editor.deltas_from_pairs(pairs)[TOP]
+    with torch.no_grad():  # as an inference caller would: the editor enables gradients itself
+        streamed = editor.compute_deltas(records)[TOP]
+    assert float((streamed - whole).norm() / whole.norm()) < 1e-4
 
 
 def test_meta_training_raises_edit_success(loaded):

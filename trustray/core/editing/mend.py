@@ -227,14 +227,13 @@ class MendEditor(Editor):
         leaves = {name: module.weight.detach().requires_grad_() for name, module in self.modules.items()}
         params = {f"{name}.weight": leaf for name, leaf in leaves.items()}
         placeholder = torch.zeros(1, 1, dtype=torch.bool)
-        progress = ProgressLog("mend: keys and value gradients", len(examples))
-        with KeyValueTracer(self.modules, placeholder) as tracer:
+        # enable_grad: an inference caller may hold torch.no_grad(); the value gradients need a graph.
+        with KeyValueTracer(self.modules, placeholder) as tracer, torch.enable_grad():
             for batch in batches(examples, self.settings.batch_size, self.device):
                 tracer.mask = edit_positions(batch["labels"])
                 logits = functional_call(self.model, params, args=(), kwargs=model_inputs(batch)).logits
                 loss = row_nll(logits, batch["labels"]).sum()
                 torch.autograd.grad(loss, list(leaves.values()))
-                progress.update(batch["labels"].shape[0])
         keys, grads = tracer.keys, tracer.grads
         pairs = {}
         for name in self.modules:
@@ -262,10 +261,27 @@ class MendEditor(Editor):
         return deltas
 
     def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
-        """Float32 deltas of all records at once, with the normaliser statistics frozen (inference)."""
-        pairs = self.edit_pairs(records)
-        with torch.no_grad():
-            return {name: delta.detach() for name, delta in self.deltas_from_pairs(pairs).items()}
+        """Float32 deltas of all records at once, with the normaliser statistics frozen (inference).
+
+        Streamed: with frozen statistics each row is transformed on its own and a record's rows do not depend on
+        its batch, so the sum over sub-batches of `batch_size` records equals one pass over all rows, and memory
+        does not grow with the number of edits. An editor whose normaliser has seen fewer than 2 rows normalises
+        with the rows' own statistics, which needs all of them at once.
+        """
+        if not records:
+            raise ValueError("MEND needs at least one edit record")
+        untrained = any(float(net.normaliser.count) < 2 for net in self.nets.values())
+        size = len(records) if untrained else self.settings.batch_size
+        progress = ProgressLog("mend: keys, value gradients and deltas", len(records))
+        total: dict[str, Tensor] = {}
+        for start in range(0, len(records), size):
+            part = records[start : start + size]
+            pairs = self.edit_pairs(part)
+            with torch.no_grad():
+                for name, delta in self.deltas_from_pairs(pairs).items():
+                    total[name] = total[name] + delta if name in total else delta
+            progress.update(len(part))
+        return total
 
     # -- meta-training ------------------------------------------------------------------------------------------
 
