@@ -144,9 +144,8 @@ def test_deltas_of_several_records_are_summed(loaded):
     assert traced == [1, 1]  # streamed: one sub-batch of records at a time, never all rows at once
     assert float((one_by_one - together).norm() / together.norm()) < 1e-4
     pairs = original(records)
-    with torch.no_grad():
+    with torch.no_grad():  # as an inference caller would: compute_deltas enables gradients itself
         whole = editor.deltas_from_pairs(pairs)[TOP]
-    with torch.no_grad():  # as an inference caller would: the editor enables gradients itself
         streamed = editor.compute_deltas(records)[TOP]
     assert float((streamed - whole).norm() / whole.norm()) < 1e-4
 

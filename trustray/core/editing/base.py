@@ -85,13 +85,12 @@ PROGRESS_SECONDS = 30.0
 
 
 class ProgressLog:
-    """Logs `what: done / total unit` at most every `interval` seconds, and once more at the end when it logged
+    """Logs `what: done / total unit` at most every `PROGRESS_SECONDS`, and once more at the end when it logged
     before. Edits of thousands of facts take minutes to hours inside a Ray task or a Serve replica, whose output
     is read line by line: a tqdm bar's carriage returns would show nothing until it closes."""
 
-    def __init__(self, what: str, total: int, unit: str = "edits", interval: float | None = None) -> None:
+    def __init__(self, what: str, total: int, unit: str = "edits") -> None:
         self.what, self.total, self.unit = what, total, unit
-        self.interval = PROGRESS_SECONDS if interval is None else interval
         self.done = 0
         self.logged = False
         self.began = self.last = time.monotonic()
@@ -100,7 +99,7 @@ class ProgressLog:
         self.done += count
         now = time.monotonic()
         finished = self.done >= self.total
-        if now - self.last < self.interval and not (finished and self.logged):
+        if now - self.last < PROGRESS_SECONDS and not (finished and self.logged):
             return
         self.last, self.logged = now, True
         elapsed = now - self.began
