@@ -38,14 +38,19 @@ import torch
 import yaml
 
 from trustray.artifacts import atomic_write_text
-from trustray.core.editing.base import build_editor, editor_class
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.evaluation import locality_reference, prefix_cache, teacher_forced_scores
 from trustray.data.corpus import edit_eval_texts
 from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
 from trustray.models.sources import model_fingerprint
 from trustray.pipelines.edit_train import load_records
-from trustray.pipelines.eval_edit import EvalEditConfig, edited_layers, editor_records, load_all_records
+from trustray.pipelines.eval_edit import (
+    EvalEditConfig,
+    edited_layers,
+    editor_records,
+    load_all_records,
+    run_editor,
+)
 from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,13 +110,8 @@ def edited_row(
     replay: list[str],
 ) -> dict:
     """Edit `records` at once with `run`'s editor, as `eval_edit` does, and score every kind of locality."""
-    settings = dict(run.editor_settings)
-    if "general_text" in editor_class(run.editor).Settings.model_fields and not settings.get("general_text"):
-        settings["general_text"] = replay
-    model, tokenizer = engine.model, engine.tokenizer
-    editor = build_editor(
-        run.editor, model, tokenizer, model_fingerprint(config.model), run.editor_dir, settings
-    )
+    model = engine.model
+    editor = run_editor(run, model, engine.tokenizer, model_fingerprint(config.model), replay)
     began = time.perf_counter()
     deltas = editor.compute_deltas(editor_records(config, records))
     seconds = round(time.perf_counter() - began, 1)

@@ -251,12 +251,21 @@ def general_scores(engine: Any, tokenizer: Any, texts: list[str], general: dict[
     return scores
 
 
+def run_editor(run: EditorRun, model: Any, tokenizer: Any, fingerprint: str, replay: list[str]) -> Any:
+    """The editor of `run`; one that takes general text (`ft_kl`) gets `replay` unless its settings name their own."""
+    from trustray.core.editing.base import build_editor, editor_class
+
+    settings = dict(run.editor_settings)
+    if "general_text" in editor_class(run.editor).Settings.model_fields and not settings.get("general_text"):
+        settings["general_text"] = replay
+    return build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, settings)
+
+
 def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
              fingerprint: str, cache_path: str | None) -> dict[str, Any]:
     """One point of the curve (`run=None`: the unedited model's general-ability baseline)."""
     import torch
 
-    from trustray.core.editing.base import build_editor, editor_class
     from trustray.core.editing.editset import EditSet
     from trustray.core.editing.evaluation import (
         PrefixCache,
@@ -274,10 +283,7 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     if run is None:
         return general_scores(engine, tokenizer, texts, general, config)
     scored = scored_records(config, records)
-    settings = dict(run.editor_settings)
-    if "general_text" in editor_class(run.editor).Settings.model_fields and not settings.get("general_text"):
-        settings["general_text"] = replay
-    editor = build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, settings)
+    editor = run_editor(run, model, tokenizer, fingerprint, replay)
     began = time.perf_counter()
     with PeakMemory(device) as memory:
         deltas = editor.compute_deltas(editor_records(config, records))
