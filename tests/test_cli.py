@@ -10,10 +10,10 @@ from trustray import cli
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_config_and_overrides_in_any_order():
-    for argv in (["--config", "f.yaml", "a=1", "b.c=x"], ["a=1", "--config", "f.yaml", "b.c=x"]):
-        options = cli._config_and_overrides(argv, "trustray serve")
-        assert options.config == "f.yaml" and options.overrides == ["a=1", "b.c=x"]
+def test_serve_takes_a_config_then_overrides_or_the_other_way_round():
+    for argv in (["serve", "--config", "f.yaml", "a=1", "b.c=x"], ["serve", "a=1", "b.c=x", "--config", "f.yaml"]):
+        args = cli.build_parser().parse_args(argv)
+        assert args.config == "f.yaml" and args.overrides == ["a=1", "b.c=x"]
 
 
 def test_subcommands_pass_their_arguments_through():
@@ -26,6 +26,11 @@ def test_subcommands_pass_their_arguments_through():
 def test_unknown_pipeline_names_the_available_ones():
     with pytest.raises(SystemExit, match="build_index"):
         cli.main(["run", "no_such_pipeline"])
+
+
+def test_an_evaluation_runs_one_way_only():
+    with pytest.raises(SystemExit, match="trustray eval rag"):
+        cli.main(["run", "eval_rag"])
 
 
 def test_presets_exist_for_the_quickstart():
@@ -59,6 +64,8 @@ def test_every_preset_validates_against_its_pipeline_config(folder):
 def test_every_evaluation_is_a_pipeline_with_a_table():
     import importlib
 
-    for name in cli.EVALUATIONS.values():
+    from trustray.pipelines import EVALUATIONS
+
+    for name in EVALUATIONS.values():
         module = importlib.import_module(f"trustray.pipelines.{name}")
         assert callable(module.format_table) and "config" in module.PIPELINE

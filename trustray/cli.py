@@ -8,26 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+from trustray import pipelines
 from trustray.runtime import apply_offline_defaults, setup_logging
 
 logger = logging.getLogger("trustray")
-
-# `trustray eval WHAT` runs the pipeline module named here; `trustray run NAME` any module in trustray.pipelines.
-EVALUATIONS = {"rag": "eval_rag", "influence": "eval_influence", "edit": "eval_edit"}
 
 SAMPLE_QUESTIONS = [
     "Who is the Eiffel Tower named after?",
     "What is the highest mountain on Earth?",
     "In which city is the Colosseum?",
 ]
-
-
-def _config_and_overrides(argv: list[str], prog: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--config", help="YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    # Intermixed: `--config F a=1` and `a=1 --config F` both work.
-    return parser.parse_intermixed_args(argv)
 
 
 def preset(pipeline: str, name: str = "cpu") -> Path:
@@ -39,23 +29,22 @@ def preset(pipeline: str, name: str = "cpu") -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from trustray.pipelines import load_pipeline, pipeline_main
+    from trustray.pipelines import EVALUATIONS, JOBS, load_pipeline, pipeline_main
 
-    try:
-        pipeline = load_pipeline(args.pipeline)
-    except ValueError as error:
-        raise SystemExit(f"{error}; available: {', '.join(available_pipelines())}") from error
-    pipeline_main(pipeline, args.args, prog=f"trustray run {args.pipeline}")
+    evaluation = {module: what for what, module in EVALUATIONS.items()}.get(args.pipeline)
+    if evaluation is not None:
+        raise SystemExit(f"{args.pipeline} is an evaluation: run `trustray eval {evaluation}`")
+    if args.pipeline not in JOBS:
+        raise SystemExit(f"unknown pipeline {args.pipeline!r}; available: {', '.join(JOBS)}")
+    pipeline_main(load_pipeline(args.pipeline), args.args, prog=f"trustray run {args.pipeline}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import importlib
-
-    from trustray.pipelines import load_pipeline, pipeline_main
+    from trustray.pipelines import EVALUATIONS, load_pipeline, pipeline_main, pipeline_module
 
     name = EVALUATIONS[args.what]
-    module = importlib.import_module(f"trustray.pipelines.{name}")
+    module = pipeline_module(name)
     # An evaluation may take flags of its own (eval rag: --compressor NAME), turned into config overrides.
     argv = module.translate_flags(args.args) if hasattr(module, "translate_flags") else args.args
     summary = pipeline_main(load_pipeline(name), argv, prog=f"trustray eval {args.what}")
@@ -63,21 +52,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def available_pipelines() -> list[str]:
-    import pkgutil
-
-    import trustray.pipelines
-
-    return sorted(m.name for m in pkgutil.iter_modules(trustray.pipelines.__path__))
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from trustray.config import load_config
     from trustray.serve_apps.config import ServeConfig
     from trustray.serve_apps.openai_app import run_app, shutdown
 
-    options = _config_and_overrides(args.args, "trustray serve")
-    config = load_config(ServeConfig, options.config, options.overrides)
+    config = load_config(ServeConfig, args.config, args.overrides)
     url = run_app(config)
     try:
         serve_until_interrupted(url)
@@ -176,18 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=cmd_quickstart)
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible Serve app until Ctrl-C")
-    serve.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
-                       help="e.g. --config configs/serve/cpu.yaml port=8001")
+    serve.add_argument("--config", help="Serve config YAML, e.g. configs/serve/cpu.yaml")
+    serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. port=8001")
     serve.set_defaults(func=cmd_serve)
 
     run = commands.add_parser("run", help="run a pipeline")
-    run.add_argument("pipeline", help="a module of trustray.pipelines, e.g. build_index")
+    run.add_argument("pipeline", help="a job of trustray.pipelines.JOBS, e.g. build_index")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
                      help="e.g. --config configs/build_index/cpu.yaml limit=100")
     run.set_defaults(func=cmd_run)
 
     evaluate = commands.add_parser("eval", help="run an evaluation")
-    evaluate.add_argument("what", choices=sorted(EVALUATIONS))
+    evaluate.add_argument("what", choices=sorted(pipelines.EVALUATIONS))
     evaluate.add_argument("args", nargs=argparse.REMAINDER, metavar="[--config FILE] [KEY=VALUE ...]",
                           help="e.g. --config configs/eval_rag/cpu.yaml top_k=5 [--compressor truncate "
                           "--compressor extractive=outputs/compressor_train/cpu/compressor], "

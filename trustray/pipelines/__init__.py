@@ -2,8 +2,11 @@
 
 Convention: every pipeline module defines `PIPELINE = {"config": <BaseConfig subclass>, "run": run}` where
 `run(config)` does the work (connecting to Ray itself) and returns the artifact path, plus
-`main(argv=None)` that calls `pipeline_main(PIPELINE, argv, prog=...)`. `trustray run NAME --config F k=v`
-dispatches through `load_pipeline(NAME)` and `pipeline_main`.
+`main(argv=None)` that calls `pipeline_main(PIPELINE, argv, prog=...)`.
+
+The registry below is the list of what the command line runs: `trustray run NAME` runs a job of `JOBS`,
+`trustray eval WHAT` an evaluation of `EVALUATIONS` (which also prints its table). Adding a pipeline is one
+module and one line here.
 """
 
 from __future__ import annotations
@@ -45,14 +48,23 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
+# `trustray run NAME`: jobs that build or train an artifact.
+JOBS = ("build_index", "compressor_train", "abstractive_train", "edit_train", "edit_apply", "influence")
+# `trustray eval WHAT`: evaluations (modules that also define `format_table(summary)`), keyed by WHAT.
+EVALUATIONS = {"rag": "eval_rag", "edit": "eval_edit", "influence": "eval_influence"}
+
+
+def pipeline_module(name: str) -> Any:
+    """The module of a registered pipeline (a job or an evaluation's module name)."""
+    if name not in JOBS and name not in EVALUATIONS.values():
+        raise ValueError(f"unknown pipeline {name!r}; jobs: {', '.join(JOBS)}; evaluations: "
+                         f"{', '.join(f'{what} ({module})' for what, module in EVALUATIONS.items())}")
+    return importlib.import_module(f"trustray.pipelines.{name}")
+
+
 def load_pipeline(name: str) -> PipelineSpec:
-    """The `PIPELINE` spec of `trustray.pipelines.<name>`, with a readable error for unknown names."""
-    try:
-        module = importlib.import_module(f"trustray.pipelines.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"trustray.pipelines.{name}":
-            raise
-        raise ValueError(f"unknown pipeline {name!r}") from error
+    """The `PIPELINE` spec of a registered pipeline, with a readable error for unknown names."""
+    module = pipeline_module(name)
     spec = getattr(module, "PIPELINE", None)
     if not isinstance(spec, dict) or not {"config", "run"} <= spec.keys():
         raise ValueError(f"trustray.pipelines.{name} defines no PIPELINE = {{'config': ..., 'run': ...}}")
