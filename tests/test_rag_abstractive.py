@@ -9,12 +9,12 @@ from trustray.core.rag.abstractive import (
     IGNORE_INDEX,
     Summarizer,
     feedback_target,
-    load_summarizer,
     passages_from_candidates,
     save_summarizer,
 )
 from trustray.core.rag.compress import build_compressor
 from trustray.core.rag.prompting import format_passages
+from trustray.models.loading import load_summarizer
 
 torch.set_num_threads(1)
 PASSAGES = [("Eiffel Tower", "The tower was built in 1889. It is made of iron."), ("Paris", "Paris is a city.")]

@@ -45,13 +45,11 @@ class PassageCompressor:
     """Compress retrieved passages for one question at a time, counting tokens with the chat model's tokenizer."""
 
     def __init__(self, config: CompressorConfig, chat_model: str, device: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         from trustray.core.rag.compress import build_compressor
-        from trustray.models.sources import resolve_model_source
+        from trustray.models.loading import load_tokenizer
 
         self.config = config
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(chat_model))
+        tokenizer = load_tokenizer(chat_model)
         options: dict[str, Any] = {
             "count_tokens": lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
         }
@@ -67,26 +65,20 @@ class PassageCompressor:
         self.compressor = build_compressor(config.name, **options)
 
     def _summarizer(self, chat_model: str, device: str | None) -> Any:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trustray.core.rag.abstractive import Summarizer
+        from trustray.models.loading import load_causal_lm, load_summarizer, load_tokenizer
 
-        from trustray.core.rag.abstractive import Summarizer, load_summarizer
-        from trustray.models.sources import resolve_model_source
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.config.summarizer_dir is not None:
             return load_summarizer(self.config.summarizer_dir, device)
-        source = resolve_model_source(chat_model)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
-        return Summarizer(model, AutoTokenizer.from_pretrained(source), max_new_tokens=self.config.summary_tokens)
+        model = load_causal_lm(chat_model, device)
+        return Summarizer(model, load_tokenizer(chat_model), max_new_tokens=self.config.summary_tokens)
 
     def _scorer(self, device: str | None) -> Any:
-        import torch
-
         from trustray.core.rag.scorer import SentenceScorer
+        from trustray.models.loading import resolve_device
         from trustray.models.sources import model_fingerprint, resolve_model_source
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(device))
         if self.config.scorer_dir is not None:
             scorer = SentenceScorer.load(self.config.scorer_dir, model_fingerprint(self.config.embedder.model), device)
         else:

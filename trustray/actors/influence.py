@@ -57,22 +57,19 @@ class GradientFeatureWorker:
         torch_threads: int | None,
     ) -> None:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trustray.models.sources import resolve_model_source
+        from trustray.models.loading import load_causal_lm, load_tokenizer, resolve_device
 
         if torch_threads is not None:
             # Actors share the machine's cores; oversubscribed torch threads run many times slower.
             torch.set_num_threads(torch_threads)
         self.reduction = Reduction.load(reduction_dir)
         check_preconditionable(self.reduction, precondition)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        source = resolve_model_source(model_source)
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.device = resolve_device()
+        self.tokenizer = load_tokenizer(model_source)
         # Right padding is masked out (attention 0, label -100), so the pad id only has to be a valid token.
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=model_dtype).to(self.device)
+        base = load_causal_lm(model_source, self.device, "auto")
         self.model = PeftModel.from_pretrained(base, checkpoint_dir, is_trainable=True).eval()
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_("lora_" in name)

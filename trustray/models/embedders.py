@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from trustray.config import BaseConfig
+from trustray.models.loading import resolve_device
 from trustray.models.sources import DEFAULT_EMBEDDER, model_fingerprint, resolve_model_source
 
 
@@ -28,7 +29,7 @@ class Embedder:
         self.config = config or EmbedderConfig()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(device))
         self.model = SentenceTransformer(resolve_model_source(self.config.model), device=device)
         self.dim = int(self.model.get_embedding_dimension())
         self.fingerprint = model_fingerprint(self.config.model)

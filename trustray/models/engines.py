@@ -19,7 +19,8 @@ import torch
 from pydantic import Field
 
 from trustray.config import BaseConfig
-from trustray.models.sources import DEFAULT_CHAT_MODEL, resolve_model_source
+from trustray.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from trustray.models.sources import DEFAULT_CHAT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -154,30 +155,20 @@ class _StopOnStrings:
         return torch.tensor([cut_at_stop(text, self.stop)[1] for text in texts], device=input_ids.device)
 
 
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 class HFEngine:
     """transformers backend: batched generation, per-token scoring, peft LoRA adapters and weight deltas."""
 
     def __init__(self, config: EngineConfig | None = None, device: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.config = config or EngineConfig()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.model_name = self.config.model
-        path = resolve_model_source(self.config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(self.config.model)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        dtype = _resolve_dtype(self.config.dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = load_causal_lm(self.config.model, self.device, self.config.dtype)
         self.adapters: set[str] = set()
         self._saved_weights: dict[str, dict[str, torch.Tensor]] = {}
         # One model, many callers (Serve runs requests concurrently): forward passes are serialised.

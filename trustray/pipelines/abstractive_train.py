@@ -87,16 +87,13 @@ def training_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def load_base(config: AbstractiveTrainConfig, device: str):
     """The base summarizer, with everything frozen except the top `trainable_layers` blocks and the final norm."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from trustray.core.rag.abstractive import Summarizer
-    from trustray.models.sources import resolve_model_source
+    from trustray.models.loading import load_causal_lm, load_tokenizer
 
-    source = resolve_model_source(config.model)
-    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(source).is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=torch.float32).to(device)
+    model = load_causal_lm(config.model, device, seq2seq_ok=True)
     settings = config.train
-    summarizer = Summarizer(model, AutoTokenizer.from_pretrained(source), settings.max_input_tokens, settings.max_new_tokens)
+    summarizer = Summarizer(model, load_tokenizer(config.model), settings.max_input_tokens, settings.max_new_tokens)
     decoder = model.get_decoder()  # a causal model's body, or a seq2seq model's decoder stack
     lists = [child for child in decoder.children() if isinstance(child, torch.nn.ModuleList)]
     if not lists:
@@ -149,13 +146,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from trustray.models.loading import gpu_or_cpu
     from trustray.runtime import setup_logging
 
     setup_logging()
     config = AbstractiveTrainConfig.model_validate(loop_config["config"])
     settings = config.train
     torch.set_num_threads(config.resources.torch_threads)
-    device = "cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu"
+    device = gpu_or_cpu(config.resources.use_gpu)
     train, dev = loop_config["train"], loop_config["dev"]
     total = settings.epochs * steps_per_epoch(len(train), settings.batch_size)
     summarizer = load_base(config, device)

@@ -107,9 +107,9 @@ def embedder_max_tokens(model: str) -> int | None:
 @lru_cache(maxsize=4)
 def _tokenizer(model: str):
     # Cached per worker process: Ray Data reuses workers, so each loads the tokenizer once, not per row.
-    from transformers import AutoTokenizer
+    from trustray.models.loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_source(model))
+    return load_tokenizer(model)
 
 
 def split_document(row: dict[str, Any], model: str, passage_tokens: int, overlap_sentences: int) -> list[dict]:

@@ -438,13 +438,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from trustray.models.loading import gpu_or_cpu
     from trustray.runtime import setup_logging
 
     setup_logging()
     config = CompressorTrainConfig.model_validate(loop_config["config"])
     settings = config.train
     torch.set_num_threads(config.resources.train.torch_threads)
-    device = "cuda" if config.resources.train.use_gpu and torch.cuda.is_available() else "cpu"
+    device = gpu_or_cpu(config.resources.train.use_gpu)
     train, dev = split_dev(read_signal(Path(loop_config["signal_dir"])), settings.dev_questions, settings.seed)
     total = settings.epochs * steps_per_epoch(len(train), settings.batch_size)
     warmup = max(1, round(settings.warmup_ratio * total))

@@ -49,20 +49,15 @@ class EditApplyConfig(BaseConfig):
 
 def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprint: str) -> dict[str, Any]:
     """Load the model, compute the deltas, score them; returns deltas (CPU) and metrics."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trustray.core.editing.base import build_editor
     from trustray.core.editing.editset import EditSet, to_lora
     from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
-    from trustray.models.sources import resolve_model_source
+    from trustray.models.loading import gpu_or_cpu, load_causal_lm, load_tokenizer
     from trustray.runtime import setup_logging
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
-    source = resolve_model_source(config.model)
-    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = load_causal_lm(config.model, gpu_or_cpu(config.resources.num_gpus > 0))
+    tokenizer = load_tokenizer(config.model)
     editor = build_editor(config.editor, model, tokenizer, fingerprint, config.editor_dir, config.editor_settings)
     reference = locality_reference(model, tokenizer, records)
     before = teacher_forced_scores(model, tokenizer, records, reference)

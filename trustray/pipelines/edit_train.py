@@ -138,20 +138,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
     from ray.train import Checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trustray.core.editing.evaluation import locality_reference
-    from trustray.models.sources import resolve_model_source
+    from trustray.models.loading import gpu_or_cpu, load_causal_lm, load_tokenizer
     from trustray.runtime import setup_logging
 
     setup_logging()
     config = EditTrainConfig.model_validate(loop_config["config"])
     torch.set_num_threads(config.resources.torch_threads)
     torch.manual_seed(config.seed)
-    source = resolve_model_source(config.model)
-    device = "cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    device = gpu_or_cpu(config.resources.use_gpu)
+    model = load_causal_lm(config.model, device)
+    tokenizer = load_tokenizer(config.model)
     editor = load_editor(config, model, tokenizer)
     train, dev, preserved = loop_config["train"], loop_config["dev"], loop_config["preserved"]
     preserved_texts, retention_texts = loop_config["preserved_texts"], loop_config["retention_texts"]

@@ -140,14 +140,14 @@ class EvalEditConfig(BaseConfig):
 class PeakMemory:
     """Peak memory while the block runs, above its level at entry: GPU allocator peak, or sampled process RSS."""
 
-    def __init__(self, device: str, interval_s: float = 0.01) -> None:
+    def __init__(self, device: Any, interval_s: float = 0.01) -> None:
         self.device, self.interval_s, self.peak_mb = device, interval_s, 0.0
 
     def __enter__(self) -> PeakMemory:
         import psutil
         import torch
 
-        if self.device == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
             return self
@@ -166,7 +166,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         import torch
 
-        if self.device == "cuda":
+        if self.device.type == "cuda":
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
             return
         self._stop.set()
@@ -204,8 +204,9 @@ def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) ->
 
     from trustray.core.editing.evaluation import locality_reference, prefix_cache
     from trustray.models.engines import EngineConfig, HFEngine
+    from trustray.models.loading import gpu_or_cpu
 
-    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = gpu_or_cpu(config.resources.num_gpus > 0)
     engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
     cache = prefix_cache(engine.model, engine.tokenizer, scored, config.scoring_prefix_layers, config.batch_size)
     reference = locality_reference(engine.model, engine.tokenizer, scored, config.batch_size, prefix=cache)
@@ -274,9 +275,10 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
         teacher_forced_scores,
     )
     from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
+    from trustray.models.loading import gpu_or_cpu
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
-    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = gpu_or_cpu(config.resources.num_gpus > 0)
     engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
     model, tokenizer = engine.model, engine.tokenizer
     texts, replay = edit_eval_texts(config.general.ppl_texts, config.replay_texts)

@@ -159,11 +159,9 @@ def build_examples(config: EvalInfluenceConfig) -> dict[str, Any]:
     """Rows and token ids of pool, fit sample and targets; rows whose response is truncated away are dropped."""
     import random
 
-    from transformers import AutoTokenizer
-
     from trustray.core.influence.batching import ResponseTruncatedError, encode_chat
     from trustray.data.instructions import build_instruction_pool
-    from trustray.models.sources import resolve_model_source
+    from trustray.models.loading import load_tokenizer
 
     data = config.data
     rows, targets = build_instruction_pool(
@@ -172,7 +170,7 @@ def build_examples(config: EvalInfluenceConfig) -> dict[str, Any]:
     if len(rows) < data.n_pool + data.n_fit:
         raise ValueError(f"the corpus has {len(rows)} pool examples, fewer than n_pool + n_fit")
     random.Random(data.seed).shuffle(rows)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.model))
+    tokenizer = load_tokenizer(config.model)
 
     def encode(group: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         kept, encoded = [], []
@@ -195,14 +193,12 @@ def build_examples(config: EvalInfluenceConfig) -> dict[str, Any]:
 # -- Ray task bodies (each loads the model itself: on a cluster it runs where its GPU is) ----------------
 def _load_base(config: EvalInfluenceConfig) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from trustray.models.sources import resolve_model_source
+    from trustray.models.loading import gpu_or_cpu, load_causal_lm
 
     torch.set_num_threads(config.resources.torch_threads)
-    device = "cuda" if config.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_source(config.model), dtype=torch.float32)
-    return base.to(device), device
+    device = gpu_or_cpu(config.resources.num_gpus > 0)
+    return load_causal_lm(config.model, device), device.type
 
 
 def _fresh_lora(config: EvalInfluenceConfig, seed: int) -> Any:

@@ -35,7 +35,7 @@ from trustray.artifacts import atomic_folder, check_metadata, read_metadata, wri
 from trustray.config import BaseConfig
 from trustray.core.influence.batching import ResponseTruncatedError, encode_chat
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
-from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint, resolve_model_source
+from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +176,9 @@ def warmup_expected_metadata(config: InfluenceConfig, subset: list[dict[str, Any
 
 def encode_subset(model: str, subset: list[dict[str, Any]], max_length: int) -> tuple[list[dict], list[str]]:
     """Encode the warmup rows; rows whose response is cut off entirely are skipped and returned by id."""
-    from transformers import AutoTokenizer
+    from trustray.models.loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model))
+    tokenizer = load_tokenizer(model)
     encoded: list[dict] = []
     skipped: list[str] = []
     for row in subset:
@@ -200,9 +200,9 @@ def warmup_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     from ray.train import Checkpoint
-    from transformers import AutoModelForCausalLM
 
     from trustray.core.influence.warmup import add_lora, save_checkpoint, train_lora
+    from trustray.models.loading import load_causal_lm
     from trustray.runtime import setup_logging
 
     config = InfluenceConfig.model_validate(loop_config["config"])
@@ -211,9 +211,8 @@ def warmup_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if rank == 0:
         setup_logging()
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_source(config.model), dtype=getattr(torch, config.dtype)
-    )
+    # Loaded on the CPU: prepare_model moves it to this worker's device.
+    model = load_causal_lm(config.model, "cpu", config.dtype)
     # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
     torch.manual_seed(config.warmup.seed)
     model = add_lora(model, config.lora)
@@ -345,7 +344,6 @@ def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[di
     needs their layer factors).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trustray.core.influence.batching import collate
     from trustray.core.influence.gradients import (
@@ -354,10 +352,10 @@ def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[di
         per_example_gradients,
     )
     from trustray.core.influence.warmup import load_checkpoint
+    from trustray.models.loading import load_causal_lm, load_tokenizer
 
-    source = resolve_model_source(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, config.dtype))
+    tokenizer = load_tokenizer(config.model)
+    base = load_causal_lm(config.model, "cpu", config.dtype)
     model, optimizer_state, _ = load_checkpoint(checkpoint_dir, base)
     model.eval()
     encoded = [encode_chat(tokenizer, row["messages"], config.data.max_length) for row in rows]

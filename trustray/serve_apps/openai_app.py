@@ -297,18 +297,13 @@ class EditorDeployment:
     """Runs the configured editor on a copy of the base model for POST /v1/edits and saves edit sets."""
 
     def __init__(self, model: str, edits: dict[str, Any]):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from trustray.core.editing.base import build_editor
-        from trustray.models.sources import resolve_model_source
+        from trustray.models.loading import load_causal_lm, load_tokenizer
 
         self.config = EditServeConfig.model_validate(edits)
         self.fingerprint = model_fingerprint(model)
-        source = resolve_model_source(model)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = load_causal_lm(model)
+        self.tokenizer = load_tokenizer(model)
         self.editor = build_editor(self.config.editor, self.model, self.tokenizer, self.fingerprint,
                                    self.config.editor_dir, self.config.editor_settings)
         self._executor = _SerialExecutor("editor")

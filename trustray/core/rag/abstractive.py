@@ -149,20 +149,3 @@ def save_summarizer(folder: Any, summarizer: Summarizer, metadata: dict[str, Any
         write_metadata(tmp, {**metadata, "kind": KIND, "encoder_decoder": summarizer.encoder_decoder,
                              "max_input_tokens": summarizer.max_input_tokens,
                              "max_new_tokens": summarizer.max_new_tokens})
-
-
-def load_summarizer(folder: Any, device: str = "cpu") -> Summarizer:
-    """A saved summarizer (seq2seq or causal, as its config says), in float32 on `device`."""
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from trustray.artifacts import read_metadata
-
-    metadata = read_metadata(folder)
-    if metadata is None or metadata.get("kind") != KIND:
-        raise FileNotFoundError(f"{folder} holds no summarizer (no metadata.json of kind {KIND!r})")
-    path = Path(folder) / "model"
-    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(path).is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return Summarizer(model, AutoTokenizer.from_pretrained(path), metadata["max_input_tokens"], metadata["max_new_tokens"])
