@@ -11,7 +11,6 @@ import torch
 
 from trustray.actors.influence import extract_features
 from trustray.artifacts import ArtifactMismatchError
-from trustray.core.influence.batching import collate, encode_chat
 from trustray.core.influence.gradients import (
     adam_preconditioned,
     flatten_optimizer_state,
@@ -19,6 +18,7 @@ from trustray.core.influence.gradients import (
 )
 from trustray.core.influence.reductions import Reduction, make_reduction
 from trustray.core.influence.store import FeatureStore
+from trustray.core.lm.batching import collate, encode_chat
 
 torch.set_num_threads(1)
 

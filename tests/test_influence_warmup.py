@@ -9,7 +9,6 @@ import torch
 
 from trustray.artifacts import ArtifactMismatchError, read_metadata
 from trustray.config import load_config
-from trustray.core.influence.batching import encode_chat
 from trustray.core.influence.warmup import (
     CHECKPOINT_FILE,
     OPTIMIZER_FILE,
@@ -20,6 +19,7 @@ from trustray.core.influence.warmup import (
     save_checkpoint,
     train_lora,
 )
+from trustray.core.lm.batching import encode_chat
 
 FACTS = [
     ("What is the capital of France?", "Paris."),

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustray.core.influence.batching import collate, encode_chat
 from trustray.core.influence.gradients import (
     adam_preconditioned,
     flatten_optimizer_state,
@@ -25,6 +24,7 @@ from trustray.core.influence.gradients import (
 from trustray.core.influence.reductions import Reduction
 from trustray.core.influence.store import FeatureStore
 from trustray.core.influence.warmup import OPTIMIZER_FILE
+from trustray.core.lm.batching import collate, encode_chat
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 Steps; the heavy ones are Ray tasks with `resources`, and each finished one is reused from `output_dir`:
   1. data: a training pool, a disjoint fit sample (PCA-type reductions are fitted on it, so they are scored
      out of sample) and per-topic target tasks; all tokenized once. When LoRA adapts only the top decoder
-     layers, the frozen layers below run once per example and their output is cached (core/influence/prefix).
+     layers, the frozen layers below run once per example and their output is cached (core/lm/prefix).
   2. warmup: LoRA trained on a random fraction of the pool, with checkpoints and AdamW state (LESS step 1).
   3. scores: per checkpoint, exact per-example LoRA gradients of fit sample, pool and targets; every reduction
      at every dim; score matrices [pool x target] for two feature kinds, `sgd` (plain gradients) and `adam`
@@ -159,7 +159,7 @@ def build_examples(config: EvalInfluenceConfig) -> dict[str, Any]:
     """Rows and token ids of pool, fit sample and targets; rows whose response is truncated away are dropped."""
     import random
 
-    from trustray.core.influence.batching import ResponseTruncatedError, encode_chat
+    from trustray.core.lm.batching import ResponseTruncatedError, encode_chat
     from trustray.data.instructions import build_instruction_pool
     from trustray.models.loading import load_tokenizer
 
@@ -213,7 +213,7 @@ def _fresh_lora(config: EvalInfluenceConfig, seed: int) -> Any:
 
 def cache_prefix(config: EvalInfluenceConfig, groups: dict[str, list[dict]]) -> tuple[int, dict[str, list[Any]]]:
     """(frozen layers skipped, each group's cached prefix output per example; empty lists when nothing is frozen)."""
-    from trustray.core.influence.prefix import frozen_prefix_length, prefix_states
+    from trustray.core.lm.prefix import frozen_prefix_length, prefix_states
 
     model = _fresh_lora(config, 0).eval()
     layers = frozen_prefix_length(model)
@@ -231,7 +231,7 @@ def run_prefix_cache(config: EvalInfluenceConfig, folder: Path, data: dict[str, 
     import ray
     import torch
 
-    from trustray.core.influence.prefix import with_states
+    from trustray.core.lm.prefix import with_states
 
     names = ("pool", "fit", "targets")
     path = folder / "prefix.pt"
@@ -250,8 +250,8 @@ def run_prefix_cache(config: EvalInfluenceConfig, folder: Path, data: dict[str, 
 
 def warmup_task(config: EvalInfluenceConfig, examples: list[dict], prefix: int, folder: str) -> list[dict]:
     """Train the warmup adapters; save every checkpoint under `folder`; returns `[{path, step, learning_rate}]`."""
-    from trustray.core.influence.prefix import skipped_prefix
     from trustray.core.influence.warmup import save_checkpoint, train_lora
+    from trustray.core.lm.prefix import skipped_prefix
 
     model = _fresh_lora(config, config.warmup.seed)
     saved: list[dict] = []
@@ -289,16 +289,16 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
     """
     import torch
 
-    from trustray.core.influence.batching import collate
     from trustray.core.influence.gradients import (
         adam_preconditioned,
         flatten_optimizer_state,
         per_example_gradients,
     )
-    from trustray.core.influence.prefix import skipped_prefix
     from trustray.core.influence.reductions import make_reduction
     from trustray.core.influence.scoring import influence_scores
     from trustray.core.influence.warmup import load_checkpoint
+    from trustray.core.lm.batching import collate
+    from trustray.core.lm.prefix import skipped_prefix
 
     base, device = _load_base(config)
     model, optimizer_state, _ = load_checkpoint(checkpoint_dir, base)
@@ -395,9 +395,9 @@ def target_losses(config: EvalInfluenceConfig, model: Any, targets: list[dict], 
     """Each target's mean response loss under `model` (its frozen prefix bypassed)."""
     import torch
 
-    from trustray.core.influence.batching import collate
-    from trustray.core.influence.gradients import example_losses
-    from trustray.core.influence.prefix import skipped_prefix
+    from trustray.core.lm.batching import collate
+    from trustray.core.lm.losses import example_losses
+    from trustray.core.lm.prefix import skipped_prefix
 
     device = next(model.parameters()).device
     size = config.features.batch_size
@@ -411,8 +411,8 @@ def target_losses(config: EvalInfluenceConfig, model: Any, targets: list[dict], 
 def retrain_task(config: EvalInfluenceConfig, train: list[dict], targets: list[dict], prefix: int,
                  settings: WarmupSettings) -> list[float]:
     """Fresh LoRA trained on `train`; returns each target's mean response loss afterwards."""
-    from trustray.core.influence.prefix import skipped_prefix
     from trustray.core.influence.warmup import train_lora
+    from trustray.core.lm.prefix import skipped_prefix
 
     model = _fresh_lora(config, settings.seed)
     with skipped_prefix(model, prefix):

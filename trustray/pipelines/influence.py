@@ -33,8 +33,8 @@ from pydantic import Field
 import trustray
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
 from trustray.config import BaseConfig
-from trustray.core.influence.batching import ResponseTruncatedError, encode_chat
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
+from trustray.core.lm.batching import ResponseTruncatedError, encode_chat
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -345,13 +345,13 @@ def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[di
     """
     import torch
 
-    from trustray.core.influence.batching import collate
     from trustray.core.influence.gradients import (
         adam_preconditioned,
         flatten_optimizer_state,
         per_example_gradients,
     )
     from trustray.core.influence.warmup import load_checkpoint
+    from trustray.core.lm.batching import collate
     from trustray.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)

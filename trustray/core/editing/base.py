@@ -3,7 +3,7 @@
 An edit record is the dict `trustray.data.edits` produces: `prompt`, `target_new`, `paraphrases` and
 `locality` (`[{prompt, answer}]`). Editors see conversations in chat format (user: prompt, assistant: answer),
 because that is how the deployed chat model is asked; the loss covers the answer tokens only
-(`trustray.core.influence.batching.encode_chat`). An editor never changes the model it is given: it returns
+(`trustray.core.lm.batching.encode_chat`). An editor never changes the model it is given: it returns
 `deltas` (`{module name: tensor shaped like weight}`), which `trustray.core.editing.editset.EditSet` applies,
 reverts, composes and exports.
 """
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from trustray.artifacts import ArtifactMismatchError, read_metadata
 from trustray.config import BaseConfig
-from trustray.core.influence.batching import ResponseTruncatedError, collate, encode_chat
+from trustray.core.lm.batching import ResponseTruncatedError, collate, encode_chat
 
 LOG = logging.getLogger(__name__)
 

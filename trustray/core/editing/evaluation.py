@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from trustray.core.editing.base import EditRecord, batches, encode_pairs
 from trustray.core.editing.metrics import agreement, answer_predictions, exact_match, token_accuracy
-from trustray.core.influence.batching import IGNORE_INDEX
-from trustray.core.influence.gradients import example_losses
-from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
+from trustray.core.lm.batching import IGNORE_INDEX
+from trustray.core.lm.losses import example_losses
+from trustray.core.lm.prefix import prefix_states, skipped_prefix, with_states
 
 KINDS = ("edit", "paraphrase", "locality")
 

@@ -39,9 +39,9 @@ from trustray.core.editing.base import (
 )
 from trustray.core.editing.metrics import answer_window
 from trustray.core.editing.tracing import linear_modules
-from trustray.core.influence.batching import IGNORE_INDEX
-from trustray.core.influence.gradients import model_inputs
-from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
+from trustray.core.lm.batching import IGNORE_INDEX
+from trustray.core.lm.losses import model_inputs
+from trustray.core.lm.prefix import prefix_states, skipped_prefix, with_states
 
 LOG = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ Choices that differ from, or are implicit in, the reference code:
   `compute_deltas`: evaluation data does not leak into it (the reference also updates it on validation batches).
   It is the identity until it has seen two rows.
 - With `prefix_layers` > 0, the decoder layers below the lowest edited one are run once per call and bypassed
-  (`trustray.core.influence.prefix`); the results are the same as with the full model.
+  (`trustray.core.lm.prefix`); the results are the same as with the full model.
 - `rounds` (inference only, not in the paper): once many facts overfill a layer's key space, one solve leaves
   many of them unwritten, and a larger η buys ES at a steep locality cost (SmolLM2, 1,024 edits: η ×2 took ES
   0.55 → 0.73 and LS 0.59 → 0.19). Solving again on the edited model gives the unwritten facts fresh value
@@ -74,8 +74,8 @@ from trustray.core.editing.metrics import agreement, answer_window, token_accura
 from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.ridge import ridge_backward, ridge_solve, ridge_solve_gram
 from trustray.core.editing.tracing import KeyMoments, KeyValueTracer, edit_positions, linear_modules
-from trustray.core.influence.gradients import model_inputs
-from trustray.core.influence.prefix import prefix_states, skipped_prefix, with_states
+from trustray.core.lm.losses import model_inputs
+from trustray.core.lm.prefix import prefix_states, skipped_prefix, with_states
 
 Cache = dict[str, tuple[Tensor, Tensor]]
 

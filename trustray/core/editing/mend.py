@@ -75,7 +75,7 @@ from trustray.core.editing.finetune import (
 from trustray.core.editing.metrics import agreement, token_accuracy
 from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
-from trustray.core.influence.gradients import model_inputs
+from trustray.core.lm.losses import model_inputs
 
 LOG = logging.getLogger(__name__)
 

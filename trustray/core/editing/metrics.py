@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trustray.core.influence.gradients import model_inputs
+from trustray.core.lm.losses import model_inputs
 
 
 def _positions(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from trustray.core.lm.losses import model_inputs, per_example_loss
+
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The `lora_A`/`lora_B` Linear layers of the active adapter, in module registration order.
@@ -76,30 +78,6 @@ class GradientBatch:
         return torch.cat(parts, dim=1)
 
 
-def _per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over each example's labelled tokens (labels == -100 are ignored)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="none",
-    ).view(shift_labels.shape)
-    counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
-
-
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The model's inputs of a collated batch: token ids, or cached hidden states as `inputs_embeds`."""
-    key = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
-    return {key: batch[key], "attention_mask": batch["attention_mask"]}
-
-
-@torch.no_grad()
-def example_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Each example's mean loss over its labelled tokens `[B]`, without gradients."""
-    return _per_example_loss(model(**model_inputs(batch)).logits, batch["labels"]).float()
-
-
 def _trainable_lora_params(modules: list[tuple[str, nn.Linear]]) -> list[Tensor]:
     params = [layer.weight for _, layer in modules]
     if not all(p.requires_grad for p in params):
@@ -139,7 +117,7 @@ def per_example_gradients(model: nn.Module, batch: dict[str, Tensor]) -> Gradien
             handles.append(layer.register_forward_hook(forward_hook(name)))
             handles.append(layer.register_full_backward_hook(backward_hook(name)))
         logits = model(**model_inputs(batch)).logits
-        losses = _per_example_loss(logits, batch["labels"])
+        losses = per_example_loss(logits, batch["labels"])
         with warnings.catch_warnings():
             # The first layer's input needs no gradient; the hook still gets the output gradient we want.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -176,7 +154,7 @@ def per_example_gradients_loop(model: nn.Module, batch: dict[str, Tensor]) -> Te
             logits = model(
                 input_ids=batch["input_ids"][i : i + 1, keep], attention_mask=batch["attention_mask"][i : i + 1, keep]
             ).logits
-            _per_example_loss(logits, batch["labels"][i : i + 1, keep]).sum().backward()
+            per_example_loss(logits, batch["labels"][i : i + 1, keep]).sum().backward()
             rows.append(torch.cat([p.grad.detach().float().flatten() for p in params]))
     finally:
         for p, grad in zip(params, saved, strict=True):

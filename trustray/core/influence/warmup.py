@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from trustray.artifacts import atomic_folder
 from trustray.config import BaseConfig
-from trustray.core.influence.batching import collate
+from trustray.core.lm.batching import collate
 
 logger = logging.getLogger(__name__)
 

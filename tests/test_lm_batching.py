@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trustray.core.influence.batching import (
+from trustray.core.lm.batching import (
     IGNORE_INDEX,
     ChatTemplateError,
     ResponseTruncatedError,

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trustray.core.influence.batching import collate, encode_chat
-from trustray.core.influence.gradients import example_losses, per_example_gradients
-from trustray.core.influence.prefix import (
+from trustray.core.influence.gradients import per_example_gradients
+from trustray.core.influence.warmup import LoraSettings, WarmupSettings, add_lora, train_lora
+from trustray.core.lm.batching import collate, encode_chat
+from trustray.core.lm.losses import example_losses
+from trustray.core.lm.prefix import (
     decoder_layers,
     frozen_prefix_length,
     prefix_states,
     skipped_prefix,
     with_states,
 )
-from trustray.core.influence.warmup import LoraSettings, WarmupSettings, add_lora, train_lora
 
 torch.set_num_threads(1)
 MESSAGES = [

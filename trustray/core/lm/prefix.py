@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trustray.core.influence.batching import collate
+from trustray.core.lm.batching import collate
 
 
 class _PrefixCaptured(Exception):

@@ -90,7 +90,7 @@ def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) 
         labels[row, :length] = torch.as_tensor(example["labels"], dtype=torch.long)
     if embedded[0] is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    # Cached hidden states (see trustray.core.influence.prefix) replace the token ids as the model's input.
+    # Cached hidden states (see trustray.core.lm.prefix) replace the token ids as the model's input.
     states = torch.zeros((len(examples), width, embedded[0].shape[-1]), dtype=embedded[0].dtype)
     for row, state in enumerate(embedded):
         if state.shape[0] != len(examples[row]["input_ids"]):
