@@ -22,7 +22,8 @@ import torch
 
 from trustray.artifacts import atomic_write_text
 from trustray.data.edits import load_edit_split
-from trustray.models.engines import EngineConfig, HFEngine
+from trustray.models.engines import EngineConfig
+from trustray.models.hf_engine import HFEngine
 from trustray.models.sources import DEFAULT_CHAT_MODEL
 from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
 

@@ -41,7 +41,8 @@ from trustray.artifacts import atomic_write_text
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.evaluation import locality_reference, prefix_cache, teacher_forced_scores
 from trustray.data.corpus import edit_eval_texts
-from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
+from trustray.models.engines import EngineConfig, SamplingParams
+from trustray.models.hf_engine import HFEngine
 from trustray.models.sources import model_fingerprint
 from trustray.pipelines.edit_train import load_records
 from trustray.pipelines.eval_edit import (

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from trustray.core.influence.gradients import per_example_gradients, per_example_gradients_loop
-from trustray.core.influence.reductions import make_reduction
+from trustray.core.influence.reductions import build_reduction
 from trustray.runtime import apply_offline_defaults, machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "influence_throughput.json"
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.reductions.split(","):
             name, dim = parse_reduction(spec)
             options = {"generator_device": args.device} if name in ("gaussian", "rademacher") else {}
-            reduction = make_reduction(name, dim, seed=0, **options)
+            reduction = build_reduction(name, dim, seed=0, **options)
             if reduction.fitted:
                 reduction.fit([per_example_gradients(model, batch) for batch in batches[:warmup + 1]])
             rate = timed(feature_stage(model, reduction), batches, warmup, args.device)

@@ -60,7 +60,8 @@ def main() -> None:
     import httpx
 
     from trustray.config import load_config
-    from trustray.models.engines import HFEngine, SamplingParams
+    from trustray.models.engines import SamplingParams
+    from trustray.models.hf_engine import HFEngine
     from trustray.serve_apps.config import ServeConfig
     from trustray.serve_apps.openai_app import run_app, shutdown
 

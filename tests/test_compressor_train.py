@@ -39,7 +39,8 @@ def test_teacher_summary_by_hand():
 
 
 def test_batched_teacher_equals_one_question_at_a_time(tiny_llama_dir):
-    from trustray.models.engines import EngineConfig, HFEngine
+    from trustray.models.engines import EngineConfig
+    from trustray.models.hf_engine import HFEngine
 
     engine = HFEngine(EngineConfig(model=tiny_llama_dir, engine="hf", max_batch_size=3, torch_threads=1), device="cpu")
     examples = [("Where is the tower?", "Paris", [("Paris", "The tower is in Paris."), ("Rome", "Rome is old.")]),
@@ -130,7 +131,7 @@ def test_the_artifact_loads_and_compresses(trained, tiny_embedder_dir):
 
 
 def test_the_signal_is_the_teachers_own_log_probabilities(trained):
-    from trustray.models.engines import HFEngine
+    from trustray.models.hf_engine import HFEngine
     from trustray.pipelines.compressor_train import read_signal
 
     config, out = trained

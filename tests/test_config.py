@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import Field, ValidationError
 
-from trustray.config import BaseConfig, Resources, load_config, parse_overrides
+from trustray.config import ActorResources, BaseConfig, load_config, parse_overrides
 from trustray.models.engines import EngineConfig
 
 
@@ -20,7 +20,7 @@ class Train(BaseConfig):
     fp16: bool = False
     tags: list[str] = Field(default_factory=list)
     optimizer: Optimizer = Field(default_factory=Optimizer)
-    resources: Resources = Field(default_factory=Resources)
+    resources: ActorResources = Field(default_factory=ActorResources)
 
 
 @pytest.fixture()

@@ -104,7 +104,7 @@ def test_eval_edit_hides_scored_probes_from_editors_and_fills_beyond_the_split(m
 def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir, tmp_path, ray_local):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trustray.core.editing.base import load_trained_editor
+    from trustray.core.editing.factory import load_trained_editor
     from trustray.pipelines.edit_train import EditTrainConfig, run
 
     config = load_config(EditTrainConfig, CONFIGS / "edit_train" / "tiny.yaml",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trustray.core.editing.base import EDITORS, batches, encode_pairs
+from trustray.core.editing.base import batches, encode_pairs
 from trustray.core.editing.editset import EditSet
+from trustray.core.editing.factory import EDITORS
 from trustray.core.editing.finetune import (
     FineTuneEditor,
     FineTuneKLEditor,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trustray.core.editing.base import batches, encode_pairs, make_editor
+from trustray.core.editing.base import batches, encode_pairs
 from trustray.core.editing.editset import EditSet
+from trustray.core.editing.factory import build_untrained_editor
 from trustray.core.editing.metrics import answer_predictions, exact_match
 
 torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def test_an_edit_changes_the_learned_answer_and_leaves_the_other(tiny_llama_dir)
     # "red" is two tokens of the tiny BPE vocabulary; longer answers are more than one tiny layer can write.
     record = {"prompt": FACT[0], "target_new": "red", "paraphrases": [FACT[0]],
               "locality": [{"prompt": OTHER[0], "answer": OTHER[1]}]}
-    editor = make_editor("ft_kl", model, tokenizer, {"modules": {"layers": [-1]}, "steps": 60, "lr": 2e-2, "early_stop_loss": 1e-4,
+    editor = build_untrained_editor("ft_kl", model, tokenizer, {"modules": {"layers": [-1]}, "steps": 60, "lr": 2e-2, "early_stop_loss": 1e-4,
                                                      "norm_bound": 3.0, "loc_coef": 10.0})
     before = {name: value.clone() for name, value in model.state_dict().items()}
     with EditSet(editor.compute_deltas([record])).apply(model):

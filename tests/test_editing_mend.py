@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trustray.core.editing.base import EDITORS, batches, encode_pairs
+from trustray.core.editing.base import batches, encode_pairs
 from trustray.core.editing.editset import EditSet
+from trustray.core.editing.factory import EDITORS
 from trustray.core.editing.mend import MendEditor, MendNet, WelfordNormaliser
 from trustray.core.editing.metrics import answer_predictions, token_accuracy
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules

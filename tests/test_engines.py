@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trustray.models.engines import (
-    Engine,
-    EngineConfig,
-    HFEngine,
-    SamplingParams,
-    create_engine,
-    render_request,
-)
+from trustray.models.engine_factory import build_engine
+from trustray.models.engines import Engine, EngineConfig, SamplingParams, render_request
+from trustray.models.hf_engine import HFEngine
 
 PROMPTS = [
     "The capital of",
@@ -368,11 +363,11 @@ def test_bad_inputs(engine):
     check_bad_inputs(engine)
 
 
-def test_create_engine_auto_is_hf_without_vllm(config, monkeypatch):
-    import trustray.models.engines as engines
+def test_build_engine_auto_is_hf_without_vllm(config, monkeypatch):
+    import trustray.models.engine_factory as engine_factory
 
-    monkeypatch.setattr(engines, "vllm_available", lambda: False)
-    engine = create_engine(config.model_copy(update={"engine": "auto"}))
+    monkeypatch.setattr(engine_factory, "vllm_available", lambda: False)
+    engine = build_engine(config.model_copy(update={"engine": "auto"}))
     assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
-    assert isinstance(create_engine(config), HFEngine)
+    assert isinstance(build_engine(config), HFEngine)
 

@@ -74,4 +74,4 @@ def test_a_plan_the_cluster_cannot_place_is_refused(ray_local):
                                     chat_resources={"num_cpus": cpus}, compressor_resources={"num_cpus": 0.5})
     with pytest.raises(ValueError, match="do not fit"):
         eval_rag.check_resources(config)
-    eval_rag.check_resources(config.model_copy(update={"chat_resources": eval_rag.Resources(num_cpus=cpus - 1)}))
+    eval_rag.check_resources(config.model_copy(update={"chat_resources": eval_rag.ActorResources(num_cpus=cpus - 1)}))

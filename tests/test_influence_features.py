@@ -16,7 +16,7 @@ from trustray.core.influence.gradients import (
     flatten_optimizer_state,
     per_example_gradients,
 )
-from trustray.core.influence.reductions import Reduction, make_reduction
+from trustray.core.influence.reductions import Reduction, build_reduction
 from trustray.core.influence.store import FeatureStore
 from trustray.core.lm.batching import collate, encode_chat
 
@@ -55,7 +55,7 @@ def setup(tiny_llama_dir: str, tmp_path_factory) -> dict[str, str]:
     checkpoint = root / "checkpoint"
     model.save_pretrained(checkpoint)
     torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
-    make_reduction("gaussian", DIM, seed=0).save(root / "reduction")
+    build_reduction("gaussian", DIM, seed=0).save(root / "reduction")
     return {"model": tiny_llama_dir, "checkpoint": str(checkpoint), "reduction": str(root / "reduction"),
             "root": str(root)}
 
@@ -124,7 +124,7 @@ def test_preconditioned_features_match_in_process(setup, ray_local, tmp_path):
 
 
 def test_kron_with_preconditioning_is_refused(setup, tmp_path):
-    make_reduction("kron", DIM, seed=0).save(tmp_path / "kron")
+    build_reduction("kron", DIM, seed=0).save(tmp_path / "kron")
     with pytest.raises(ValueError, match="flat gradient"):
         run({**setup, "reduction": str(tmp_path / "kron")}, tmp_path / "store", precondition=True)
     assert not (tmp_path / "store").exists()

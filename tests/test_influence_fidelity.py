@@ -10,7 +10,7 @@ import torch
 
 from trustray.core.influence.fidelity import average_ranks, fidelity_row, spearman, top_overlap
 from trustray.core.influence.gradients import per_example_gradients
-from trustray.core.influence.reductions import make_reduction
+from trustray.core.influence.reductions import build_reduction
 from trustray.core.influence.scoring import aggregate_targets, influence_scores
 
 torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def _scores(train: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 def test_no_reduction_has_perfect_fidelity(flat_gradients):
     train, targets = flat_gradients
     exact = _scores(train, targets)
-    reduction = make_reduction("none", None).fit(train)
+    reduction = build_reduction("none", None).fit(train)
     row = fidelity_row(exact, _scores(reduction.transform(train), reduction.transform(targets)))
     assert row == {"spearman": 1.0, "top1_overlap": 1.0, "top5_overlap": 1.0}
 
@@ -95,7 +95,7 @@ def test_no_reduction_has_perfect_fidelity(flat_gradients):
 def test_gaussian_near_full_dim_keeps_the_ranking(flat_gradients):
     train, targets = flat_gradients
     dim = train.shape[1]
-    reduction = make_reduction("gaussian", dim - dim // 10, seed=0)
+    reduction = build_reduction("gaussian", dim - dim // 10, seed=0)
     both = reduction.transform(torch.cat([train, targets]))
     row = fidelity_row(_scores(train, targets), _scores(both[: len(train)], both[len(train) :]))
     assert row["spearman"] > 0.9

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trustray.core.influence.gradients import GradientBatch, lora_modules, per_example_gradients
-from trustray.core.influence.reductions import REDUCTIONS, Reduction, kron_split, make_reduction
+from trustray.core.influence.reductions import REDUCTIONS, Reduction, build_reduction, kron_split
 
 torch.set_num_threads(1)
 
@@ -26,7 +26,7 @@ OPTIONS = {
 
 def _build(key: str, dim: int = 16, seed: int = 0, **extra) -> Reduction:
     options = dict(OPTIONS[key], **extra)
-    return make_reduction(key.split("-")[0], dim, seed, **options)
+    return build_reduction(key.split("-")[0], dim, seed, **options)
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +96,15 @@ def test_save_load_round_trip(key, batches, tmp_path):
 
 
 def test_none_is_the_flat_gradient(batches):
-    reduction = make_reduction("none", None)
+    reduction = build_reduction("none", None)
     assert torch.equal(reduction.transform(batches[0]), batches[0].flat())
     assert reduction.dim == batches[0].dim
 
 
 def test_random_blocks_cached_or_regenerated_are_identical(batches):
     flat = batches[0].flat()
-    cached = make_reduction("gaussian", 32, 5, block_rows=256)
-    uncached = make_reduction("gaussian", 32, 5, block_rows=256, max_cache_bytes=0)
+    cached = build_reduction("gaussian", 32, 5, block_rows=256)
+    uncached = build_reduction("gaussian", 32, 5, block_rows=256, max_cache_bytes=0)
     assert torch.equal(cached.transform(flat), uncached.transform(flat))
     assert torch.equal(cached.transform(flat), uncached.transform(flat))
     dense = torch.cat([uncached.block(i) for i in range(math.ceil(flat.shape[1] / 256))])
@@ -119,7 +119,7 @@ def test_random_projections_preserve_inner_products_on_average(name):
     gram = data @ data.T
     grams = []
     for seed in range(4):
-        projected = make_reduction(name, 1024, seed, block_rows=512).transform(data)
+        projected = build_reduction(name, 1024, seed, block_rows=512).transform(data)
         grams.append(projected @ projected.T)
         norms = projected.norm(dim=1) / data.norm(dim=1)
         assert 0.9 < float(norms.mean()) < 1.1
@@ -135,21 +135,21 @@ def test_pca_basis_orthonormal_and_beats_random_on_low_rank_data():
     generator = torch.Generator().manual_seed(0)
     low_rank = torch.randn(300, 6, generator=generator) @ torch.randn(6, 400, generator=generator)
     data = low_rank + 0.01 * torch.randn(300, 400, generator=generator)
-    pca = make_reduction("pca", 6, 0).fit(data)
+    pca = build_reduction("pca", 6, 0).fit(data)
     assert torch.allclose(pca.basis.T @ pca.basis, torch.eye(6), atol=1e-5)
     random_basis, _ = torch.linalg.qr(torch.randn(400, 6, generator=generator))
     captured = pca.transform(data).square().sum() / data.square().sum()
     captured_random = (data @ random_basis).square().sum() / data.square().sum()
     assert captured > 0.99 and captured > 5 * captured_random
-    centred = make_reduction("pca", 6, 0, center=True).fit(data)
+    centred = build_reduction("pca", 6, 0, center=True).fit(data)
     assert torch.allclose(centred.transform(data[:3]), (data[:3] - data.mean(0)) @ centred.basis, atol=1e-4)
     with pytest.raises(ValueError):
-        make_reduction("pca", 500, 0).fit(data)
+        build_reduction("pca", 500, 0).fit(data)
 
 
 def test_kron_matches_the_explicit_formula_for_one_module(batches):
     batch = batches[0]
-    reduction = make_reduction("kron", 80, 3)
+    reduction = build_reduction("kron", 80, 3)
     features = reduction.transform(batch)
     x, g = next(iter(batch.factors.values()))
     size_in, size_out = x.shape[-1], g.shape[-1]
@@ -163,7 +163,7 @@ def test_kron_matches_the_explicit_formula_for_one_module(batches):
 
 def test_kron_keeping_every_module_whole_is_the_flat_gradient(batches):
     batch = batches[0]
-    reduction = make_reduction("kron", 10 * batch.dim, 0)
+    reduction = build_reduction("kron", 10 * batch.dim, 0)
     assert reduction.transform(batch).shape[1] == batch.dim
     assert torch.allclose(reduction.transform(batch), batch.flat(), rtol=1e-5, atol=1e-7)
 
@@ -185,10 +185,10 @@ def test_kron_pca_projections_are_orthonormal(batches):
         assert torch.allclose(p_in.T @ p_in, torch.eye(p_in.shape[1]), atol=1e-5)
         assert torch.allclose(p_out.T @ p_out, torch.eye(p_out.shape[1]), atol=1e-5)
     with pytest.raises(RuntimeError):
-        make_reduction("kron", 16, 0, init="pca").transform(batches[0])
+        build_reduction("kron", 16, 0, init="pca").transform(batches[0])
 
 
 def test_registry():
     assert set(REDUCTIONS) == {"none", "gaussian", "rademacher", "sjlt", "pca", "kron"}
     with pytest.raises(ValueError):
-        make_reduction("umap", 8, 0)
+        build_reduction("umap", 8, 0)

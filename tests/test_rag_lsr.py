@@ -50,7 +50,8 @@ def test_no_gradient_reaches_the_chat_model_and_bad_input_is_refused():
 
 def test_teacher_logprobs_are_mean_answer_logprobs_per_candidate(tiny_llama_dir):
     from trustray.core.rag.lsr import teacher_logprobs, teacher_requests
-    from trustray.models.engines import EngineConfig, HFEngine
+    from trustray.models.engines import EngineConfig
+    from trustray.models.hf_engine import HFEngine
 
     engine = HFEngine(EngineConfig(model=tiny_llama_dir, engine="hf", torch_threads=1), device="cpu")
     candidates = [("Paris", "The tower is in Paris."), ("Rome", "The Colosseum is in Rome.")]

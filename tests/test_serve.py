@@ -49,7 +49,7 @@ def client(url):
 
 @pytest.fixture(scope="module")
 def local_engine(serve_config):
-    from trustray.models.engines import HFEngine
+    from trustray.models.hf_engine import HFEngine
 
     return HFEngine(serve_config.chat)
 

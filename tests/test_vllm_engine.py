@@ -36,7 +36,8 @@ from test_engines import (  # noqa: E402  (after the skips: vllm must not be imp
     make_lora_adapters,
 )
 
-from trustray.models.engines import EngineConfig, create_engine  # noqa: E402
+from trustray.models.engine_factory import build_engine  # noqa: E402
+from trustray.models.engines import EngineConfig  # noqa: E402
 
 DTYPE = os.environ.get("TRUSTRAY_VLLM_TEST_DTYPE", "float32")
 SCORE_ATOL = 1e-3 if DTYPE == "float32" else 0.1
@@ -58,7 +59,7 @@ def engine(model_dir):
     config = EngineConfig(
         model=model_dir, engine="vllm", dtype=DTYPE, max_model_len=256, gpu_memory_utilization=0.4, max_lora_rank=8
     )
-    return create_engine(config)
+    return build_engine(config)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ unchanged on a laptop and on a GPU cluster.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,19 +22,48 @@ class BaseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
 
 
-class Resources(BaseConfig):
-    """Ray resources for one actor, replica or worker; never part of an algorithm config."""
+class ActorResources(BaseConfig):
+    """Ray resources of one actor, Serve replica or task; never part of an algorithm config."""
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/replica (fractions allowed).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor/replica (fractions allowed).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved (fractions allowed; keep them fractional on small "
+                            "machines, or whole-CPU actors starve Ray Data's other tasks).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved (fractions allowed).")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads in the process (None: torch's default; "
+                                      "more threads than free cores makes torch many times slower).")
+
+
+class PoolResources(ActorResources):
+    """An actor pool (Ray Data `ActorPoolStrategy`): `size` actors, each with the resources above."""
+
+    size: int = Field(2, ge=1, description="Actors in the pool (each loads its own model).")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per actor. Keep it fractional on small machines: "
+                            "whole-CPU actors can take every CPU and starve Ray Data's read tasks, which then hang.")
 
 
 class TrainWorkerResources(BaseConfig):
-    """The one Ray Train worker of a training pipeline; kept apart from the algorithm settings."""
+    """The Ray Train workers of a training pipeline; kept apart from the algorithm settings."""
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the worker.")
-    use_gpu: bool = Field(False, description="One GPU for the worker.")
-    torch_threads: int = Field(1, ge=1, description="torch threads in the worker.")
+    num_workers: int = Field(1, ge=1, description="Data-parallel workers (DDP when more than one).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    torch_threads: int = Field(1, ge=1, description="torch threads per worker.")
+
+
+class PipelineConfig(BaseConfig):
+    """Base of every pipeline's config: a run name, the folder its artifacts go to, and `force`.
+
+    Subclasses set `output_root`; the default folder is `<output_root>/<name>`.
+    """
+
+    output_root: ClassVar[str]
+
+    name: str = Field("default", description="Run name; the default output folder is <output_root>/<name>.")
+    output_dir: str | None = Field(None, description="Artifact folder (default <output_root>/<name>).")
+    force: bool = Field(False, description="Delete what output_dir holds and start over (default: reuse or resume "
+                        "a run made with the same settings, refuse one made with other settings).")
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"{self.output_root}/{self.name}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -6,15 +6,16 @@ from collections.abc import Mapping, Sequence
 
 import ray
 
-from trustray.config import Resources
-from trustray.models.engines import Completion, EngineConfig, Request, SamplingParams, create_engine
+from trustray.config import ActorResources
+from trustray.models.engine_factory import build_engine
+from trustray.models.engines import Completion, EngineConfig, Request, SamplingParams
 
 
 class ChatModel:
     """Plain class around an engine; `ChatModelActor` is its Ray actor."""
 
     def __init__(self, config: EngineConfig):
-        self.engine = create_engine(config)
+        self.engine = build_engine(config)
 
     def generate(self, requests: Sequence[Request], sampling: SamplingParams, adapter: str | None = None) -> list[Completion]:
         return self.engine.generate(requests, sampling, adapter)
@@ -41,7 +42,7 @@ class ChatModel:
 ChatModelActor = ray.remote(ChatModel)
 
 
-def start_chat_actor(config: EngineConfig, resources: Resources | None = None):
+def start_chat_actor(config: EngineConfig, resources: ActorResources | None = None):
     """Start a `ChatModelActor` with the given resources (algorithm config and resources stay separate)."""
-    resources = resources or Resources()
+    resources = resources or ActorResources()
     return ChatModelActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(config)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from trustray.config import BaseConfig, Resources
+from trustray.config import ActorResources, BaseConfig
 from trustray.core.rag.compress import Compressed
 from trustray.models.embedders import EmbedderConfig
 
@@ -97,10 +97,10 @@ class PassageCompressor:
         return [self.compress(question, group) for question, group in zip(questions, passages, strict=True)]
 
 
-def start_compressor_actor(config: CompressorConfig, chat_model: str, resources: Resources | None = None) -> Any:
+def start_compressor_actor(config: CompressorConfig, chat_model: str, resources: ActorResources | None = None) -> Any:
     """`PassageCompressor` as a Ray actor with its own resources."""
     import ray
 
-    resources = resources or Resources(num_cpus=0.5)
+    resources = resources or ActorResources(num_cpus=0.5)
     actor = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)(PassageCompressor)
     return actor.remote(config, chat_model)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
-from trustray.config import Resources
+from trustray.config import ActorResources
 from trustray.models.embedders import Embedder, EmbedderConfig
 
 
@@ -24,7 +24,7 @@ class EmbedderActor:
         return {"model": self.embedder.config.model, "dim": self.embedder.dim, "fingerprint": self.embedder.fingerprint}
 
 
-def start_embedder_actor(config: EmbedderConfig | None = None, resources: Resources | None = None):
+def start_embedder_actor(config: EmbedderConfig | None = None, resources: ActorResources | None = None):
     """Start an `EmbedderActor` with the given resources (default: 1 CPU, no GPU)."""
-    resources = resources or Resources()
+    resources = resources or ActorResources()
     return EmbedderActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(config)

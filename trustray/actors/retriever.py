@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 
 from trustray.artifacts import ArtifactMismatchError, read_metadata
-from trustray.config import Resources
+from trustray.config import ActorResources
 from trustray.core.rag.index import Passage, PassageIndex
 from trustray.models.embedders import Embedder, EmbedderConfig
 
@@ -64,10 +64,10 @@ RetrieverActor = ray.remote(Retriever)
 
 
 def start_retriever_actor(
-    index_dir: str | Path, embedder_config: EmbedderConfig | None = None, resources: Resources | None = None
+    index_dir: str | Path, embedder_config: EmbedderConfig | None = None, resources: ActorResources | None = None
 ):
     """Start a `RetrieverActor` with the given resources (default: 1 CPU, no GPU)."""
-    resources = resources or Resources()
+    resources = resources or ActorResources()
     return RetrieverActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(
         str(index_dir), embedder_config
     )

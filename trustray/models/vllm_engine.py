@@ -1,4 +1,4 @@
-"""vLLM backend of the `Engine` protocol (offline `vllm.LLM`); imported only by `create_engine`.
+"""vLLM backend of the `Engine` protocol (offline `vllm.LLM`); imported only by `build_engine`.
 
 Requests are sent as token ids tokenized here (no special tokens added), so prompts, lengths and scores match
 `HFEngine`. Adapters are vLLM LoRA requests. Weight deltas run inside the worker through a worker extension

@@ -22,7 +22,7 @@ from pydantic import Field
 
 import trustray
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig, Resources
+from trustray.config import BaseConfig, PoolResources
 from trustray.core.rag.index import PassageIndex
 from trustray.core.rag.passages import split_passages
 from trustray.data.corpus import load_corpus
@@ -36,18 +36,6 @@ ARTIFACT_KIND = "passage_index"
 SPECIAL_TOKENS = 2
 # Documents per input block: Ray Data's default of one block per item makes thousands of tiny split tasks.
 DOCS_PER_BLOCK = 250
-
-
-class PoolResources(Resources):
-    """The embedding actor pool: how many actors and what each one reserves."""
-
-    size: int = Field(2, ge=1, description="Number of embedding actors in the Ray Data actor pool.")
-    num_cpus: float = Field(
-        0.5,
-        ge=0,
-        description="CPUs per embedding actor. Keep it fractional on small machines: whole-CPU actors can take "
-        "every CPU and starve Ray Data's read/split tasks, which then hang.",
-    )
 
 
 class BuildIndexConfig(BaseConfig):

@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import Field
 
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig, Resources, TrainWorkerResources
+from trustray.config import ActorResources, BaseConfig, TrainWorkerResources
 from trustray.core.rag.lsr import teacher_requests, teacher_summary
 from trustray.data.io import read_jsonl, write_jsonl
 from trustray.models.embedders import EmbedderConfig
@@ -120,7 +120,7 @@ class TeacherPoolResources(BaseConfig):
 
 
 class CompressorTrainResources(BaseConfig):
-    retriever: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="The retrieval actor.")
+    retriever: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.5), description="The retrieval actor.")
     teacher: TeacherPoolResources = Field(default_factory=TeacherPoolResources, description="Teacher actor pool.")
     train: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The training worker.")
 

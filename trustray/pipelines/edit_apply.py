@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from trustray.config import BaseConfig, Resources
+from trustray.config import ActorResources, BaseConfig
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines.edit_train import EditDataSettings, load_records
 
@@ -40,7 +40,7 @@ class EditApplyConfig(BaseConfig):
         description="Also export the edit set as LoRA adapters of these ranks (truncated SVD, for vLLM multi-LoRA) "
         "and report each one's reconstruction error and how much of the edit success survives.",
     )
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="The editing task.")
+    resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="The editing task.")
     output_dir: str | None = Field(None, description="Edit set folder (default outputs/edit_sets/<name>).")
 
     def output_path(self) -> Path:
@@ -49,9 +49,9 @@ class EditApplyConfig(BaseConfig):
 
 def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprint: str) -> dict[str, Any]:
     """Load the model, compute the deltas, score them; returns deltas (CPU) and metrics."""
-    from trustray.core.editing.base import build_editor
     from trustray.core.editing.editset import EditSet, to_lora
     from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
+    from trustray.core.editing.factory import build_editor
     from trustray.models.loading import gpu_or_cpu, load_causal_lm, load_tokenizer
     from trustray.runtime import setup_logging
 

@@ -109,9 +109,9 @@ def retention_batch(texts: list[str], size: int, seed: int, step: int) -> list[s
 
 
 def load_editor(config: EditTrainConfig, model: Any, tokenizer: Any) -> Any:
-    from trustray.core.editing.base import make_editor
+    from trustray.core.editing.factory import build_untrained_editor
 
-    return make_editor(config.editor, model, tokenizer, config.editor_settings)
+    return build_untrained_editor(config.editor, model, tokenizer, config.editor_settings)
 
 
 def save_editor(folder: Path, editor: Any, info: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from trustray.artifacts import (
     check_metadata,
     write_metadata,
 )
-from trustray.config import BaseConfig, Resources
+from trustray.config import ActorResources, BaseConfig
 from trustray.data.corpus import EDIT_EVAL_POOL, edit_eval_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather
@@ -113,7 +113,7 @@ class EvalEditConfig(BaseConfig):
     )
     general: GeneralAbility = Field(default_factory=GeneralAbility, description="General-ability checks.")
     batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="Each task.")
+    resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Each task.")
     output_dir: str | None = Field(None, description="Rows and report (default outputs/eval_edit/<name>).")
     results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
 
@@ -203,7 +203,8 @@ def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) ->
     import torch
 
     from trustray.core.editing.evaluation import locality_reference, prefix_cache
-    from trustray.models.engines import EngineConfig, HFEngine
+    from trustray.models.engines import EngineConfig
+    from trustray.models.hf_engine import HFEngine
     from trustray.models.loading import gpu_or_cpu
 
     device = gpu_or_cpu(config.resources.num_gpus > 0)
@@ -254,10 +255,10 @@ def general_scores(engine: Any, tokenizer: Any, texts: list[str], general: dict[
 
 def run_editor(run: EditorRun, model: Any, tokenizer: Any, fingerprint: str, replay: list[str]) -> Any:
     """The editor of `run`; one that takes general text (`ft_kl`) gets `replay` unless its settings name their own."""
-    from trustray.core.editing.base import build_editor, editor_class
+    from trustray.core.editing.factory import build_editor, registered_editor
 
     settings = dict(run.editor_settings)
-    if "general_text" in editor_class(run.editor).Settings.model_fields and not settings.get("general_text"):
+    if "general_text" in registered_editor(run.editor).Settings.model_fields and not settings.get("general_text"):
         settings["general_text"] = replay
     return build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, settings)
 
@@ -274,7 +275,8 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
         locality_reference,
         teacher_forced_scores,
     )
-    from trustray.models.engines import EngineConfig, HFEngine, SamplingParams
+    from trustray.models.engines import EngineConfig, SamplingParams
+    from trustray.models.hf_engine import HFEngine
     from trustray.models.loading import gpu_or_cpu
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped

@@ -294,7 +294,7 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
         flatten_optimizer_state,
         per_example_gradients,
     )
-    from trustray.core.influence.reductions import make_reduction
+    from trustray.core.influence.reductions import build_reduction
     from trustray.core.influence.scoring import influence_scores
     from trustray.core.influence.warmup import load_checkpoint
     from trustray.core.lm.batching import collate
@@ -341,7 +341,7 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
         for spec, dim in chosen:
             if spec.name == "kron":
                 started = time.perf_counter()
-                krons[(spec.key, dim)] = make_reduction(spec.name, dim, settings.seed, **spec.options).fit(kron_sample)
+                krons[(spec.key, dim)] = build_reduction(spec.name, dim, settings.seed, **spec.options).fit(kron_sample)
                 info["seconds"][f"{spec.key}/{dim}"] = time.perf_counter() - started
         del kron_sample
         flat: dict[str, torch.Tensor] = {}
@@ -376,7 +376,7 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
             info["actual_dims"][f"{spec.key}/{dim}"] = int(krons[(spec.key, dim)].dim)
             started -= info["seconds"].pop(f"{spec.key}/{dim}")  # fit and per-batch transforms count too
         else:
-            reduction = make_reduction(spec.name, dim, settings.seed, **spec.options)
+            reduction = build_reduction(spec.name, dim, settings.seed, **spec.options)
             if not reduction.fitted:
                 # One transform for both kinds: each random block is generated once per dim.
                 reduction.fit(fit_flat[:2])
@@ -385,7 +385,7 @@ def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[st
                 add("adam", spec.key, dim, both[n_pool : 2 * n_pool], both[2 * n_pool :])
             else:
                 for kind in FEATURE_KINDS:
-                    fitted = make_reduction(spec.name, dim, settings.seed, **spec.options).fit(train_of[kind][1])
+                    fitted = build_reduction(spec.name, dim, settings.seed, **spec.options).fit(train_of[kind][1])
                     add(kind, spec.key, dim, fitted.transform(train_of[kind][0]), fitted.transform(flat["targets"]))
         info["seconds"][f"{spec.key}/{dim}"] = round(time.perf_counter() - started, 2)
     return {"scores": scores, "info": info}

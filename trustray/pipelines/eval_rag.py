@@ -28,7 +28,7 @@ from trustray.actors.cluster import init_ray
 from trustray.actors.compressor import CompressorConfig, start_compressor_actor
 from trustray.actors.retriever import RetrieverActor
 from trustray.artifacts import atomic_write_text
-from trustray.config import BaseConfig, Resources
+from trustray.config import ActorResources, BaseConfig
 from trustray.core.rag.index import Passage
 from trustray.core.rag.metrics import answer_contained, exact_match, score_answers, token_f1
 from trustray.core.rag.prompting import closed_book_messages, rag_messages
@@ -61,12 +61,12 @@ class EvalRagConfig(BaseConfig):
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N questions (smoke runs).")
     seed: int = Field(0, description="Seed of the irrelevant passages.")
     output: str = Field("outputs/eval/rag_eval_dev.json", description="Summary JSON; per-question rows go beside it.")
-    chat_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1), description="Chat actor resources.")
-    retriever_resources: Resources = Field(
-        default_factory=lambda: Resources(num_cpus=0.5), description="Retriever actor resources."
+    chat_resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Chat actor resources.")
+    retriever_resources: ActorResources = Field(
+        default_factory=lambda: ActorResources(num_cpus=0.5), description="Retriever actor resources."
     )
-    compressor_resources: Resources = Field(
-        default_factory=lambda: Resources(num_cpus=0.5), description="Resources of each compressor's actor."
+    compressor_resources: ActorResources = Field(
+        default_factory=lambda: ActorResources(num_cpus=0.5), description="Resources of each compressor's actor."
     )
 
     @model_validator(mode="after")

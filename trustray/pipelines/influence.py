@@ -375,7 +375,7 @@ def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[di
 def run_reduction(config: InfluenceConfig, pool: list[dict[str, Any]], warmup: dict[str, Any]) -> Path:
     """Stage (b): build the reduction, fit it when it learns from data, save it; returns its folder."""
     from trustray.actors.influence import check_preconditionable
-    from trustray.core.influence.reductions import make_reduction
+    from trustray.core.influence.reductions import build_reduction
 
     settings = config.features
     folder = config.output_path() / "reduction"
@@ -390,7 +390,7 @@ def run_reduction(config: InfluenceConfig, pool: list[dict[str, Any]], warmup: d
     }
     if check_metadata(folder, expected, kind="influence reduction"):
         return folder
-    reduction = make_reduction(settings.reduction, settings.dim, settings.seed, **settings.options)
+    reduction = build_reduction(settings.reduction, settings.dim, settings.seed, **settings.options)
     check_preconditionable(reduction, settings.precondition)
     # Random projections only need the gradient size; fitted ones get the whole sample.
     count = settings.fit_sample if reduction.fitted else 2

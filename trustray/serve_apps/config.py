@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from trustray.actors.compressor import CompressorConfig
-from trustray.config import BaseConfig, Resources
+from trustray.config import ActorResources, BaseConfig
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig
 from trustray.models.sources import DEFAULT_CHAT_MODEL
@@ -36,8 +36,8 @@ class AutoscalingOptions(BaseConfig):
 class DeploymentOptions(BaseConfig):
     """How one Serve deployment runs: resources per replica, replica autoscaling and admission limit."""
 
-    resources: Resources = Field(
-        default_factory=lambda: Resources(num_cpus=0.25),
+    resources: ActorResources = Field(
+        default_factory=lambda: ActorResources(num_cpus=0.25),
         description="Ray resources per replica (fractional CPUs keep small machines from starving).",
     )
     autoscaling: AutoscalingOptions = Field(
@@ -69,7 +69,7 @@ class DeploymentsConfig(BaseConfig):
     """Options of each deployment in the application."""
 
     chat: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(resources=Resources(num_cpus=0.5), max_ongoing_requests=16),
+        default_factory=lambda: DeploymentOptions(resources=ActorResources(num_cpus=0.5), max_ongoing_requests=16),
         description="The replicas hosting the chat model engine.",
     )
     retriever: DeploymentOptions = Field(
@@ -80,7 +80,7 @@ class DeploymentsConfig(BaseConfig):
         description="The replicas running the passage compressor (rag.compressor), scaled apart from the chat model.",
     )
     editor: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(resources=Resources(num_cpus=0.25), max_ongoing_requests=4),
+        default_factory=lambda: DeploymentOptions(resources=ActorResources(num_cpus=0.25), max_ongoing_requests=4),
         description="The replicas running the editor for POST /v1/edits (each holds a copy of the base model).",
     )
     ingress: DeploymentOptions = Field(

@@ -39,7 +39,8 @@ from trustray.config import load_config
 from trustray.core.rag.index import Passage, PassageIndex
 from trustray.core.rag.prompting import format_passages, rag_messages
 from trustray.models.embedders import Embedder, EmbedderConfig
-from trustray.models.engines import Completion, EngineConfig, SamplingParams, create_engine
+from trustray.models.engine_factory import build_engine
+from trustray.models.engines import Completion, EngineConfig, SamplingParams
 from trustray.models.engines import Request as EngineRequest
 from trustray.models.sources import model_fingerprint
 from trustray.serve_apps.config import EditServeConfig, RagServeConfig, ServeConfig
@@ -112,7 +113,7 @@ class ChatDeployment:
     def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float,
                  edit_store: str | None = None):
         config = EngineConfig.model_validate(engine_config)
-        self.engine = create_engine(config)
+        self.engine = build_engine(config)
         self.max_model_len = config.max_model_len
         self.edit_store = Path(edit_store) if edit_store else None
         self.fingerprint = model_fingerprint(config.model)
@@ -297,7 +298,7 @@ class EditorDeployment:
     """Runs the configured editor on a copy of the base model for POST /v1/edits and saves edit sets."""
 
     def __init__(self, model: str, edits: dict[str, Any]):
-        from trustray.core.editing.base import build_editor
+        from trustray.core.editing.factory import build_editor
         from trustray.models.loading import load_causal_lm, load_tokenizer
 
         self.config = EditServeConfig.model_validate(edits)

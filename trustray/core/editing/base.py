@@ -1,4 +1,4 @@
-"""The editor interface and registry: edit records in, one weight change per edited Linear module out.
+"""The editor interface: edit records in, one weight change per edited Linear module out.
 
 An edit record is the dict `trustray.data.edits` produces: `prompt`, `target_new`, `paraphrases` and
 `locality` (`[{prompt, answer}]`). Editors see conversations in chat format (user: prompt, assistant: answer),
@@ -14,14 +14,12 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from trustray.artifacts import ArtifactMismatchError, read_metadata
 from trustray.config import BaseConfig
 from trustray.core.lm.batching import ResponseTruncatedError, collate, encode_chat
 
@@ -142,68 +140,3 @@ class Editor(ABC):
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         if state:
             raise ValueError(f"editor {self.name!r} has no trained parameters, got {len(state)} tensors")
-
-
-EDITORS: dict[str, type[Editor]] = {}
-
-
-def register(cls: type[Editor]) -> type[Editor]:
-    """Class decorator: adding an editor is one file and this one line."""
-    if cls.name in EDITORS:
-        raise ValueError(f"editor {cls.name!r} is registered twice")
-    EDITORS[cls.name] = cls
-    return cls
-
-
-def editor_class(name: str) -> type[Editor]:
-    """The registered editor called `name`, readable error if unknown."""
-    # Importing the editor modules fills the registry.
-    from trustray.core.editing import finetune, malmen, mend  # noqa: F401
-
-    if name not in EDITORS:
-        raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
-    return EDITORS[name]
-
-
-def make_editor(
-    name: str, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None
-) -> Editor:
-    """An editor from the registry by name (settings validated by its `Settings`)."""
-    return editor_class(name)(model, tokenizer, settings)
-
-
-def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any, fingerprint: str,
-                        overrides: Mapping[str, Any] | None = None) -> Editor:
-    """A meta-trained editor folder's editor on `model`, refusing one trained for another base model.
-
-    `overrides` replace settings it was trained with (inference ones, e.g. MALMEN's `rounds`); a setting that
-    changes the networks' shapes makes loading the state fail.
-    """
-    metadata = read_metadata(editor_dir)
-    if metadata is None or metadata.get("kind") != TRAINED_EDITOR_KIND:
-        raise FileNotFoundError(f"{editor_dir} holds no meta-trained editor (no metadata.json of kind 'editor')")
-    if metadata["model_fingerprint"] != fingerprint:
-        raise ArtifactMismatchError(
-            f"the editor in {editor_dir} was meta-trained on {metadata['model']} (fingerprint "
-            f"{metadata['model_fingerprint']}), not on this model ({fingerprint}): its networks would not fit"
-        )
-    editor = make_editor(metadata["editor"], model, tokenizer,
-                         {**metadata["settings"]["editor_settings"], **(overrides or {})})
-    device = next(model.parameters()).device
-    editor.load_state_dict(torch.load(Path(editor_dir) / EDITOR_FILE, map_location=device, weights_only=True))
-    return editor
-
-
-def build_editor(name: str, model: nn.Module, tokenizer: Any, fingerprint: str, editor_dir: str | None = None,
-                 settings: Mapping[str, Any] | None = None) -> Editor:
-    """A meta-trained editor from `editor_dir` (`settings` override its own), or a baseline (ft, ft_kl) built
-    from `settings`."""
-    if editor_dir:
-        editor = load_trained_editor(editor_dir, model, tokenizer, fingerprint, settings)
-        if editor.name != name:
-            raise ValueError(f"{editor_dir} holds a {editor.name!r} editor, not {name!r}")
-        return editor
-    editor = make_editor(name, model, tokenizer, settings)
-    if editor.meta_learned:
-        raise ValueError(f"editor {name!r} is meta-learned: give editor_dir (an edit_train output)")
-    return editor

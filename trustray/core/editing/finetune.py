@@ -35,9 +35,9 @@ from trustray.core.editing.base import (
     batches,
     check_prefix_layers,
     encode_pairs,
-    register,
 )
 from trustray.core.editing.metrics import answer_window
+from trustray.core.editing.registry import register
 from trustray.core.editing.tracing import linear_modules
 from trustray.core.lm.batching import IGNORE_INDEX
 from trustray.core.lm.losses import model_inputs

@@ -67,11 +67,11 @@ from trustray.core.editing.base import (
     batches,
     check_prefix_layers,
     encode_pairs,
-    register,
 )
 from trustray.core.editing.editset import EditSet
 from trustray.core.editing.metrics import agreement, answer_window, token_accuracy
 from trustray.core.editing.normalize import RunningStats
+from trustray.core.editing.registry import register
 from trustray.core.editing.ridge import ridge_backward, ridge_solve, ridge_solve_gram
 from trustray.core.editing.tracing import KeyMoments, KeyValueTracer, edit_positions, linear_modules
 from trustray.core.lm.losses import model_inputs

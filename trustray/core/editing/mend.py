@@ -61,7 +61,6 @@ from trustray.core.editing.base import (
     EditRecord,
     ProgressLog,
     batches,
-    register,
 )
 from trustray.core.editing.finetune import (
     answer_kl,
@@ -74,6 +73,7 @@ from trustray.core.editing.finetune import (
 )
 from trustray.core.editing.metrics import agreement, token_accuracy
 from trustray.core.editing.normalize import RunningStats
+from trustray.core.editing.registry import register
 from trustray.core.editing.tracing import KeyValueTracer, edit_positions, linear_modules
 from trustray.core.lm.losses import model_inputs
 

@@ -133,7 +133,7 @@ class Reduction(ABC):
         """Rebuild whichever reduction `save` wrote to `folder`, checking the basis hash."""
         folder = Path(folder)
         state = json.loads((folder / STATE_FILE).read_text())
-        reduction = make_reduction(
+        reduction = build_reduction(
             state["name"], state["dim"], state["seed"], input_dim=state["input_dim"], **state["options"]
         )
         if reduction.fitted:
@@ -464,7 +464,7 @@ REDUCTIONS: dict[str, type[Reduction]] = {
 }
 
 
-def make_reduction(name: str, dim: int | None, seed: int = 0, **options: Any) -> Reduction:
+def build_reduction(name: str, dim: int | None, seed: int = 0, **options: Any) -> Reduction:
     """Build a registered reduction; `options` are the class's keyword arguments (e.g. `s`, `center`, `init`)."""
     if name not in REDUCTIONS:
         raise ValueError(f"unknown reduction {name!r}; choose one of {sorted(REDUCTIONS)}")
