@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trustray.config import BaseConfig, load_config
+from trustray.config import BaseConfig, PipelineConfig, load_config
 from trustray.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,15 @@ def pipeline_module(name: str) -> Any:
         raise ValueError(f"unknown pipeline {name!r}; jobs: {', '.join(JOBS)}; evaluations: "
                          f"{', '.join(f'{what} ({module})' for what, module in EVALUATIONS.items())}")
     return importlib.import_module(f"trustray.pipelines.{name}")
+
+
+def prepare_output(config: PipelineConfig) -> Path:
+    """The run's output folder; with `force`, whatever it holds is deleted first (the one place `force` acts)."""
+    folder = config.output_path()
+    if config.force and folder.exists():
+        logger.warning("force=true: deleting %s and starting over", folder)
+        shutil.rmtree(folder)
+    return folder
 
 
 def load_pipeline(name: str) -> PipelineSpec:

@@ -670,7 +670,7 @@ class OpenAIIngress:
         """Await a handle call under the request timeout; per-request errors come back as `APIError` values."""
         try:
             result = await asyncio.wait_for(_resolve(response), timeout=self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if hasattr(response, "cancel"):
                 response.cancel()
             raise APIError(504, "the request timed out", type="server_error", code="timeout") from None
