@@ -37,10 +37,9 @@ def main() -> None:
     apply_offline_defaults()
     setup_logging()
     preset = ROOT / "configs" / "eval_rag" / f"compress_{args.preset}.yaml"
-    output = ROOT / "outputs" / "eval" / "compression_eval"
     summaries = {}
     for run, extra in (("clean", []), ("irrelevant", [f"irrelevant={args.irrelevant}"])):
-        config = load_config(eval_rag.EvalRagConfig, preset, [*args.overrides, *extra, f"output={output}-{run}.json"])
+        config = load_config(eval_rag.EvalRagConfig, preset, [*args.overrides, *extra, f"name=compression_eval_{run}"])
         summaries[run] = eval_rag.run(config)
         print(eval_rag.format_table(summaries[run]))
     report = {"machine": machine_info(), "rows": [row for run, s in summaries.items() for row in rows(s, run)],

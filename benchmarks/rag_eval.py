@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from trustray.artifacts import atomic_write_text
 from trustray.config import load_config
 from trustray.pipelines import build_index, eval_rag
 from trustray.runtime import apply_offline_defaults, setup_logging
@@ -32,12 +33,12 @@ def main() -> None:
         load_config(
             eval_rag.EvalRagConfig,
             ROOT / f"configs/eval_rag/{args.preset}.yaml",
-            [f"index_dir={index_dir}", f"output={RESULT}"],
+            [f"index_dir={index_dir}", f"name=rag_eval_{args.preset}"],
         )
     )
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     summary["rag_minus_closed_book_contains_points"] = 100 * (summary["rag"]["contains"] - summary["closed_book"]["contains"])
-    RESULT.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(RESULT, json.dumps(summary, indent=2) + "\n")
     print(eval_rag.format_table(summary))
     print(f"RAG - closed book (contains): {summary['rag_minus_closed_book_contains_points']:+.1f} points -> {RESULT}")
 

@@ -19,16 +19,16 @@ def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, r
             [f"output_dir={tmp_path / 'index'}", f"embedder.model={tiny_embedder_dir}"],
         )
     )
-    output = tmp_path / "eval" / "rag.json"
+    output = tmp_path / "eval"
     summary = eval_rag.run(
         load_config(
             eval_rag.EvalRagConfig,
             CONFIGS / "eval_rag/tiny.yaml",
             [f"index_dir={index_dir}", f"embedder.model={tiny_embedder_dir}", f"chat.model={tiny_llama_dir}",
-             f"output={output}"],
+             f"output_dir={output}"],
         )
     )
-    written = json.loads(output.read_text())
+    written = json.loads((output / eval_rag.SUMMARY_FILE).read_text())
     assert written["n_questions"] == 6 == summary["n_questions"]
     for mode in ("closed_book", "rag"):
         assert set(written[mode]) >= {"em", "f1", "contains"}
@@ -36,7 +36,7 @@ def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, r
         assert written[mode]["p95_ms"] >= written[mode]["p50_ms"] > 0
     # Retrieved passages make the RAG prompt longer than the closed-book one.
     assert written["rag"]["tokens_in"] > written["closed_book"]["tokens_in"]
-    rows = [json.loads(line) for line in output.with_suffix(".questions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (output / eval_rag.QUESTIONS_FILE).read_text().splitlines()]
     assert len(rows) == 6 and all(len(row["sources"]) == 2 for row in rows)
     assert "closed_book" in eval_rag.format_table(summary)
 
@@ -45,12 +45,12 @@ def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, r
                    f"{{name: extractive, budget: 24, embedder: {{model: {tiny_embedder_dir}}}}}]")
     summary = eval_rag.run(load_config(eval_rag.EvalRagConfig, CONFIGS / "eval_rag/tiny.yaml", [
         f"index_dir={index_dir}", f"embedder.model={tiny_embedder_dir}", f"chat.model={tiny_llama_dir}",
-        f"output={output}", "modes=[rag]", "irrelevant=2", compressors]))
+        f"output_dir={output}", "modes=[rag]", "irrelevant=2", compressors]))
     assert summary["conditions"] == ["rag", "truncate", "extractive"]
     for condition in ("truncate", "extractive"):
         assert summary[condition]["tokens_in"] < summary["rag"]["tokens_in"]
         assert 0 < summary[condition]["compression"] < 1 and summary[condition]["context_kept"] < 1
-    rows = [json.loads(line) for line in output.with_suffix(".questions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (output / eval_rag.QUESTIONS_FILE).read_text().splitlines()]
     assert all(len(row["sources"]) == 4 for row in rows)  # 2 retrieved + 2 irrelevant
     assert all(row["truncate"]["context_tokens"] <= 24 and row["extractive"]["context_tokens"] <= 24 for row in rows)
 

@@ -29,26 +29,23 @@ def preset(pipeline: str, name: str = "cpu") -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from trustray.pipelines import EVALUATIONS, JOBS, load_pipeline, pipeline_main
+    from trustray.pipelines import EVALUATIONS, JOBS, run_module
 
     evaluation = {module: what for what, module in EVALUATIONS.items()}.get(args.pipeline)
     if evaluation is not None:
         raise SystemExit(f"{args.pipeline} is an evaluation: run `trustray eval {evaluation}`")
     if args.pipeline not in JOBS:
         raise SystemExit(f"unknown pipeline {args.pipeline!r}; available: {', '.join(JOBS)}")
-    pipeline_main(load_pipeline(args.pipeline), args.args, prog=f"trustray run {args.pipeline}")
+    run_module(args.pipeline, args.args, prog=f"trustray run {args.pipeline}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trustray.pipelines import EVALUATIONS, load_pipeline, pipeline_main, pipeline_module
+    from trustray.pipelines import EVALUATIONS, pipeline_module, run_module
 
     name = EVALUATIONS[args.what]
-    module = pipeline_module(name)
-    # An evaluation may take flags of its own (eval rag: --compressor NAME), turned into config overrides.
-    argv = module.translate_flags(args.args) if hasattr(module, "translate_flags") else args.args
-    summary = pipeline_main(load_pipeline(name), argv, prog=f"trustray eval {args.what}")
-    print(module.format_table(summary))
+    summary = run_module(name, args.args, prog=f"trustray eval {args.what}", log_table=False)
+    print(pipeline_module(name).format_table(summary))
     return 0
 
 

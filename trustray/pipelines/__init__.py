@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,27 +26,6 @@ from trustray.runtime import setup_logging
 logger = logging.getLogger(__name__)
 
 PipelineSpec = dict[str, Any]
-
-
-# Training pipelines checkpoint into `step-<n>` folders; one is finished once its STEP_FILE is written (last).
-STEP_FILE = "step.json"
-
-
-def _finished_checkpoints(folder: Path) -> list[Path]:
-    steps = [path for path in folder.glob("step-*") if (path / STEP_FILE).is_file()]
-    return sorted(steps, key=lambda path: int(path.name.split("-")[1]))
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest finished `step-<n>` checkpoint under `folder`, if any."""
-    finished = _finished_checkpoints(folder)
-    return finished[-1] if finished else None
-
-
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` finished checkpoints."""
-    for path in _finished_checkpoints(folder)[:-keep]:
-        shutil.rmtree(path)
 
 
 # `trustray run NAME`: jobs that build or train an artifact.
@@ -96,6 +76,20 @@ def pipeline_main(pipeline: PipelineSpec, argv: list[str] | None = None, prog: s
     run: Callable[[BaseConfig], Path] = pipeline["run"]
     result = run(config)
     logger.info("done: %s", result)
+    return result
+
+
+def run_module(name: str, argv: list[str] | None = None, prog: str | None = None, log_table: bool = True) -> Any:
+    """Run a registered pipeline from command-line arguments (`trustray run`, `trustray eval` and
+    `python -m trustray.pipelines.NAME` all end here). An evaluation's own flags (`translate_flags`) become
+    overrides, and its table (`format_table`) is logged unless `log_table` is false."""
+    module = pipeline_module(name)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(module, "translate_flags"):
+        argv = module.translate_flags(argv)
+    result = pipeline_main(module.PIPELINE, argv, prog=prog or f"python -m trustray.pipelines.{name}")
+    if log_table and hasattr(module, "format_table"):
+        logger.info("results:\n%s", module.format_table(result))
     return result
 
 

@@ -15,19 +15,20 @@ import time
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
 import trustray
-from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig, PoolResources
+from trustray.artifacts import atomic_folder, check_metadata, write_metadata
+from trustray.config import PipelineConfig, PoolResources
 from trustray.core.rag.index import PassageIndex
 from trustray.core.rag.passages import split_passages
 from trustray.data.corpus import load_corpus
 from trustray.models.embedders import Embedder, EmbedderConfig
 from trustray.models.sources import model_fingerprint, resolve_model_source
+from trustray.pipelines import prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ SPECIAL_TOKENS = 2
 DOCS_PER_BLOCK = 250
 
 
-class BuildIndexConfig(BaseConfig):
+class BuildIndexConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/index"
+
+    name: str = Field("wiki-minilm", description="Index name; the default folder is outputs/index/<name>.")
     corpus: str = Field("wiki", description="'wiki' (bundled Wikipedia intros) or a JSONL/Parquet corpus path.")
     limit: int | None = Field(None, ge=1, description="Use only the first N documents (None: all).")
-    output_dir: str = Field("outputs/index/wiki-minilm", description="Folder the index is written to.")
     passage_tokens: int = Field(
         200, ge=8, description="Token budget per passage (embedder tokens; MiniLM's max_seq_length is 256)."
     )
@@ -49,7 +52,6 @@ class BuildIndexConfig(BaseConfig):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Passage embedder.")
     batch_size: int = Field(256, ge=1, description="Passages per map_batches call on an embedding actor.")
     resources: PoolResources = Field(default_factory=PoolResources, description="Embedding actor pool.")
-    force: bool = Field(False, description="Rebuild even when a matching or mismatching index exists.")
 
 
 def corpus_fingerprint(rows: list[dict[str, str]]) -> str:
@@ -187,13 +189,10 @@ def embed_passages(config: BuildIndexConfig, rows: list[dict[str, str]]) -> dict
 
 def run(config: BuildIndexConfig) -> Path:
     """Build (or reuse) the passage index described by `config`; returns its folder."""
-    output_dir = Path(config.output_dir)
+    output_dir = prepare_output(config)
     rows = load_corpus(config.corpus, config.limit)
     expected = expected_metadata(config, rows)
-    if config.force:
-        if read_metadata(output_dir) is not None:
-            logger.info("force=true: rebuilding %s", output_dir)
-    elif check_metadata(output_dir, expected, kind="passage index"):
+    if check_metadata(output_dir, expected, kind="passage index"):
         logger.info("reusing the passage index at %s (same corpus, embedder and settings)", output_dir)
         return output_dir
     max_tokens = embedder_max_tokens(config.embedder.model)
@@ -231,15 +230,9 @@ def run(config: BuildIndexConfig) -> Path:
 PIPELINE = {"config": BuildIndexConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from trustray.pipelines import pipeline_main
-
-    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.build_index")
-
-
 if __name__ == "__main__":
     # Run through the importable module, not `__main__`: Ray pickles functions defined in `__main__` by value,
     # and workers cannot resolve their module-level helpers.
-    from trustray.pipelines.build_index import main as module_main
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("build_index")

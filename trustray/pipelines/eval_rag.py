@@ -6,7 +6,7 @@ Reads top to bottom: load questions → retrieve top-k passages once (RetrieverA
 passages from the index are mixed in, the robustness run) → for every condition (closed book, full top-k, each
 compressor) answer the questions one at a time (ChatModelActor, greedy), timing each end to end: retrieval, then
 the compressor (its own actor), then generation → exact match, token F1, answer-contained accuracy, generator
-prompt tokens, compression, p50/p95 latency → JSON summary + per-question JSONL. The prompt is
+prompt tokens, compression, p50/p95 latency → `output_dir/summary.json` + per-question `questions.jsonl`. The prompt is
 `trustray.core.rag.prompting`, the same one the service uses; an empty compression asks closed book.
 """
 
@@ -16,8 +16,7 @@ import json
 import logging
 import random
 import time
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import ray
@@ -28,7 +27,7 @@ from trustray.actors.cluster import init_ray
 from trustray.actors.compressor import CompressorConfig, start_compressor_actor
 from trustray.actors.retriever import RetrieverActor
 from trustray.artifacts import atomic_write_text
-from trustray.config import ActorResources, BaseConfig
+from trustray.config import ActorResources, PipelineConfig
 from trustray.core.rag.index import Passage
 from trustray.core.rag.metrics import answer_contained, exact_match, score_answers, token_f1
 from trustray.core.rag.prompting import closed_book_messages, rag_messages
@@ -36,14 +35,20 @@ from trustray.data.io import write_jsonl
 from trustray.data.qa import load_qa
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig, SamplingParams
+from trustray.pipelines import prepare_output
 from trustray.runtime import machine_info
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["closed_book", "rag"]
+# Written into output_dir: the summary (what `format_table` shows) and one row per question.
+SUMMARY_FILE = "summary.json"
+QUESTIONS_FILE = "questions.jsonl"
 
 
-class EvalRagConfig(BaseConfig):
+class EvalRagConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/eval_rag"
+
     qa: str = Field("rag_dev", description="`rag_dev` (the bundled dev split) or a FlashRAG-style JSONL/Parquet file.")
     index_dir: str = Field("outputs/index/wiki-minilm", description="Index folder written by build_index.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Query embedder (must match the index).")
@@ -60,7 +65,6 @@ class EvalRagConfig(BaseConfig):
     max_tokens: int = Field(24, ge=1, le=512, description="Most answer tokens (greedy decoding).")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N questions (smoke runs).")
     seed: int = Field(0, description="Seed of the irrelevant passages.")
-    output: str = Field("outputs/eval/rag_eval_dev.json", description="Summary JSON; per-question rows go beside it.")
     chat_resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Chat actor resources.")
     retriever_resources: ActorResources = Field(
         default_factory=lambda: ActorResources(num_cpus=0.5), description="Retriever actor resources."
@@ -154,6 +158,7 @@ def run(config: EvalRagConfig) -> dict:
     """Every condition on the QA split; returns the summary (also written as JSON, rows as JSONL)."""
     from tqdm.auto import tqdm
 
+    output_dir = prepare_output(config)
     questions = load_qa(config.qa)[: config.limit]
     conditions = list(config.modes) + [label(c) for c in config.compressors]
     logger.info("evaluating %d questions: %s", len(questions), conditions)
@@ -209,12 +214,11 @@ def run(config: EvalRagConfig) -> dict:
 
     summary.update(
         conditions=conditions, chat_model=config.chat.model, embedder=config.embedder.model,
-        index_dir=config.index_dir, max_tokens=config.max_tokens, machine=machine_info(),
+        index_dir=config.index_dir, max_tokens=config.max_tokens, output_dir=str(output_dir), machine=machine_info(),
         config=config.model_dump(mode="json"),
     )
-    output = Path(config.output)
-    atomic_write_text(output, json.dumps(summary, indent=2))
-    write_jsonl(rows, output.with_suffix(".questions.jsonl"))
+    atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_jsonl(rows, output_dir / QUESTIONS_FILE)
     return summary
 
 
@@ -229,7 +233,7 @@ def format_table(summary: dict) -> str:
             f"{condition:<16} {100 * m['em']:6.1f} {100 * m['f1']:6.1f} {100 * m['contains']:9.1f} "
             f"{m['tokens_in']:10.0f} {ratio} {m['p50_ms']:8.0f} {m['p95_ms']:8.0f}"
         )
-    lines.append(f"written: {summary['config']['output']}")
+    lines.append(f"written: {summary['output_dir']}/{SUMMARY_FILE}")
     return "\n".join(lines)
 
 
@@ -254,18 +258,7 @@ def translate_flags(argv: list[str]) -> list[str]:
 PIPELINE = {"config": EvalRagConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    import sys
-
-    from trustray.pipelines import pipeline_main
-
-    argv = translate_flags(list(sys.argv[1:] if argv is None else argv))
-    summary = pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.eval_rag")
-    logger.info("results:\n%s", format_table(summary))
-    return summary
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.eval_rag import main as module_main
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("eval_rag")
