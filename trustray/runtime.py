@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +24,16 @@ def apply_offline_defaults() -> None:
     """Set the offline/loopback environment defaults; values already set by the user win."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def package_folder(package: str) -> Path:
+    """Folder of an installed package, found without importing it (some asset packages fail to import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"asset package {package!r} is not installed; run ./scripts/setup.sh (it installs the asset packages)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from trustray.data.io import read_table, require_columns
-from trustray.models.sources import package_folder
+from trustray.runtime import package_folder
 
 logger = logging.getLogger(__name__)
 

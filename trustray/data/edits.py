@@ -73,7 +73,7 @@ from typing import Any
 
 from trustray.data.corpus import WIKI_FILE, WIKI_PACKAGE
 from trustray.data.io import read_jsonl
-from trustray.models.sources import package_folder
+from trustray.runtime import package_folder
 
 SPLITS = ("train", "dev", "test")
 POOL_FRACTION = 0.10

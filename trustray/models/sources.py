@@ -9,7 +9,6 @@ convert once, and a sha256 of the result is stored and checked before reuse.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ from functools import cache
 from pathlib import Path
 
 from filelock import FileLock
+
+from trustray.runtime import package_folder
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("TRUSTRAY_CACHE", Path.home() / ".cache" / "trustray"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def package_folder(package: str) -> Path:
-    """Folder of an installed package, found without importing it (some asset packages fail to import)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"asset package {package!r} is not installed; run ./scripts/setup.sh (it installs the asset packages)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
