@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trustray.pipelines import eval_influence
+from trustray.pipelines import run_module
+from trustray.pipelines.eval_influence_report import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,10 +24,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     config = ROOT / "configs" / "eval_influence" / f"{args.preset}.yaml"
-    summary = eval_influence.main(
-        ["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides]
+    summary = run_module(
+        "eval_influence", ["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides],
+        log_table=False,
     )
-    print(eval_influence.format_table(summary))
+    print(format_table(summary))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ import pytest
 
 from trustray.artifacts import ArtifactMismatchError
 from trustray.config import load_config
+from trustray.core.influence.comparison import ReductionSpec
 from trustray.core.influence.scoring import fraction_count
 from trustray.pipelines import eval_influence
-from trustray.pipelines.eval_influence import EvalInfluenceConfig, ReductionSpec
+from trustray.pipelines.eval_influence import EvalInfluenceConfig
+from trustray.pipelines.eval_influence_report import format_table
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "eval_influence" / "tiny.yaml"
 
@@ -63,7 +65,7 @@ def test_reports_have_the_promised_shape(evaluated):
     assert by_method["full"]["target_loss"] < by_method["base (no fine-tune)"]["target_loss"]
     for name in ("fidelity", "lds", "selection"):
         assert (results / f"influence_{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "LDS" in eval_influence.format_table(summary)
+    assert "LDS" in format_table(summary)
 
 
 def test_a_rerun_reuses_every_finished_step(evaluated):
@@ -74,7 +76,6 @@ def test_a_rerun_reuses_every_finished_step(evaluated):
     assert again["lds"]["rows"] == summary["lds"]["rows"]
     assert again["selection"]["rows"] == summary["selection"]["rows"]
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps and len(stamps) > 10
-    assert again["timings"]["lds_s"] < 5
 
 
 def test_an_output_made_with_other_settings_is_refused(evaluated, tiny_llama_dir):

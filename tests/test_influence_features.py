@@ -11,6 +11,7 @@ import torch
 
 from trustray.actors.influence import extract_features
 from trustray.artifacts import ArtifactMismatchError
+from trustray.config import PoolResources
 from trustray.core.influence.gradients import (
     adam_preconditioned,
     flatten_optimizer_state,
@@ -18,6 +19,7 @@ from trustray.core.influence.gradients import (
 )
 from trustray.core.influence.reductions import Reduction, build_reduction
 from trustray.core.influence.store import FeatureStore
+from trustray.core.influence.warmup import save_checkpoint
 from trustray.core.lm.batching import collate, encode_chat
 
 torch.set_num_threads(1)
@@ -52,9 +54,7 @@ def setup(tiny_llama_dir: str, tmp_path_factory) -> dict[str, str]:
     batch = collate([encode_chat(tokenizer, row["messages"], 64) for row in ROWS[:4]], 0)
     model(**batch).loss.backward()
     optimizer.step()
-    checkpoint = root / "checkpoint"
-    model.save_pretrained(checkpoint)
-    torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
+    checkpoint = save_checkpoint(root / "checkpoint", model, optimizer, step=1, learning_rate=1e-3, epoch=1.0)
     build_reduction("gaussian", DIM, seed=0).save(root / "reduction")
     return {"model": tiny_llama_dir, "checkpoint": str(checkpoint), "reduction": str(root / "reduction"),
             "root": str(root)}
@@ -81,8 +81,8 @@ def run(setup: dict[str, str], store_dir: Path, precondition: bool = False, meta
     return extract_features(
         ROWS, store_dir=str(store_dir), store_metadata=metadata or METADATA, dim=DIM, dtype="float32",
         model_source=setup["model"], checkpoint_dir=setup["checkpoint"], reduction_dir=setup["reduction"],
-        max_length=64, shard_size=4, micro_batch_size=3, precondition=precondition, pool_size=2, num_cpus=0.5,
-        num_gpus=0, torch_threads=1,
+        max_length=64, shard_size=4, micro_batch_size=3, precondition=precondition,
+        resources=PoolResources(size=2, num_cpus=0.5, num_gpus=0, torch_threads=1),
     )
 
 

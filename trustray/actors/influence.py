@@ -10,32 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trustray.core.influence.gradients import (
-    adam_preconditioned,
-    flatten_optimizer_state,
-    per_example_gradients,
-)
+from trustray.config import PoolResources
+from trustray.core.influence.checkpoint import CheckpointGradients, check_preconditionable
 from trustray.core.influence.reductions import Reduction
 from trustray.core.influence.store import FeatureStore
-from trustray.core.influence.warmup import OPTIMIZER_FILE
-from trustray.core.lm.batching import collate, encode_chat
+from trustray.core.lm.batching import encode_chat
 
 logger = logging.getLogger(__name__)
-
-
-def check_preconditionable(reduction: Reduction, precondition: bool) -> None:
-    """Adam preconditioning acts on each weight's gradient, so it needs a reduction of the flat gradient."""
-    if precondition and reduction.name == "kron":
-        raise ValueError(
-            "precondition=true needs the flat gradient (Adam's moments are per weight), but 'kron' projects "
-            "layer factors before the outer product; use another reduction or precondition=false"
-        )
 
 
 class GradientFeatureWorker:
@@ -56,48 +42,26 @@ class GradientFeatureWorker:
         precondition: bool,
         torch_threads: int | None,
     ) -> None:
-        from peft import PeftModel
-
         from trustray.models.loading import load_causal_lm, load_tokenizer, resolve_device
 
         if torch_threads is not None:
             # Actors share the machine's cores; oversubscribed torch threads run many times slower.
             torch.set_num_threads(torch_threads)
         self.reduction = Reduction.load(reduction_dir)
+        self.precondition = precondition
         check_preconditionable(self.reduction, precondition)
-        self.device = resolve_device()
         self.tokenizer = load_tokenizer(model_source)
         # Right padding is masked out (attention 0, label -100), so the pad id only has to be a valid token.
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        base = load_causal_lm(model_source, self.device, "auto")
-        self.model = PeftModel.from_pretrained(base, checkpoint_dir, is_trainable=True).eval()
-        for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_("lora_" in name)
-        self.adam: tuple[torch.Tensor, torch.Tensor, int, tuple[float, float], float] | None = None
-        if precondition:
-            state = torch.load(Path(checkpoint_dir) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-            exp_avg, exp_avg_sq, step = flatten_optimizer_state(self.model, state)
-            group = state["param_groups"][0]
-            betas = (float(group["betas"][0]), float(group["betas"][1]))
-            self.adam = (exp_avg.to(self.device), exp_avg_sq.to(self.device), step, betas, float(group["eps"]))
+        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        base = load_causal_lm(model_source, resolve_device(), "auto")
+        self.gradients = CheckpointGradients.load(checkpoint_dir, base, precondition, micro_batch_size, pad_token_id)
         self.store = FeatureStore.create_or_open(store_dir, store_metadata, dim, dtype)
-        self.micro_batch_size = micro_batch_size
         self.max_length = max_length
 
     def features(self, conversations: list[list[dict[str, str]]]) -> np.ndarray:
         """`[len(conversations), dim]` float32 features, computed micro-batch by micro-batch."""
         encoded = [encode_chat(self.tokenizer, messages, self.max_length) for messages in conversations]
-        parts = []
-        for start in range(0, len(encoded), self.micro_batch_size):
-            batch = collate(encoded[start : start + self.micro_batch_size], self.pad_token_id)
-            grads = per_example_gradients(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            if self.adam is None:
-                reduced = self.reduction.transform(grads)
-            else:
-                exp_avg, exp_avg_sq, step, betas, eps = self.adam
-                reduced = self.reduction.transform(adam_preconditioned(grads.flat(), exp_avg, exp_avg_sq, step, betas, eps))
-            parts.append(reduced.detach().float().cpu().numpy())
-        return np.concatenate(parts)
+        return self.gradients.features(encoded, self.reduction, self.precondition).numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards, counts, seconds = [], [], []
@@ -128,10 +92,7 @@ def extract_features(
     shard_size: int,
     micro_batch_size: int,
     precondition: bool,
-    pool_size: int,
-    num_cpus: float,
-    num_gpus: float,
-    torch_threads: int | None,
+    resources: PoolResources,
 ) -> FeatureStore:
     """Features of `rows` (`{id, messages}`, each encodable by `encode_chat` within `max_length`) into the store
     at `store_dir`, resuming it; returns the finalized store. Shard i holds rows `[i*shard_size, (i+1)*shard_size)`,
@@ -176,12 +137,12 @@ def extract_features(
                     "max_length": max_length,
                     "micro_batch_size": micro_batch_size,
                     "precondition": precondition,
-                    "torch_threads": torch_threads,
+                    "torch_threads": resources.torch_threads,
                 },
                 # No more actors than shards: each one loads the whole model.
-                compute=ray.data.ActorPoolStrategy(size=min(pool_size, len(items))),
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
+                compute=ray.data.ActorPoolStrategy(size=min(resources.size, len(items))),
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
                 batch_size=1,
                 batch_format="numpy",
             )

@@ -3,11 +3,13 @@
     trustray eval influence --config configs/eval_influence/cpu.yaml [key=value ...]
     python -m trustray.pipelines.eval_influence --config configs/eval_influence/tiny.yaml
 
-Steps; the heavy ones are Ray tasks with `resources`, and each finished one is reused from `output_dir`:
+Steps; the heavy ones run on Ray with `resources` (task bodies in `eval_influence_tasks`, algorithms in
+`trustray.core.influence`), and each finished one is reused from `output_dir`:
   1. data: a training pool, a disjoint fit sample (PCA-type reductions are fitted on it, so they are scored
      out of sample) and per-topic target tasks; all tokenized once. When LoRA adapts only the top decoder
      layers, the frozen layers below run once per example and their output is cached (core/lm/prefix).
-  2. warmup: LoRA trained on a random fraction of the pool, with checkpoints and AdamW state (LESS step 1).
+  2. warmup: LoRA trained on a random fraction of the pool, with checkpoints and AdamW state (LESS step 1),
+     by the influence pipeline's Ray Train warmup.
   3. scores: per checkpoint, exact per-example LoRA gradients of fit sample, pool and targets; every reduction
      at every dim; score matrices [pool x target] for two feature kinds, `sgd` (plain gradients) and `adam`
      (pool gradients Adam-preconditioned, LESS), and two metrics (cosine, inner product). Checkpoints are
@@ -18,42 +20,46 @@ Steps; the heavy ones are Ray tasks with `resources`, and each finished one is r
   6. selection: fresh LoRA trained on the top fraction by each method, on random fractions and on the whole
      pool; mean target loss.
   7. report: JSON and PNG plots under `output_dir/report` (and copied to `results_dir` when set).
+
+Tasks write checkpoints under `output_dir`, so on a multi-node cluster it must be storage every node mounts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import random
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from trustray.artifacts import (
-    ArtifactMismatchError,
-    atomic_folder,
-    atomic_write_text,
-    check_metadata,
-    write_metadata,
+from trustray.artifacts import ArtifactMismatchError, atomic_write_text, check_metadata, write_metadata
+from trustray.config import ActorResources, BaseConfig, PipelineConfig, TrainWorkerResources
+from trustray.core.influence.comparison import FeatureGrid
+from trustray.core.influence.evaluation import (
+    fidelity_report,
+    lds_report,
+    selection_methods,
+    selection_report,
 )
-from trustray.config import BaseConfig
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
-from trustray.pipelines import gather
-from trustray.runtime import machine_info, save_figure
+from trustray.pipelines import gather, prepare_output
+
+# `trustray eval influence` prints this module's `format_table` (the evaluation registry's contract).
+from trustray.pipelines.eval_influence_report import format_table, write_report  # noqa: F401
+from trustray.pipelines.eval_influence_tasks import base_losses_task, cache_prefix, retrain_task, score_task
+from trustray.pipelines.influence import train_lora_warmup
+from trustray.runtime import machine_info
 
 logger = logging.getLogger(__name__)
 
 KIND = "influence_evaluation"
-FEATURE_KINDS = ("sgd", "adam")
-METRICS = ("cosine", "inner_product")
-# What the pipeline's selection uses (LESS): preconditioned pool gradients, cosine.
-LESS_SCORE = ("adam", "cosine")
-DENSE = ("gaussian", "rademacher")
 
 
 class EvalDataSettings(BaseConfig):
@@ -65,43 +71,6 @@ class EvalDataSettings(BaseConfig):
     max_length: int = Field(64, ge=8, description="Tokens per example; longer ones lose their end.")
     max_chars: int | None = Field(200, ge=1, description="Intro characters kept per response (None: whole intro).")
     seed: int = Field(0, description="Seeds the pool, fit sample and targets.")
-
-
-class ReductionSpec(BaseConfig):
-    """One reduction of the comparison."""
-
-    key: str = Field(description="Label in results and plots, e.g. kron-pca.")
-    name: str = Field(description="A name from trustray.core.influence.reductions.REDUCTIONS.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Options of the reduction, e.g. {init: pca}.")
-
-
-def _default_reductions() -> list[ReductionSpec]:
-    return [
-        ReductionSpec(key="gaussian", name="gaussian"),
-        ReductionSpec(key="rademacher", name="rademacher"),
-        ReductionSpec(key="sjlt", name="sjlt"),
-        ReductionSpec(key="pca", name="pca"),
-        ReductionSpec(key="kron-random", name="kron", options={"init": "random"}),
-        ReductionSpec(key="kron-pca", name="kron", options={"init": "pca"}),
-    ]
-
-
-class FeatureGrid(BaseConfig):
-    """The reductions and dims compared against exact (unreduced) gradients."""
-
-    reductions: list[ReductionSpec] = Field(default_factory=_default_reductions, description="Reductions compared.")
-    dims: list[int] = Field(default_factory=lambda: [32, 128, 512, 2048, 8192], description="Feature dims.")
-    include_full_dim: bool = Field(True, description="Also evaluate at the LoRA size itself.")
-    dense_max_dim: int | None = Field(
-        8192, ge=1, description="Dense random projections above this dim are skipped: they cost dim x LoRA size "
-        "multiply-adds per example (None: no limit).",
-    )
-    seed: int = Field(0, description="Seed of the random projections.")
-    batch_size: int = Field(8, ge=1, description="Examples per per-example-gradient pass.")
-    kron_fit: int = Field(
-        256, ge=1, description="Fit-sample examples whose layer factors fit kron-PCA (held in memory: tokens x "
-        "layer widths per example, far more than the flat gradient)."
-    )
 
 
 class LdsSettings(BaseConfig):
@@ -124,16 +93,9 @@ class SelectionSettings(BaseConfig):
     train: WarmupSettings = Field(default_factory=WarmupSettings, description="Optimisation of every fine-tune.")
 
 
-class EvalResources(BaseConfig):
-    """Resources of each Ray task (warmup, scoring, every retrain); kept apart from the algorithm settings."""
+class EvalInfluenceConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/eval_influence"
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per task.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per task (1 on a GPU cluster).")
-    torch_threads: int = Field(1, ge=1, description="torch threads per task.")
-
-
-class EvalInfluenceConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/eval_influence/<name>.")
     model: str = Field(DEFAULT_CHAT_MODEL, description="Base chat model: built-in name, local folder or HF id.")
     data: EvalDataSettings = Field(default_factory=EvalDataSettings, description="Pool, fit sample, targets.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (warmup and retrains).")
@@ -142,23 +104,58 @@ class EvalInfluenceConfig(BaseConfig):
     features: FeatureGrid = Field(default_factory=FeatureGrid, description="Reductions and dims.")
     lds: LdsSettings = Field(default_factory=LdsSettings, description="Linear datamodeling score.")
     selection: SelectionSettings = Field(default_factory=SelectionSettings, description="Selection fine-tunes.")
-    resources: EvalResources = Field(default_factory=EvalResources, description="Per-task resources.")
-    output_dir: str | None = Field(
-        None, description="Artifacts (default outputs/eval_influence/<name>); tasks write checkpoints here, so on a "
-        "multi-node cluster it must be storage every node mounts.",
+    resources: ActorResources = Field(
+        default_factory=lambda: ActorResources(torch_threads=1),
+        description="Resources of each Ray task and of the warmup's one Ray Train worker.",
     )
     results_dir: str | None = Field(None, description="Also copy the report's JSON and PNG files here.")
-    force: bool = Field(False, description="Delete an output_dir made with other settings instead of refusing it.")
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/eval_influence/{self.name}")
 
 
-# -- 1. data -------------------------------------------------------------------------------------------
+def expected_metadata(config: EvalInfluenceConfig) -> dict[str, Any]:
+    return {
+        "kind": KIND,
+        "model": config.model,
+        "model_fingerprint": model_fingerprint(config.model),
+        "settings": config.model_dump(mode="json", include={"data", "lora", "warmup", "warmup_fraction", "features"}),
+    }
+
+
+def open_output(config: EvalInfluenceConfig) -> Path:
+    """The output folder (emptied first with force=true); one made with other settings is refused."""
+    folder = prepare_output(config)
+    expected = expected_metadata(config)
+    if not check_metadata(folder, expected, kind="influence evaluation"):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_metadata(folder, expected)
+    return folder
+
+
+def reset_if_changed(folder: Path, expected: dict[str, Any], what: str) -> None:
+    """Start `folder` afresh when its results were made with other settings (they would not apply)."""
+    try:
+        if check_metadata(folder, expected, kind=what):
+            return
+    except ArtifactMismatchError:
+        logger.warning("%s settings changed: discarding the results in %s", what, folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_metadata(folder, expected)
+
+
+def _sha(value: np.ndarray | str) -> str:
+    data = value.encode() if isinstance(value, str) else np.ascontiguousarray(value).tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _remote(function: Any, config: EvalInfluenceConfig) -> Any:
+    import ray
+
+    return ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, max_retries=1)(function)
+
+
+# -- 1. data ----------------------------------------------------------------------------------------
 def build_examples(config: EvalInfluenceConfig) -> dict[str, Any]:
     """Rows and token ids of pool, fit sample and targets; rows whose response is truncated away are dropped."""
-    import random
-
     from trustray.core.lm.batching import ResponseTruncatedError, encode_chat
     from trustray.data.instructions import build_instruction_pool
     from trustray.models.loading import load_tokenizer
@@ -190,40 +187,6 @@ def build_examples(config: EvalInfluenceConfig) -> dict[str, Any]:
     return out
 
 
-# -- Ray task bodies (each loads the model itself: on a cluster it runs where its GPU is) ----------------
-def _load_base(config: EvalInfluenceConfig) -> tuple[Any, Any]:
-    import torch
-
-    from trustray.models.loading import gpu_or_cpu, load_causal_lm
-
-    torch.set_num_threads(config.resources.torch_threads)
-    device = gpu_or_cpu(config.resources.num_gpus > 0)
-    return load_causal_lm(config.model, device), device.type
-
-
-def _fresh_lora(config: EvalInfluenceConfig, seed: int) -> Any:
-    import torch
-
-    from trustray.core.influence.warmup import add_lora
-
-    base, _ = _load_base(config)
-    torch.manual_seed(seed)  # every retrain starts from the same adapter initialisation
-    return add_lora(base, config.lora)
-
-
-def cache_prefix(config: EvalInfluenceConfig, groups: dict[str, list[dict]]) -> tuple[int, dict[str, list[Any]]]:
-    """(frozen layers skipped, each group's cached prefix output per example; empty lists when nothing is frozen)."""
-    from trustray.core.lm.prefix import frozen_prefix_length, prefix_states
-
-    model = _fresh_lora(config, 0).eval()
-    layers = frozen_prefix_length(model)
-    if layers == 0:
-        return 0, {name: [] for name in groups}
-    return layers, {
-        name: prefix_states(model, examples, layers, config.features.batch_size) for name, examples in groups.items()
-    }
-
-
 def run_prefix_cache(config: EvalInfluenceConfig, folder: Path, data: dict[str, Any]) -> tuple[int, dict[str, list]]:
     """Groups whose examples carry their cached prefix output; computed once, then read from `prefix.pt`."""
     import os
@@ -248,238 +211,25 @@ def run_prefix_cache(config: EvalInfluenceConfig, folder: Path, data: dict[str, 
     return layers, {name: with_states(data[name], states[name]) for name in names}
 
 
-def warmup_task(config: EvalInfluenceConfig, examples: list[dict], prefix: int, folder: str) -> list[dict]:
-    """Train the warmup adapters; save every checkpoint under `folder`; returns `[{path, step, learning_rate}]`."""
-    from trustray.core.influence.warmup import save_checkpoint, train_lora
-    from trustray.core.lm.prefix import skipped_prefix
-
-    model = _fresh_lora(config, config.warmup.seed)
-    saved: list[dict] = []
-
-    def on_checkpoint(step: int, learning_rate: float, peft_model: Any, optimizer: Any, epoch: float) -> None:
-        save_checkpoint(Path(folder) / f"checkpoint-{step}", peft_model, optimizer, step, learning_rate, epoch)
-        saved.append({"path": f"checkpoint-{step}", "step": step, "learning_rate": learning_rate})
-
-    with skipped_prefix(model, prefix):
-        train_lora(model, examples, config.warmup, on_checkpoint)
-    return saved
-
-
-def skip_reason(spec: ReductionSpec, dim: int, total: int, fit_size: int, modules: int, dense_max: int | None) -> str | None:
-    """Why a (reduction, dim) pair is not evaluated, or None."""
-    if dim > total:
-        return f"dim exceeds the LoRA size {total}"
-    if spec.name == "none" and dim != total:
-        return "none keeps the whole LoRA gradient: only evaluated at the LoRA size"
-    if spec.name == "pca" and dim > fit_size:
-        return f"PCA rank is bounded by the {fit_size} examples it is fitted on"
-    if spec.name == "kron" and dim < modules:
-        return f"kron needs at least one feature per LoRA module ({modules})"
-    if spec.name in DENSE and dense_max is not None and dim > dense_max:
-        return f"dense projection above features.dense_max_dim={dense_max} (cost dim x {total} per example)"
-    return None
-
-
-def score_task(config: EvalInfluenceConfig, checkpoint_dir: str, groups: dict[str, list[dict]], prefix: int) -> dict:
-    """Score matrices `[pool, target]` at one checkpoint for every feature kind, metric, reduction and dim.
-
-    Flat gradients of every example are kept (the exact scores need them); layer factors, which are far larger,
-    only for the first `features.kron_fit` fit examples: kron reductions are fitted on those, then applied to
-    each pool and target batch as it is computed.
-    """
-    import torch
-
-    from trustray.core.influence.gradients import (
-        adam_preconditioned,
-        flatten_optimizer_state,
-        per_example_gradients,
-    )
-    from trustray.core.influence.reductions import build_reduction
-    from trustray.core.influence.scoring import influence_scores
-    from trustray.core.influence.warmup import load_checkpoint
-    from trustray.core.lm.batching import collate
-    from trustray.core.lm.prefix import skipped_prefix
-
-    base, device = _load_base(config)
-    model, optimizer_state, _ = load_checkpoint(checkpoint_dir, base)
-    model.eval()
-    exp_avg, exp_avg_sq, step = flatten_optimizer_state(model, optimizer_state)
-    group0 = optimizer_state["param_groups"][0]
-    settings = config.features
-    info: dict[str, Any] = {"skipped": [], "actual_dims": {}, "seconds": {}}
-
-    def gradient_batches(examples: list[dict]) -> Iterator[Any]:
-        for start in range(0, len(examples), settings.batch_size):
-            chunk = examples[start : start + settings.batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, 0).items()}
-            grads = per_example_gradients(model, batch)
-            grads.factors = {k: (a.cpu(), g.cpu()) for k, (a, g) in grads.factors.items()}
-            yield grads
-
-    def precondition(x: torch.Tensor) -> torch.Tensor:
-        return adam_preconditioned(x, exp_avg, exp_avg_sq, step, tuple(group0["betas"]), group0["eps"])
-
-    with skipped_prefix(model, prefix):
-        fit_flat, kron_sample = [], []
-        for grads in gradient_batches(groups["fit"]):
-            fit_flat.append(grads.flat())
-            if sum(b.batch_size for b in kron_sample) < settings.kron_fit:
-                kron_sample.append(grads)
-        fit_flat = torch.cat(fit_flat)
-        total, modules = fit_flat.shape[1], len(kron_sample[0].factors)
-        dims = sorted({*settings.dims, *([total] if settings.include_full_dim else [])})
-        chosen = []
-        for spec in settings.reductions:
-            for dim in dims:
-                reason = skip_reason(spec, dim, total, len(fit_flat), modules, settings.dense_max_dim)
-                if reason:
-                    info["skipped"].append({"reduction": spec.key, "dim": dim, "reason": reason})
-                else:
-                    chosen.append((spec, dim))
-        # kron projects layer factors before the outer product, so it only sees plain gradients.
-        krons = {}
-        for spec, dim in chosen:
-            if spec.name == "kron":
-                started = time.perf_counter()
-                krons[(spec.key, dim)] = build_reduction(spec.name, dim, settings.seed, **spec.options).fit(kron_sample)
-                info["seconds"][f"{spec.key}/{dim}"] = time.perf_counter() - started
-        del kron_sample
-        flat: dict[str, torch.Tensor] = {}
-        kron_features: dict[tuple[str, int, str], list[torch.Tensor]] = {}
-        for role in ("pool", "targets"):
-            rows = []
-            for grads in gradient_batches(groups[role]):
-                rows.append(grads.flat())
-                for key, reduction in krons.items():
-                    started = time.perf_counter()
-                    kron_features.setdefault((*key, role), []).append(reduction.transform(grads))
-                    info["seconds"][f"{key[0]}/{key[1]}"] += time.perf_counter() - started
-            flat[role] = torch.cat(rows)
-    info.update(lora_size=total, modules=modules)
-
-    # Targets stay plain gradients in both kinds (LESS preconditions only the training side).
-    train_of = {"sgd": (flat["pool"], fit_flat), "adam": (precondition(flat["pool"]), precondition(fit_flat))}
-    n_pool = len(flat["pool"])
-    scores: dict[str, np.ndarray] = {}
-
-    def add(kind: str, key: str, dim: int, train: torch.Tensor, targets: torch.Tensor) -> None:
-        for metric in METRICS:
-            scores[f"{kind}/{metric}/{key}/{dim}"] = influence_scores(train.numpy(), targets.numpy(), metric)
-
-    for kind in FEATURE_KINDS:
-        add(kind, "exact", total, train_of[kind][0], flat["targets"])
-    for spec, dim in chosen:
-        started = time.perf_counter()
-        if spec.name == "kron":
-            add("sgd", spec.key, dim, torch.cat(kron_features[(spec.key, dim, "pool")]),
-                torch.cat(kron_features[(spec.key, dim, "targets")]))
-            info["actual_dims"][f"{spec.key}/{dim}"] = int(krons[(spec.key, dim)].dim)
-            started -= info["seconds"].pop(f"{spec.key}/{dim}")  # fit and per-batch transforms count too
-        else:
-            reduction = build_reduction(spec.name, dim, settings.seed, **spec.options)
-            if not reduction.fitted:
-                # One transform for both kinds: each random block is generated once per dim.
-                reduction.fit(fit_flat[:2])
-                both = reduction.transform(torch.cat([train_of["sgd"][0], train_of["adam"][0], flat["targets"]]))
-                add("sgd", spec.key, dim, both[:n_pool], both[2 * n_pool :])
-                add("adam", spec.key, dim, both[n_pool : 2 * n_pool], both[2 * n_pool :])
-            else:
-                for kind in FEATURE_KINDS:
-                    fitted = build_reduction(spec.name, dim, settings.seed, **spec.options).fit(train_of[kind][1])
-                    add(kind, spec.key, dim, fitted.transform(train_of[kind][0]), fitted.transform(flat["targets"]))
-        info["seconds"][f"{spec.key}/{dim}"] = round(time.perf_counter() - started, 2)
-    return {"scores": scores, "info": info}
-
-
-def target_losses(config: EvalInfluenceConfig, model: Any, targets: list[dict], prefix: int) -> list[float]:
-    """Each target's mean response loss under `model` (its frozen prefix bypassed)."""
-    import torch
-
-    from trustray.core.lm.batching import collate
-    from trustray.core.lm.losses import example_losses
-    from trustray.core.lm.prefix import skipped_prefix
-
-    device = next(model.parameters()).device
-    size = config.features.batch_size
-    model.eval()
-    with skipped_prefix(model, prefix):
-        losses = [example_losses(model, {k: v.to(device) for k, v in collate(targets[i : i + size], 0).items()})
-                  for i in range(0, len(targets), size)]
-    return torch.cat(losses).cpu().tolist()
-
-
-def retrain_task(config: EvalInfluenceConfig, train: list[dict], targets: list[dict], prefix: int,
-                 settings: WarmupSettings) -> list[float]:
-    """Fresh LoRA trained on `train`; returns each target's mean response loss afterwards."""
-    from trustray.core.influence.warmup import train_lora
-    from trustray.core.lm.prefix import skipped_prefix
-
-    model = _fresh_lora(config, settings.seed)
-    with skipped_prefix(model, prefix):
-        train_lora(model, train, settings, on_checkpoint=lambda *args: None, progress_bar=False)
-    return target_losses(config, model, targets, prefix)
-
-
-# -- the driver --------------------------------------------------------------------------------------
-def _remote(function: Any, config: EvalInfluenceConfig) -> Any:
-    import ray
-
-    return ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, max_retries=1)(function)
-
-
-def expected_metadata(config: EvalInfluenceConfig) -> dict[str, Any]:
-    return {
-        "kind": KIND,
-        "model": config.model,
-        "model_fingerprint": model_fingerprint(config.model),
-        "settings": config.model_dump(mode="json", include={"data", "lora", "warmup", "warmup_fraction", "features"}),
-    }
-
-
-def prepare_output(config: EvalInfluenceConfig) -> Path:
-    """The output folder, refused (or wiped with force=true) when it was made with other settings."""
-    folder = config.output_path()
-    expected = expected_metadata(config)
-    try:
-        reuse = check_metadata(folder, expected, kind="influence evaluation")
-    except ArtifactMismatchError:
-        if not config.force:
-            raise
-        logger.warning("force=true: deleting %s, made with other settings", folder)
-        shutil.rmtree(folder)
-        reuse = False
-    if not reuse:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_metadata(folder, expected)
-    return folder
-
-
-def reset_if_changed(folder: Path, expected: dict[str, Any], what: str) -> None:
-    """Start `folder` afresh when its results were made with other settings (they would not apply)."""
-    try:
-        if check_metadata(folder, expected, kind=what):
-            return
-    except ArtifactMismatchError:
-        logger.warning("%s settings changed: discarding the results in %s", what, folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    write_metadata(folder, expected)
-
-
 def run_warmup(config: EvalInfluenceConfig, folder: Path, pool: list[dict], prefix: int) -> list[dict]:
-    import random
-
-    import ray
-
-    done = folder / "warmup" / "checkpoints.json"
+    """The warmup's checkpoints `[{path, step, learning_rate}]`; trained once, then read from `checkpoints.json`."""
+    warmup_dir = folder / "warmup"
+    done = warmup_dir / "checkpoints.json"
     if done.is_file():
         return json.loads(done.read_text())
+    # No checkpoints.json: a warmup that did not finish. Start over (Ray Train would resume it).
+    shutil.rmtree(warmup_dir, ignore_errors=True)
     count = max(1, round(config.warmup_fraction * len(pool)))
     subset = [pool[i] for i in sorted(random.Random(config.warmup.seed).sample(range(len(pool)), count))]
     logger.info("warmup: LoRA on %d of %d pool examples", count, len(pool))
-    with atomic_folder(folder / "warmup") as tmp:
-        checkpoints = ray.get(_remote(warmup_task, config).remote(config, subset, prefix, str(tmp)))
-        (tmp / "checkpoints.json").write_text(json.dumps(checkpoints, indent=2))
+    # One Ray Train worker with a task's resources (threads: the worker's default unless set).
+    resources = config.resources
+    threads = {} if resources.torch_threads is None else {"torch_threads": resources.torch_threads}
+    worker = TrainWorkerResources(num_workers=1, num_cpus=resources.num_cpus, use_gpu=resources.num_gpus > 0, **threads)
+    trained = train_lora_warmup(warmup_dir, subset, model=config.model, dtype="float32", lora=config.lora,
+                                warmup=config.warmup, resources=worker, frozen_prefix=prefix)
+    checkpoints = [{"path": c["path"], "step": c["step"], "learning_rate": c["learning_rate"]} for c in trained]
+    atomic_write_text(done, json.dumps(checkpoints, indent=2))
     return checkpoints
 
 
@@ -508,205 +258,40 @@ def run_scores(config: EvalInfluenceConfig, folder: Path, groups_ref: Any, prefi
     return combined, json.loads((score_dir / f"{checkpoints[-1]['path']}.json").read_text())
 
 
-def fidelity_report(scores: dict[str, np.ndarray], tasks: list[str]) -> dict[str, list[dict]]:
-    """Per reduction, rows `{dim, features, spearman, top1_overlap, top5_overlap}` against exact LESS scores."""
-    from trustray.core.influence.fidelity import fidelity_row
-    from trustray.core.influence.scoring import aggregate_targets
-
-    results: dict[str, list[dict]] = {}
-    for kind in FEATURE_KINDS:
-        exact_key = next(k for k in scores if k.startswith(f"{kind}/cosine/exact/"))
-        exact = aggregate_targets(scores[exact_key], tasks)
-        for key, matrix in scores.items():
-            score_kind, metric, reduction, dim = key.split("/")
-            if score_kind != kind or metric != "cosine" or reduction == "exact":
-                continue
-            row = {"dim": int(dim), "features": kind, **fidelity_row(exact, aggregate_targets(matrix, tasks))}
-            results.setdefault(reduction, []).append(row)
-    for rows in results.values():
-        rows.sort(key=lambda row: (row["features"], row["dim"]))
-    return results
-
-
 def run_lds(config: EvalInfluenceConfig, folder: Path, pool_ref: Any, targets_ref: Any, n_pool: int,
             prefix: int, scores: dict[str, np.ndarray]) -> dict[str, Any]:
     """Retrain on random subsets (each result saved as it ends) and score every method by LDS."""
-
-    from trustray.core.influence.lds import linear_datamodeling_score, random_subsets
+    from trustray.core.influence.lds import random_subsets
 
     settings = config.lds
     masks = random_subsets(n_pool, settings.n_subsets, settings.subset_fraction, settings.seed)
     lds_dir = folder / "lds"
     reset_if_changed(lds_dir, {"masks_sha": _sha(masks), "train": settings.train.model_dump(mode="json")},
                      "LDS retrains")
-    retrain = _remote(_subset_retrain, config)
+    retrain = _remote(retrain_task, config)
     refs = {m: retrain.remote(config, pool_ref, np.flatnonzero(masks[m]).tolist(), targets_ref, prefix, settings.train)
             for m in range(len(masks)) if not (lds_dir / f"subset-{m:03d}.json").is_file()}
     gather(refs, "LDS retrains", lambda m, losses: atomic_write_text(lds_dir / f"subset-{m:03d}.json", json.dumps(losses)))
     losses = np.array([json.loads((lds_dir / f"subset-{m:03d}.json").read_text()) for m in range(len(masks))])
-    rows = []
-    for key, matrix in scores.items():
-        kind, metric, reduction, dim = key.split("/")
-        result = linear_datamodeling_score(masks, matrix, losses)
-        rows.append({"reduction": reduction, "dim": int(dim), "features": kind, "metric": metric,
-                     "lds": result["lds"], "lds_sem": result["lds_sem"], "targets_used": result["targets_used"]})
-    rows.sort(key=lambda row: (row["features"], row["metric"], row["reduction"], row["dim"]))
-    return {"rows": rows, "subset_loss_mean": float(losses.mean()), "subset_loss_std_over_subsets":
-            float(losses.mean(axis=1).std()), "n_subsets": len(masks), "subset_size": int(masks[0].sum())}
-
-
-def _subset_retrain(config: EvalInfluenceConfig, pool: list[dict], indices: list[int], targets: list[dict],
-                    prefix: int, settings: WarmupSettings) -> list[float]:
-    return retrain_task(config, [pool[i] for i in indices], targets, prefix, settings)
-
-
-def _sha(value: np.ndarray | str) -> str:
-    import hashlib
-
-    data = value.encode() if isinstance(value, str) else np.ascontiguousarray(value).tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def selection_methods(config: EvalInfluenceConfig, scores: dict[str, np.ndarray], tasks: list[str],
-                      n_pool: int, lora_size: int) -> dict[str, list[int]]:
-    """Pool indices chosen by each method: exact and reduced LESS scores, random draws, the full pool."""
-    from trustray.core.influence.scoring import aggregate_targets, fraction_count
-
-    count = fraction_count(n_pool, config.selection.top_fraction)
-    kind, metric = LESS_SCORE
-    methods: dict[str, list[int]] = {}
-    wanted = {f"{kind}/{metric}/exact/{lora_size}": "exact"}
-    for spec in config.features.reductions:
-        spec_kind = "sgd" if spec.name == "kron" else kind
-        # The largest evaluated dim up to selection.dim (PCA's rank is bounded by its fit sample).
-        dims = [int(key.split("/")[3]) for key in scores if key.startswith(f"{spec_kind}/{metric}/{spec.key}/")]
-        dims = [dim for dim in dims if dim <= config.selection.dim]
-        if dims:
-            wanted[f"{spec_kind}/{metric}/{spec.key}/{max(dims)}"] = f"{spec.key}@{max(dims)}"
-    for key, label in wanted.items():
-        if key in scores:
-            ranked = np.argsort(-aggregate_targets(scores[key], tasks), kind="stable")
-            methods[label] = sorted(ranked[:count].tolist())
-    for seed in range(config.selection.random_seeds):
-        methods[f"random-{seed}"] = sorted(np.random.default_rng(1000 + seed).choice(n_pool, count, replace=False).tolist())
-    methods["full"] = list(range(n_pool))
-    return methods
+    return lds_report(masks, scores, losses)
 
 
 def run_selection(config: EvalInfluenceConfig, folder: Path, pool_ref: Any, targets_ref: Any, prefix: int,
-                  methods: dict[str, list[int]], tasks: list[str], base_losses: list[float]) -> dict[str, Any]:
+                  methods: dict[str, list[int]], tasks: list[str]) -> dict[str, Any]:
+    """Fine-tune on each method's selection (each result saved as it ends); target losses against the base's."""
+    import ray
+
+    base_losses = ray.get(_remote(base_losses_task, config).remote(config, targets_ref, prefix))
     sel_dir = folder / "selection"
     reset_if_changed(sel_dir, {"methods_sha": _sha(json.dumps(methods, sort_keys=True)),
                                "train": config.selection.train.model_dump(mode="json")}, "selection fine-tunes")
-    retrain = _remote(_subset_retrain, config)
+    retrain = _remote(retrain_task, config)
     settings = config.selection.train
     refs = {name: retrain.remote(config, pool_ref, indices, targets_ref, prefix, settings)
             for name, indices in methods.items() if not (sel_dir / f"{name}.json").is_file()}
     gather(refs, "selection fine-tunes", lambda name, losses: atomic_write_text(sel_dir / f"{name}.json", json.dumps(losses)))
-    rows = [{"method": "base (no fine-tune)", "examples": 0, "target_loss": float(np.mean(base_losses))}]
-    for name, indices in methods.items():
-        losses = json.loads((sel_dir / f"{name}.json").read_text())
-        per_task = {task: float(np.mean([loss for loss, t in zip(losses, tasks, strict=True) if t == task]))
-                    for task in sorted(set(tasks))}
-        rows.append({"method": name, "examples": len(indices), "target_loss": float(np.mean(losses)),
-                     "per_task_loss": per_task})
-    randoms = [row["target_loss"] for row in rows if row["method"].startswith("random-")]
-    return {"rows": rows, "random_mean_loss": float(np.mean(randoms)),
-            "random_std_loss": float(np.std(randoms, ddof=1)) if len(randoms) > 1 else None}
-
-
-def base_losses_task(config: EvalInfluenceConfig, targets: list[dict], prefix: int) -> list[float]:
-    """Target losses before any fine-tuning (a fresh adapter's B is zero, so it changes nothing)."""
-    return target_losses(config, _fresh_lora(config, 0), targets, prefix)
-
-
-# -- 7. report ----------------------------------------------------------------------------------------
-def write_plots(report_dir: Path, fidelity: dict[str, list[dict]], lds: dict[str, Any],
-                selection: dict[str, Any], lora_size: int, machine: dict[str, Any]) -> list[Path]:
-    """fidelity.png (Spearman and top-5% overlap vs dim), lds.png (LDS vs dim), selection.png (target loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-
-    paths = []
-    # One colour per reduction in every panel, so lines can be compared across panels and figures.
-    names = sorted({*fidelity, *(row["reduction"] for row in lds["rows"])})
-    colour = {name: f"C{index % 10}" for index, name in enumerate(names)}
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
-    for column, kind in enumerate(FEATURE_KINDS):
-        for reduction, rows in sorted(fidelity.items()):
-            chosen = [row for row in rows if row["features"] == kind]
-            if not chosen:
-                continue
-            dims = [row["dim"] for row in chosen]
-            for axis, key in ((axes[0][column], "spearman"), (axes[1][column], "top5_overlap")):
-                axis.plot(dims, [row[key] for row in chosen], marker="o", label=reduction, color=colour[reduction])
-        axes[0][column].set_title(f"{kind} features, cosine (LoRA size {lora_size:,})")
-        axes[0][column].set_ylabel("Spearman vs exact")
-        axes[1][column].set_ylabel("top-5% overlap with exact")
-        axes[1][column].set_xlabel("feature dim")
-        for row in axes:
-            row[column].set_xscale("log")
-            row[column].grid(alpha=0.3)
-            row[column].legend(fontsize=7)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    paths.append(report_dir / "fidelity.png")
-    save_figure(figure, paths[-1], machine)
-    plt.close(figure)
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for column, (kind, metric) in enumerate([LESS_SCORE, ("sgd", "inner_product")]):
-        by_reduction: dict[str, list[dict]] = {}
-        for row in lds["rows"]:
-            if row["features"] == kind and row["metric"] == metric:
-                by_reduction.setdefault(row["reduction"], []).append(row)
-        for reduction, rows in sorted(by_reduction.items()):
-            rows.sort(key=lambda row: row["dim"])
-            axes[column].errorbar([r["dim"] for r in rows], [r["lds"] for r in rows], yerr=[r["lds_sem"] for r in rows],
-                                  marker="o", capsize=2, label=reduction, color=colour[reduction])
-        axes[column].set_title(f"LDS, {kind} features, {metric} ({lds['n_subsets']} retrains)")
-        axes[column].set_xscale("log")
-        axes[column].set_xlabel("feature dim")
-        axes[column].grid(alpha=0.3)
-        axes[column].legend(fontsize=7)
-    axes[0].set_ylabel("LDS (mean Spearman over targets)")
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    paths.append(report_dir / "lds.png")
-    save_figure(figure, paths[-1], machine)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(9, 4))
-    rows = selection["rows"]
-    axis.barh([f"{row['method']} ({row['examples']})" for row in rows], [row["target_loss"] for row in rows])
-    axis.set_xlabel("mean target loss (lower is better)")
-    low = min(row["target_loss"] for row in rows)
-    axis.set_xlim(left=low - 0.05 * abs(low))
-    axis.invert_yaxis()
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    paths.append(report_dir / "selection.png")
-    save_figure(figure, paths[-1], machine)
-    plt.close(figure)
-    return paths
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """Fidelity of LESS scores (adam, cosine) per reduction and dim, the best LDS rows, and selection losses."""
-    lines = ["fidelity (adam features, cosine): Spearman / top-5% overlap vs exact"]
-    for reduction, rows in sorted(summary["fidelity"].items()):
-        cells = [f"{r['dim']}: {r['spearman']:.3f}/{r['top5_overlap']:.2f}" for r in rows if r["features"] == "adam"]
-        cells = cells or [f"{r['dim']}: {r['spearman']:.3f}/{r['top5_overlap']:.2f} (sgd)" for r in rows]
-        lines.append(f"  {reduction:<12} " + "  ".join(cells))
-    kind, metric = LESS_SCORE
-    lines.append(f"LDS ({kind} features, {metric}; {summary['lds']['n_subsets']} retrains)")
-    for row in summary["lds"]["rows"]:
-        if row["features"] == kind and row["metric"] == metric:
-            lines.append(f"  {row['reduction']:<12} dim {row['dim']:>7}: {row['lds']:+.3f} ± {row['lds_sem']:.3f}")
-    lines.append("selection: mean target loss")
-    for row in summary["selection"]["rows"]:
-        lines.append(f"  {row['method']:<22} {row['examples']:>5} examples  {row['target_loss']:.4f}")
-    lines.append(f"written: {summary['written']}")
-    return "\n".join(lines)
+    losses = {name: json.loads((sel_dir / f"{name}.json").read_text()) for name in methods}
+    return selection_report(methods, losses, tasks, base_losses)
 
 
 def run(config: EvalInfluenceConfig) -> dict[str, Any]:
@@ -714,7 +299,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
     import ray
 
     started = time.perf_counter()
-    folder = prepare_output(config)
+    folder = open_output(config)
     data = build_examples(config)
     logger.info("pool %d, fit sample %d, targets %d in %d tasks", len(data["pool"]), len(data["fit"]),
                 len(data["targets"]), len(set(data["tasks"])))
@@ -737,14 +322,15 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
     lds = run_lds(config, folder, pool_ref, targets_ref, len(groups["pool"]), prefix, scores)
     timings["lds_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    methods = selection_methods(config, scores, data["tasks"], len(groups["pool"]), info["lora_size"])
-    base = ray.get(_remote(base_losses_task, config).remote(config, targets_ref, prefix))
-    selection = run_selection(config, folder, pool_ref, targets_ref, prefix, methods, data["tasks"], base)
+    methods = selection_methods(
+        scores, data["tasks"], len(groups["pool"]), info["lora_size"], config.features.reductions,
+        config.selection.top_fraction, config.selection.dim, config.selection.random_seeds,
+    )
+    selection = run_selection(config, folder, pool_ref, targets_ref, prefix, methods, data["tasks"])
     timings["selection_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
 
     report_dir = folder / "report"
-    report_dir.mkdir(exist_ok=True)
     common = {
         "machine": machine_info(),
         "model": config.model,
@@ -756,29 +342,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
         "checkpoints": checkpoints,
         "config": config.model_dump(mode="json"),
     }
-    files = {
-        "influence_fidelity.json": {
-            **common,
-            "exact": "unreduced per-example LoRA gradients, cosine, combined over checkpoints by learning rate",
-            "aggregation": "max over target tasks of the mean over the task's targets (LESS)",
-            "features": "adam: pool gradients Adam-preconditioned with the checkpoint's AdamW state (LESS); "
-            "sgd: plain gradients (kron is only defined on these); targets are plain in both",
-            "fitted_on": f"pca and kron-pca are fitted on {len(groups['fit'])} other pool-like examples (out of sample)",
-            "results": fidelity,
-            "skipped": info["skipped"],
-            "reduction_seconds_last_checkpoint": info["seconds"],
-            "kron_actual_dims": info["actual_dims"],
-        },
-        "influence_lds.json": {**common, **lds},
-        "influence_selection.json": {**common, **selection, "methods": {k: len(v) for k, v in methods.items()}},
-    }
-    for name, content in files.items():
-        atomic_write_text(report_dir / name, json.dumps(content, indent=2) + "\n")
-    plots = write_plots(report_dir, fidelity, lds, selection, info["lora_size"], common["machine"])
-    if config.results_dir:
-        Path(config.results_dir).mkdir(parents=True, exist_ok=True)
-        for path in [*(report_dir / name for name in files), *plots]:
-            shutil.copy2(path, Path(config.results_dir) / (path.name if path.suffix == ".json" else f"influence_{path.name}"))
+    write_report(report_dir, common, fidelity, lds, selection, info, methods, config.results_dir)
     summary = {"fidelity": fidelity, "lds": lds, "selection": selection, "timings": timings,
                "written": str(report_dir), "config": config.model_dump(mode="json")}
     atomic_write_text(report_dir / "summary.json", json.dumps({**summary, "machine": machine_info()}, indent=2) + "\n")
@@ -789,15 +353,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
 PIPELINE = {"config": EvalInfluenceConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from trustray.pipelines import pipeline_main
-
-    summary = pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.eval_influence")
-    logger.info("results:\n%s", format_table(summary))
-    return summary
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.eval_influence import main as module_main
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("eval_influence")

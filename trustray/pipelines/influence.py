@@ -18,6 +18,7 @@ Stages, each reusing its finished artifact under `output_dir` when the settings 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,16 +27,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 import trustray
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig
+from trustray.config import BaseConfig, PipelineConfig, PoolResources, TrainWorkerResources
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
 from trustray.core.lm.batching import ResponseTruncatedError, encode_chat
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines import prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +60,6 @@ class InfluenceDataSettings(BaseConfig):
     )
     max_length: int = Field(256, ge=8, description="Tokens per example; longer ones lose their end.")
     seed: int = Field(0, description="Seeds the pool construction and the choice of the warmup subset.")
-
-
-class TrainResources(BaseConfig):
-    """Ray Train workers for the warmup; kept apart from the algorithm settings."""
-
-    num_workers: int = Field(1, ge=1, description="Data-parallel training workers (DDP when more than one).")
-    num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per worker.")
-    use_gpu: bool = Field(False, description="One GPU per worker.")
-    torch_threads: int = Field(
-        1, ge=1, description="torch threads per worker; more threads than free cores makes training much slower."
-    )
 
 
 class FeatureSettings(BaseConfig):
@@ -98,30 +89,20 @@ class ScoringSettings(BaseConfig):
     )
 
 
-class FeatureResources(BaseConfig):
-    """The gradient-feature actor pool; kept apart from the algorithm settings."""
+class InfluenceConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/influence"
 
-    pool_size: int = Field(2, ge=1, description="Feature actors (each holds the model).")
-    num_cpus: float = Field(0.5, ge=0, description="CPUs per actor: fractional on small machines or Ray Data hangs.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
-    torch_threads: int | None = Field(1, ge=1, description="torch threads per actor (None: torch's default).")
-
-
-class InfluenceConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/influence/<name>.")
     model: str = Field(DEFAULT_CHAT_MODEL, description="Base chat model: built-in name, local folder or HF id.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Base model weights during training.")
     data: InfluenceDataSettings = Field(default_factory=InfluenceDataSettings, description="Pool and warmup subset.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters.")
     warmup: WarmupSettings = Field(default_factory=WarmupSettings, description="Warmup optimisation.")
-    output_dir: str | None = Field(None, description="Artifact folder (default outputs/influence/<name>).")
-    train_resources: TrainResources = Field(default_factory=TrainResources, description="Warmup workers.")
+    train_resources: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="Warmup workers.")
     features: FeatureSettings = Field(default_factory=FeatureSettings, description="Gradient features.")
     scoring: ScoringSettings = Field(default_factory=ScoringSettings, description="Scores and selection.")
-    feature_resources: FeatureResources = Field(default_factory=FeatureResources, description="Feature actors.")
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/influence/{self.name}")
+    feature_resources: PoolResources = Field(
+        default_factory=lambda: PoolResources(torch_threads=1), description="Feature actors (each holds the model)."
+    )
 
 
 def load_pool(data: InfluenceDataSettings) -> list[dict[str, Any]]:
@@ -195,27 +176,31 @@ def encode_subset(model: str, subset: list[dict[str, Any]], max_length: int) -> 
 
 
 def warmup_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train loop: load the model, add LoRA, train; rank 0 writes and reports each checkpoint."""
+    """Ray Train loop of a LoRA warmup: load the model, add LoRA, train; rank 0 writes and reports each checkpoint.
+
+    `loop_config` (see `train_lora_warmup`): model, dtype, lora, warmup, torch_threads, frozen_prefix, examples.
+    """
     import ray.train
     import ray.train.torch
     import torch
     from ray.train import Checkpoint
 
     from trustray.core.influence.warmup import add_lora, save_checkpoint, train_lora
+    from trustray.core.lm.prefix import skipped_prefix
     from trustray.models.loading import load_causal_lm
     from trustray.runtime import setup_logging
 
-    config = InfluenceConfig.model_validate(loop_config["config"])
-    torch.set_num_threads(config.train_resources.torch_threads)
+    settings = WarmupSettings.model_validate(loop_config["warmup"])
+    torch.set_num_threads(loop_config["torch_threads"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if rank == 0:
         setup_logging()
     # Loaded on the CPU: prepare_model moves it to this worker's device.
-    model = load_causal_lm(config.model, "cpu", config.dtype)
+    model = load_causal_lm(loop_config["model"], "cpu", loop_config["dtype"])
     # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
-    torch.manual_seed(config.warmup.seed)
-    model = add_lora(model, config.lora)
+    torch.manual_seed(settings.seed)
+    model = add_lora(model, LoraSettings.model_validate(loop_config["lora"]))
     # Moves to this worker's device; wraps in DDP only when there is more than one worker.
     model = ray.train.torch.prepare_model(model)
 
@@ -230,46 +215,49 @@ def warmup_worker(loop_config: dict[str, Any]) -> None:
                 metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=f"checkpoint-{step}"
             )
 
-    train_lora(model, loop_config["examples"], config.warmup, on_checkpoint, rank=rank, world_size=world_size)
+    prefix = loop_config["frozen_prefix"]
+    peft_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    # Examples that carry the frozen layers' cached output bypass those layers (Llama-shaped models only, hence
+    # no context at all without a prefix).
+    with skipped_prefix(peft_model, prefix) if prefix else contextlib.nullcontext():
+        train_lora(model, loop_config["examples"], settings, on_checkpoint, rank=rank, world_size=world_size)
 
 
-def run_warmup(config: InfluenceConfig, pool: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stage (a): train (or reuse) the warmup LoRA checkpoints; returns the warmup metadata."""
+def train_lora_warmup(
+    folder: Path, examples: list[dict[str, Any]], *, model: str, dtype: str, lora: LoraSettings,
+    warmup: WarmupSettings, resources: TrainWorkerResources, frozen_prefix: int = 0,
+) -> list[dict[str, Any]]:
+    """Train LoRA on encoded `examples` with Ray Train: the warmup of both influence pipelines.
+
+    Each checkpoint (adapter, AdamW state, `checkpoint.json`; see `core.influence.warmup.save_checkpoint`) lands
+    in `folder/checkpoint-<step>`; returns `[{step, epoch, learning_rate, path}]` in step order. Examples may
+    carry the cached output of the `frozen_prefix` lowest decoder layers, which training then bypasses.
+    `folder` must not exist: Ray Train would resume the run it holds.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trustray.actors.cluster import init_ray
 
-    warmup_dir = config.output_path() / WARMUP_DIR
-    subset = warmup_subset(pool, config.data.warmup_fraction, config.data.seed)
-    expected = warmup_expected_metadata(config, subset)
-    if check_metadata(warmup_dir, expected, kind="influence warmup"):
-        logger.info("reusing the finished warmup at %s", warmup_dir)
-        return read_warmup_metadata(warmup_dir)
-    if warmup_dir.exists():
-        # No metadata: a run that did not finish. Its checkpoints may be partial; start over.
-        logger.info("removing the unfinished warmup at %s", warmup_dir)
-        shutil.rmtree(warmup_dir)
-    examples, skipped = encode_subset(config.model, subset, config.data.max_length)
-    logger.info("warmup: %d of %d pool examples, %d epochs, into %s",
-                len(examples), len(pool), config.warmup.epochs, warmup_dir)
-
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; remove it to train a new warmup")
     init_ray()
-    resources = config.train_resources
+    loop_config = {
+        "model": model, "dtype": dtype, "lora": lora.model_dump(mode="json"), "warmup": warmup.model_dump(mode="json"),
+        "torch_threads": resources.torch_threads, "frozen_prefix": frozen_prefix, "examples": examples,
+    }
     trainer = TorchTrainer(
         warmup_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "examples": examples},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.num_cpus_per_worker},
+            resources_per_worker={"CPU": resources.num_cpus},
         ),
-        # Ray persists each reported checkpoint as <output_dir>/warmup/checkpoint-<step>.
-        run_config=RunConfig(name=WARMUP_DIR, storage_path=str(config.output_path().resolve())),
+        # Ray persists each reported checkpoint as <folder>/checkpoint-<step>.
+        run_config=RunConfig(name=folder.name, storage_path=str(folder.parent.resolve())),
     )
-    start = time.perf_counter()
     result = trainer.fit()
-    seconds = time.perf_counter() - start
     checkpoints = sorted(
         (
             {
@@ -283,7 +271,31 @@ def run_warmup(config: InfluenceConfig, pool: list[dict[str, Any]]) -> dict[str,
         key=lambda item: item["step"],
     )
     if not checkpoints:
-        raise RuntimeError(f"the warmup at {warmup_dir} reported no checkpoint")
+        raise RuntimeError(f"the warmup at {folder} reported no checkpoint")
+    return checkpoints
+
+
+def run_warmup(config: InfluenceConfig, pool: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage (a): train (or reuse) the warmup LoRA checkpoints; returns the warmup metadata."""
+    warmup_dir = config.output_path() / WARMUP_DIR
+    subset = warmup_subset(pool, config.data.warmup_fraction, config.data.seed)
+    expected = warmup_expected_metadata(config, subset)
+    if check_metadata(warmup_dir, expected, kind="influence warmup"):
+        logger.info("reusing the finished warmup at %s", warmup_dir)
+        return read_warmup_metadata(warmup_dir)
+    if warmup_dir.exists():
+        # No metadata: a run that did not finish. Its checkpoints may be partial; start over.
+        logger.info("removing the unfinished warmup at %s", warmup_dir)
+        shutil.rmtree(warmup_dir)
+    examples, skipped = encode_subset(config.model, subset, config.data.max_length)
+    logger.info("warmup: %d of %d pool examples, %d epochs, into %s",
+                len(examples), len(pool), config.warmup.epochs, warmup_dir)
+    start = time.perf_counter()
+    checkpoints = train_lora_warmup(
+        warmup_dir, examples, model=config.model, dtype=config.dtype, lora=config.lora, warmup=config.warmup,
+        resources=config.train_resources,
+    )
+    seconds = time.perf_counter() - start
     metadata = write_metadata(
         warmup_dir,
         {
@@ -343,38 +355,21 @@ def sample_gradients(config: InfluenceConfig, checkpoint_dir: str, rows: list[di
     features it will reduce, and training features are preconditioned. Otherwise the gradient batches (kron
     needs their layer factors).
     """
-    import torch
-
-    from trustray.core.influence.gradients import (
-        adam_preconditioned,
-        flatten_optimizer_state,
-        per_example_gradients,
-    )
-    from trustray.core.influence.warmup import load_checkpoint
-    from trustray.core.lm.batching import collate
+    from trustray.core.influence.checkpoint import CheckpointGradients
     from trustray.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
-    base = load_causal_lm(config.model, "cpu", config.dtype)
-    model, optimizer_state, _ = load_checkpoint(checkpoint_dir, base)
-    model.eval()
+    gradients = CheckpointGradients.load(
+        checkpoint_dir, load_causal_lm(config.model, "cpu", config.dtype), precondition,
+        config.features.micro_batch_size, tokenizer.pad_token_id,
+    )
     encoded = [encode_chat(tokenizer, row["messages"], config.data.max_length) for row in rows]
-    size = config.features.micro_batch_size
-    batches = [
-        per_example_gradients(model, collate(encoded[i : i + size], tokenizer.pad_token_id))
-        for i in range(0, len(encoded), size)
-    ]
-    if not precondition:
-        return batches
-    exp_avg, exp_avg_sq, step = flatten_optimizer_state(model, optimizer_state)
-    group = optimizer_state["param_groups"][0]
-    flat = torch.cat([batch.flat() for batch in batches])
-    return adam_preconditioned(flat, exp_avg, exp_avg_sq, step, tuple(group["betas"]), group["eps"])
+    return gradients.flat(encoded, precondition=True) if precondition else list(gradients.batches(encoded))
 
 
 def run_reduction(config: InfluenceConfig, pool: list[dict[str, Any]], warmup: dict[str, Any]) -> Path:
     """Stage (b): build the reduction, fit it when it learns from data, save it; returns its folder."""
-    from trustray.actors.influence import check_preconditionable
+    from trustray.core.influence.checkpoint import check_preconditionable
     from trustray.core.influence.reductions import build_reduction
 
     settings = config.features
@@ -413,7 +408,7 @@ def run_features(
     from trustray.actors.influence import extract_features
     from trustray.core.influence.reductions import Reduction
 
-    settings, resources = config.features, config.feature_resources
+    settings = config.features
     reduction = Reduction.load(reduction_dir)
     precondition = settings.precondition and role == "train"
     fingerprint = rows_fingerprint(rows)  # hashed once: the pool can be millions of rows
@@ -437,8 +432,7 @@ def run_features(
             rows, store_dir=str(folder), store_metadata=metadata, dim=int(reduction.dim), dtype=settings.dtype,
             model_source=config.model, checkpoint_dir=checkpoint["dir"], reduction_dir=str(reduction_dir),
             max_length=config.data.max_length, shard_size=settings.shard_size,
-            micro_batch_size=settings.micro_batch_size, precondition=precondition, pool_size=resources.pool_size,
-            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, torch_threads=resources.torch_threads,
+            micro_batch_size=settings.micro_batch_size, precondition=precondition, resources=config.feature_resources,
         )
         stores.append(store)
     return stores
@@ -494,6 +488,7 @@ def run_selection(
 
 def run(config: InfluenceConfig) -> Path:
     """Run the influence pipeline described by `config` (stages a-e); returns its output folder."""
+    folder = prepare_output(config)
     pool = load_pool(config.data)
     if not pool:
         raise ValueError(f"the training pool {config.data.pool!r} is empty")
@@ -504,21 +499,15 @@ def run(config: InfluenceConfig) -> Path:
     train_stores = run_features(config, pool, "train", warmup, reduction_dir)
     target_stores = run_features(config, targets, "target", warmup, reduction_dir)
     run_selection(config, pool, targets, warmup, train_stores, target_stores)
-    return config.output_path()
+    return folder
 
 
 PIPELINE = {"config": InfluenceConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from trustray.pipelines import pipeline_main
-
-    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.influence")
-
-
 if __name__ == "__main__":
     # Run through the importable module, not `__main__`: Ray pickles functions defined in `__main__` by value,
     # and workers cannot resolve their module-level helpers.
-    from trustray.pipelines.influence import main as module_main
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("influence")

@@ -77,6 +77,14 @@ class GradientBatch:
         parts = [torch.einsum("bto,bti->boi", g, x).flatten(1) for x, g in self.factors.values()]
         return torch.cat(parts, dim=1)
 
+    def to(self, device: torch.device | str) -> GradientBatch:
+        """The same batch with every tensor on `device` (e.g. the CPU, to keep factors off a GPU)."""
+        return GradientBatch(
+            factors={name: (x.to(device), g.to(device)) for name, (x, g) in self.factors.items()},
+            loss=self.loss.to(device),
+            mask=None if self.mask is None else self.mask.to(device),
+        )
+
 
 def _trainable_lora_params(modules: list[tuple[str, nn.Linear]]) -> list[Tensor]:
     params = [layer.weight for _, layer in modules]
