@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
+from trustray.actors.editor import EditSetMaker
 from trustray.artifacts import atomic_write_text
-from trustray.core.editing.editset import EditSet
 from trustray.core.editing.evaluation import locality_reference, prefix_cache, teacher_forced_scores
 from trustray.data.corpus import edit_eval_texts
 from trustray.models.engines import EngineConfig, SamplingParams
@@ -50,7 +49,6 @@ from trustray.pipelines.eval_edit import (
     edited_layers,
     editor_records,
     load_all_records,
-    run_editor,
 )
 from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
 
@@ -111,15 +109,13 @@ def edited_row(
     replay: list[str],
 ) -> dict:
     """Edit `records` at once with `run`'s editor, as `eval_edit` does, and score every kind of locality."""
-    model = engine.model
-    editor = run_editor(run, model, engine.tokenizer, model_fingerprint(config.model), replay)
-    began = time.perf_counter()
-    deltas = editor.compute_deltas(editor_records(config, records))
-    seconds = round(time.perf_counter() - began, 1)
+    maker = EditSetMaker(engine.model, engine.tokenizer, model_fingerprint(config.model), run.editor, run.editor_dir,
+                         run.editor_settings, general_text=replay)
+    deltas, seconds = maker.compute_deltas(editor_records(config, records))
     cached = min(edited_layers(deltas)) >= config.scoring_prefix_layers
-    with EditSet(deltas).apply(model):
+    with maker.applied(deltas):
         scores = scored_row(engine, config, sets, caches, references, known, cached)
-    return {"editor": run.name, "n_edits": len(records), "seconds": seconds, **scores}
+    return {"editor": run.name, "n_edits": len(records), "seconds": round(seconds, 1), **scores}
 
 
 def scored_row(

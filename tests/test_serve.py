@@ -205,11 +205,16 @@ def test_oversized_body_is_413(url, serve_config):
 
 
 def test_index_built_with_another_embedder_is_rejected(tmp_path):
+    from trustray.actors.retriever import check_index_embedder
     from trustray.artifacts import ArtifactMismatchError, write_metadata
-    from trustray.serve_apps.openai_app import check_index_embedder
 
-    write_metadata(tmp_path, {"embedder_fingerprint": "aaaa"})
-    with pytest.raises(ArtifactMismatchError, match="fingerprint"):
+    with pytest.raises(FileNotFoundError, match="not a finished passage index"):
+        check_index_embedder(tmp_path, "some-embedder", "aaaa")
+    write_metadata(tmp_path, {"embedder": "other-embedder"})
+    with pytest.raises(FileNotFoundError, match="not a finished passage index"):
+        check_index_embedder(tmp_path, "some-embedder", "aaaa")
+    write_metadata(tmp_path, {"embedder": "other-embedder", "embedder_fingerprint": "aaaa"})
+    with pytest.raises(ArtifactMismatchError, match="'other-embedder' \\(fingerprint aaaa\\).*fingerprint bbbb"):
         check_index_embedder(tmp_path, "some-embedder", "bbbb")
     check_index_embedder(tmp_path, "some-embedder", "aaaa")
 

@@ -1,4 +1,7 @@
-"""Edit sets served next to the base model: /v1/edits with an API key, multiplexed routing, the openai client."""
+"""Edit sets served next to the base model: /v1/edits with an API key, multiplexed routing, the openai client.
+
+Every test runs once with the `ft` baseline and once with a MALMEN editor meta-trained for two steps in a fixture.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +15,45 @@ from trustray.serve_apps.config import ServeConfig
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "tiny.yaml"
 KEY = "test-edit-key"
+TARGET = "bright purple"
 QUESTION = [{"role": "user", "content": "What is the colour of the tower?"}]
 EDITS = {"name": "tower colour", "edits": [
-    {"prompt": "What is the colour of the tower?", "target_new": "bright purple",
+    {"prompt": "What is the colour of the tower?", "target_new": TARGET,
      "paraphrases": ["Which colour does the tower have?"],
      "locality": [{"prompt": "Where is the river?", "answer": "north"}]},
 ]}
+# Each editor's settings, tuned so the random tiny Llama (whose activations are small) learns the edit for sure.
+EDITORS = {
+    "ft": "editor: ft, editor_settings: {modules: {layers: [-1]}, max_length: 96, steps: 20, lr: 0.05, norm_bound: 3.0}",
+    "malmen": "editor: malmen, editor_dir: '{editor_dir}'",
+}
 
 
 @pytest.fixture(scope="module")
-def url(ray_local, tiny_llama_dir, tmp_path_factory, free_port):
+def malmen_editor_dir(ray_local, tiny_llama_dir, tmp_path_factory) -> str:
+    """A MALMEN editor meta-trained two steps on the tiny Llama; η and λ start where the tiny model's small
+    activations and gradients need them (the identity hyper-network already writes the edit there)."""
+    from trustray.pipelines.edit_train import EditTrainConfig, run
+
+    settings = {"modules": {"layers": [-1]}, "rank": 8, "batch_size": 8, "max_length": 96,
+                "lr_init": 1000.0, "log_lambda_init": -10.0}
+    config = EditTrainConfig(model=tiny_llama_dir, editor="malmen", editor_settings=settings, steps=2,
+                             edits_per_step=8, eval_every=2, eval_edits=8, checkpoint_every=2,
+                             output_dir=str(tmp_path_factory.mktemp("malmen") / "train"))
+    return str(run(config))
+
+
+@pytest.fixture(scope="module", params=sorted(EDITORS))
+def url(request, ray_local, tiny_llama_dir, tmp_path_factory, free_port):
     from trustray.serve_apps.openai_app import run_app, shutdown
 
+    editor = EDITORS[request.param]
+    if request.param == "malmen":  # trained before Serve starts: its replicas would hold the CPUs training needs
+        editor = editor.format(editor_dir=request.getfixturevalue("malmen_editor_dir"))
     store = tmp_path_factory.mktemp("edit-sets")
     config = load_config(ServeConfig, TINY_CONFIG, [
         f"port={free_port}", f"chat.model={tiny_llama_dir}", "rag=null",
-        f"edits={{store_dir: '{store}', api_key: {KEY}, editor: ft, editor_settings: "
-        "{modules: {layers: [-1]}, max_length: 96, steps: 20, lr: 0.05, norm_bound: 3.0}}",
+        f"edits={{store_dir: '{store}', api_key: {KEY}, {editor}}}",
         "deployments.editor.resources.num_cpus=0.25",
     ])
     base = run_app(config)
@@ -54,7 +79,8 @@ def _auth(key: str = KEY) -> dict[str, str]:
 
 
 def _ask(client, model: str) -> str:
-    response = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    # Room for the whole target (9 tokens of the tiny tokenizer) and a little more.
+    response = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
     return response.choices[0].message.content
 
 
@@ -86,18 +112,20 @@ def test_malformed_edits_get_a_4xx_with_the_reason(http, body):
     assert response.json()["error"]["message"]
 
 
-def test_an_edit_set_answers_differently_and_the_base_model_stays(client, http, created):
+def test_an_edit_set_answers_with_the_new_target_and_the_base_model_stays(client, http, created, request):
     before = _ask(client, "tiny-chat")
+    assert TARGET not in before.lower()
     model = created["model"]
     assert created["status"] == "succeeded" and created["n_edits"] == 1 and model == f"edit-{created['id']}"
     assert model in [m.id for m in client.models.list().data]
     edited = _ask(client, model)
-    assert edited != before
+    assert TARGET in edited.lower()
     assert _ask(client, "tiny-chat") == before  # other requests never see the edit
-    stream = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0, stream=True)
+    stream = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == edited
     status = http.get(f"/v1/edits/{created['id']}", headers=_auth()).json()
-    assert status["status"] == "succeeded" and 0 <= status["metrics"]["es"] <= 1
+    assert status["status"] == "succeeded" and status["metrics"]["es"] > 0.5
+    assert status["editor"] == created["editor"] == request.node.callspec.params["url"]
 
 
 def test_deleting_an_edit_set_removes_its_model(client, http):

@@ -1,14 +1,33 @@
-"""ChatModelActor: one engine (transformers or vLLM) hosted in a Ray actor."""
+"""`ChatModel`: one engine (transformers or vLLM) with its prompt checks and served edit sets.
+
+`ChatModelActor` is its Ray actor; the Serve chat deployment wraps it too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import ray
 
 from trustray.config import ActorResources
 from trustray.models.engine_factory import build_engine
 from trustray.models.engines import Completion, EngineConfig, Request, SamplingParams
+from trustray.models.sources import model_fingerprint
+
+# An edit set ready to apply: its id and its weight changes keyed by parameter name.
+EditWeights = tuple[str, dict[str, Any]]
+
+
+class PromptRejected(ValueError):
+    """A request the model cannot answer as sent (the caller's to fix): `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class ChatModel:
@@ -16,6 +35,13 @@ class ChatModel:
 
     def __init__(self, config: EngineConfig):
         self.engine = build_engine(config)
+        self.model_source = config.model
+        self.max_model_len = config.max_model_len
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The base model's fingerprint, which every edit set applied to it must carry."""
+        return model_fingerprint(self.model_source)
 
     def generate(self, requests: Sequence[Request], sampling: SamplingParams, adapter: str | None = None) -> list[Completion]:
         return self.engine.generate(requests, sampling, adapter)
@@ -37,6 +63,85 @@ class ChatModel:
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
+
+    def prompt_tokens(self, request: Request) -> int:
+        """The prompt's length in tokens; `PromptRejected` when it cannot be rendered or leaves no room to generate."""
+        from jinja2 import TemplateError
+
+        param = "prompt" if isinstance(request, str) else "messages"
+        try:
+            prompt_tokens = self.engine.count_tokens(self.engine.render(request))
+        except (TemplateError, ValueError) as error:
+            raise PromptRejected(f"the messages cannot be rendered with the model's chat template: {error}",
+                                 param) from None
+        if prompt_tokens >= self.max_model_len:
+            raise PromptRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{prompt_tokens} tokens. Shorten the {param}.",
+                param,
+                code="context_length_exceeded",
+            )
+        return prompt_tokens
+
+    def edit_weights(self, folder: str | Path) -> dict[str, Any]:
+        """The weight changes of the edit set in `folder`, keyed by parameter name; an edit set made for another
+        base model is refused."""
+        from trustray.core.editing.editset import FINGERPRINT_KEY, load
+
+        edit_set = load(folder, {FINGERPRINT_KEY: self.fingerprint})
+        return {f"{module}.weight": delta for module, delta in edit_set.deltas.items()}
+
+    @contextlib.contextmanager
+    def edited(self, edit: EditWeights | None) -> Iterator[None]:
+        """The edit set's weights for the block only; reverting restores the base weights bit for bit. Callers run
+        one block at a time, so no other call ever sees them."""
+        if edit is None:
+            yield
+            return
+        self.engine.apply_delta(*edit)
+        try:
+            yield
+        finally:
+            self.engine.revert_delta(edit[0])
+
+    def generate_each(
+        self, requests: Sequence[Request], samplings: Sequence[SamplingParams], edits: Sequence[EditWeights | None]
+    ) -> list[Completion | PromptRejected]:
+        """Completions of requests that each bring their own sampling settings and edit set (one engine call per
+        distinct pair); a rejected prompt gets its `PromptRejected` in its place."""
+        results: list[Completion | PromptRejected | None] = [None] * len(requests)
+        groups: dict[tuple[str, str | None], list[int]] = {}
+        for row, (request, sampling, edit) in enumerate(zip(requests, samplings, edits, strict=True)):
+            try:
+                self.prompt_tokens(request)
+            except PromptRejected as rejected:
+                results[row] = rejected
+                continue
+            groups.setdefault((sampling.model_dump_json(), edit[0] if edit else None), []).append(row)
+        for rows in groups.values():
+            with self.edited(edits[rows[0]]):
+                completions = self.engine.generate([requests[row] for row in rows], samplings[rows[0]])
+            for row, completion in zip(rows, completions, strict=True):
+                results[row] = completion
+        return results
+
+    def stream_events(self, request: Request, sampling: SamplingParams,
+                      edit: EditWeights | None = None) -> Iterator[dict[str, Any] | str]:
+        """`{"prompt_tokens"}` first (or `PromptRejected`, raised before anything is yielded), then text pieces, then
+        `{"completion_tokens", "finish_reason"}`. Read it to the end: the engine's generation thread uses the
+        tokenizer until it finishes."""
+        prompt_tokens = self.prompt_tokens(request)
+        yield {"prompt_tokens": prompt_tokens}
+        text = ""
+        with self.edited(edit):
+            for piece in self.engine.stream(request, sampling):
+                text += piece
+                yield piece
+        completion_tokens = self.engine.count_tokens(text)
+        # The engine does not report why streaming ended; a full token budget (or context) means "length".
+        budget = min(sampling.max_tokens, self.max_model_len - prompt_tokens)
+        yield {"completion_tokens": completion_tokens,
+               "finish_reason": "length" if completion_tokens >= budget else "stop"}
 
 
 ChatModelActor = ray.remote(ChatModel)

@@ -1,7 +1,7 @@
 """The passage compressor as a service: a `trustray.core.rag.compress` compressor with the chat model's token counter.
 
-`PassageCompressor` is the plain class (used by the Serve deployment and by `trustray eval rag --compressor`);
-`start_compressor_actor` hosts it as a Ray actor that scales separately from the chat model.
+`PassageCompressor` is the plain class (the Serve compressor deployment wraps it); `start_compressor_actor` hosts it
+as a Ray actor that scales separately from the chat model (`trustray eval rag`).
 """
 
 from __future__ import annotations
@@ -90,11 +90,6 @@ class PassageCompressor:
 
     def compress(self, question: str, passages: Sequence[tuple[str, str]]) -> Compressed:
         return self.compressor.compress(question, passages, self.config.budget)
-
-    def compress_many(self, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]]) -> list[Compressed]:
-        if len(questions) != len(passages):
-            raise ValueError(f"{len(questions)} questions but {len(passages)} passage lists")
-        return [self.compress(question, group) for question, group in zip(questions, passages, strict=True)]
 
 
 def start_compressor_actor(config: CompressorConfig, chat_model: str, resources: ActorResources | None = None) -> Any:

@@ -13,21 +13,22 @@ edits, the base model's fingerprint, the editor and its teacher-forced ES / GS /
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from trustray.config import ActorResources, BaseConfig
+from trustray.config import ActorResources, PipelineConfig
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines import prepare_output
 from trustray.pipelines.edit_train import EditDataSettings, load_records
 
 logger = logging.getLogger(__name__)
 
 
-class EditApplyConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/edit_sets/<name>.")
+class EditApplyConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/edit_sets"
+
     model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model to edit.")
     editor: str = Field("malmen", description="A name from trustray.core.editing.base.EDITORS.")
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (edit_train output); malmen / mend.")
@@ -41,39 +42,31 @@ class EditApplyConfig(BaseConfig):
         "and report each one's reconstruction error and how much of the edit success survives.",
     )
     resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="The editing task.")
-    output_dir: str | None = Field(None, description="Edit set folder (default outputs/edit_sets/<name>).")
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/edit_sets/{self.name}")
 
 
 def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprint: str) -> dict[str, Any]:
     """Load the model, compute the deltas, score them; returns deltas (CPU) and metrics."""
+    import torch
+
+    from trustray.actors.editor import EditSetMaker
     from trustray.core.editing.editset import EditSet, to_lora
-    from trustray.core.editing.evaluation import locality_reference, teacher_forced_scores
-    from trustray.core.editing.factory import build_editor
-    from trustray.models.loading import gpu_or_cpu, load_causal_lm, load_tokenizer
+    from trustray.models.loading import gpu_or_cpu
     from trustray.runtime import setup_logging
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
-    model = load_causal_lm(config.model, gpu_or_cpu(config.resources.num_gpus > 0))
-    tokenizer = load_tokenizer(config.model)
-    editor = build_editor(config.editor, model, tokenizer, fingerprint, config.editor_dir, config.editor_settings)
-    reference = locality_reference(model, tokenizer, records)
-    before = teacher_forced_scores(model, tokenizer, records, reference)
-    began = time.perf_counter()
-    deltas = {name: delta.detach().cpu() for name, delta in editor.compute_deltas(records).items()}
-    seconds = time.perf_counter() - began
-    with EditSet(deltas).apply(model):
-        after = teacher_forced_scores(model, tokenizer, records, reference)
+    if config.resources.torch_threads is not None:
+        torch.set_num_threads(config.resources.torch_threads)
+    maker = EditSetMaker.load(config.model, fingerprint, config.editor, config.editor_dir, config.editor_settings,
+                              gpu_or_cpu(config.resources.num_gpus > 0))
+    made = maker.edit(records, score_before=True)
+    deltas = {name: delta.detach().cpu() for name, delta in made.deltas.items()}
     lora = []
     for rank in config.lora_ranks:
         factors, report = to_lora(EditSet(deltas), rank)
-        low_rank = {name: b @ a for name, (a, b) in factors.items()}
-        with EditSet(low_rank).apply(model):
-            scores = teacher_forced_scores(model, tokenizer, records, reference)
+        with maker.applied({name: b @ a for name, (a, b) in factors.items()}):
+            scores = maker.scores(records, made.reference)
         lora.append({"rank": rank, "relative_error": report["relative_error"], **scores})
-    metrics = {"before": before, "after": after, "edit_seconds": round(seconds, 2), "lora": lora}
+    metrics = {"before": made.before, "after": made.scores, "edit_seconds": round(made.seconds, 2), "lora": lora}
     return {"deltas": deltas, "metrics": metrics}
 
 
@@ -83,6 +76,7 @@ def run(config: EditApplyConfig) -> Path:
 
     from trustray.core.editing.editset import FINGERPRINT_KEY, EditSet
 
+    folder = prepare_output(config)
     records = load_records(config.data, config.split)[: config.n_edits]
     if len(records) < config.n_edits:
         raise ValueError(f"split {config.split!r} has {len(records)} records, fewer than n_edits={config.n_edits}")
@@ -93,7 +87,6 @@ def run(config: EditApplyConfig) -> Path:
              for record in records]
     metadata = {FINGERPRINT_KEY: fingerprint, "model": config.model, "editor": config.editor,
                 "editor_dir": config.editor_dir, "n_edits": len(records), "edits": edits, "metrics": result["metrics"]}
-    folder = config.output_path()
     EditSet(result["deltas"], metadata).save(folder)
     after = result["metrics"]["after"]
     logger.info("edit set of %d edits (%s) in %s: ES %.3f GS %.3f LS %.3f", len(records), config.editor, folder,

@@ -28,7 +28,6 @@ import json
 import logging
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,10 +40,10 @@ from trustray.artifacts import (
     check_metadata,
     write_metadata,
 )
-from trustray.config import ActorResources, BaseConfig
+from trustray.config import ActorResources, BaseConfig, PipelineConfig
 from trustray.data.corpus import EDIT_EVAL_POOL, edit_eval_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
-from trustray.pipelines import gather
+from trustray.pipelines import gather, prepare_output
 from trustray.pipelines.edit_train import EditDataSettings, load_records
 from trustray.runtime import machine_info, save_figure, setup_logging
 
@@ -83,8 +82,9 @@ class GeneralAbility(BaseConfig):
     max_tokens: int = Field(24, ge=1, description="Answer tokens generated per question.")
 
 
-class EvalEditConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/eval_edit/<name>.")
+class EvalEditConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/eval_edit"
+
     model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model edited.")
     editors: list[EditorRun] = Field(description="Editors compared.")
     n_edits: list[int] = Field(default_factory=lambda: [1, 16, 128, 1024, 4096], description="Edits applied at once.")
@@ -114,7 +114,6 @@ class EvalEditConfig(BaseConfig):
     general: GeneralAbility = Field(default_factory=GeneralAbility, description="General-ability checks.")
     batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
     resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Each task.")
-    output_dir: str | None = Field(None, description="Rows and report (default outputs/eval_edit/<name>).")
     results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
 
     @field_validator("editors")
@@ -132,9 +131,6 @@ class EvalEditConfig(BaseConfig):
             raise ValueError(f"general.ppl_texts + replay_texts must be at most {EDIT_EVAL_POOL} (the intros held "
                              "out of meta-training for evaluation)")
         return self
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/eval_edit/{self.name}")
 
 
 class PeakMemory:
@@ -198,17 +194,27 @@ def edited_layers(deltas: dict[str, Any]) -> set[int]:
     return layers
 
 
+def task_engine(config: EvalEditConfig) -> Any:
+    """The model of one task, in float32 on the device its resources give it, behind an engine (for generation)."""
+    import torch
+
+    from trustray.models.engines import EngineConfig
+    from trustray.models.hf_engine import HFEngine
+    from trustray.models.loading import gpu_or_cpu
+
+    if config.resources.torch_threads is not None:
+        torch.set_num_threads(config.resources.torch_threads)
+    device = gpu_or_cpu(config.resources.num_gpus > 0)
+    return HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
+
+
 def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) -> str:
     """Write the frozen-prefix states of every scored pair and the unedited locality predictions to `path`."""
     import torch
 
     from trustray.core.editing.evaluation import locality_reference, prefix_cache
-    from trustray.models.engines import EngineConfig
-    from trustray.models.hf_engine import HFEngine
-    from trustray.models.loading import gpu_or_cpu
 
-    device = gpu_or_cpu(config.resources.num_gpus > 0)
-    engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
+    engine = task_engine(config)
     cache = prefix_cache(engine.model, engine.tokenizer, scored, config.scoring_prefix_layers, config.batch_size)
     reference = locality_reference(engine.model, engine.tokenizer, scored, config.batch_size, prefix=cache)
     with atomic_folder(path) as tmp:
@@ -253,45 +259,25 @@ def general_scores(engine: Any, tokenizer: Any, texts: list[str], general: dict[
     return scores
 
 
-def run_editor(run: EditorRun, model: Any, tokenizer: Any, fingerprint: str, replay: list[str]) -> Any:
-    """The editor of `run`; one that takes general text (`ft_kl`) gets `replay` unless its settings name their own."""
-    from trustray.core.editing.factory import build_editor, registered_editor
-
-    settings = dict(run.editor_settings)
-    if "general_text" in registered_editor(run.editor).Settings.model_fields and not settings.get("general_text"):
-        settings["general_text"] = replay
-    return build_editor(run.editor, model, tokenizer, fingerprint, run.editor_dir, settings)
-
-
 def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
              fingerprint: str, cache_path: str | None) -> dict[str, Any]:
     """One point of the curve (`run=None`: the unedited model's general-ability baseline)."""
     import torch
 
-    from trustray.core.editing.editset import EditSet
-    from trustray.core.editing.evaluation import (
-        PrefixCache,
-        generation_scores,
-        locality_reference,
-        teacher_forced_scores,
-    )
-    from trustray.models.engines import EngineConfig, SamplingParams
-    from trustray.models.hf_engine import HFEngine
-    from trustray.models.loading import gpu_or_cpu
+    from trustray.actors.editor import EditSetMaker
+    from trustray.core.editing.evaluation import PrefixCache, generation_scores
+    from trustray.models.engines import SamplingParams
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
-    device = gpu_or_cpu(config.resources.num_gpus > 0)
-    engine = HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
-    model, tokenizer = engine.model, engine.tokenizer
+    engine = task_engine(config)
     texts, replay = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
     if run is None:
-        return general_scores(engine, tokenizer, texts, general, config)
+        return general_scores(engine, engine.tokenizer, texts, general, config)
     scored = scored_records(config, records)
-    editor = run_editor(run, model, tokenizer, fingerprint, replay)
-    began = time.perf_counter()
-    with PeakMemory(device) as memory:
-        deltas = editor.compute_deltas(editor_records(config, records))
-    seconds = time.perf_counter() - began
+    maker = EditSetMaker(engine.model, engine.tokenizer, fingerprint, run.editor, run.editor_dir, run.editor_settings,
+                         general_text=replay)
+    with PeakMemory(engine.device) as memory:
+        deltas, seconds = maker.compute_deltas(editor_records(config, records))
     prefix = None
     if cache_path is not None:
         cache = torch.load(Path(cache_path) / "cache.pt", weights_only=True)
@@ -300,9 +286,9 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
             prefix = PrefixCache(cache["layers"], cache["states"])
         del cache
     else:
-        reference = locality_reference(model, tokenizer, scored, config.batch_size)
-    with EditSet(deltas).apply(model):
-        row = teacher_forced_scores(model, tokenizer, scored, reference, config.batch_size, prefix=prefix)
+        reference = maker.locality_reference(scored, config.batch_size)
+    with maker.applied(deltas):
+        row = maker.scores(scored, reference, config.batch_size, prefix)
         if config.generation_sample:
             sampling = SamplingParams(max_tokens=16, temperature=0.0)
 
@@ -311,7 +297,7 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
                 return [c.text for c in engine.generate(requests, sampling)]
 
             row.update(generation_scores(generate, scored[: config.generation_sample]))
-        row.update(general_scores(engine, tokenizer, texts, general, config))
+        row.update(general_scores(engine, engine.tokenizer, texts, general, config))
     return {**row, "seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1), "scored": len(scored),
             "prefix_cached": prefix is not None, "run": run.model_dump(mode="json")}
 
@@ -320,7 +306,7 @@ def folder_identity(config: EvalEditConfig) -> dict[str, Any]:
     """What every row of an output folder shares (editors and N may grow between runs; resources may change)."""
     return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
-                                                                 "output_dir", "results_dir"})}
+                                                                 "output_dir", "force", "results_dir"})}
 
 
 def scoring_identity(config: EvalEditConfig) -> dict[str, Any]:
@@ -349,7 +335,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     """The scaling curve of every editor; returns the report (also written as JSON and PNG)."""
     import ray
 
-    folder = config.output_path()
+    folder = prepare_output(config)
     rows_dir = folder / "rows"
     identity = folder_identity(config)
     if not check_metadata(folder, identity, kind="edit-scaling rows"):
@@ -395,9 +381,10 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             row = json.loads(path.read_text())
             rows.append({"editor": editor_run.name, "n_edits": int(path.stem.rsplit("-", 1)[1]), **row,
                          "ppl_ratio": row["ppl"] / base["ppl"]})
+    # `force` says how this run started, not what the rows were made with.
     report = {"machine": machine_info(), "model": config.model, "split": config.split, "fill_split": config.fill_split,
               "base": base, "rows": rows,
-              "config": config.model_dump(mode="json")}
+              "config": config.model_dump(mode="json", exclude={"force"})}
     report_dir = folder / "report"
     report_dir.mkdir(exist_ok=True)
     atomic_write_text(report_dir / "edit_scaling.json", json.dumps(report, indent=2) + "\n")

@@ -38,7 +38,8 @@ class DeploymentOptions(BaseConfig):
 
     resources: ActorResources = Field(
         default_factory=lambda: ActorResources(num_cpus=0.25),
-        description="Ray resources per replica (fractional CPUs keep small machines from starving).",
+        description="Ray resources per replica (fractional CPUs keep small machines from starving); torch_threads "
+        "pins the replica's torch threads (a chat engine's or embedder's own torch_threads applies after it).",
     )
     autoscaling: AutoscalingOptions = Field(
         default_factory=AutoscalingOptions, description="Replica count bounds and autoscaling target."
@@ -168,6 +169,10 @@ class ServeConfig(BaseConfig):
     deployments: DeploymentsConfig = Field(
         default_factory=DeploymentsConfig, description="Resources and autoscaling of each deployment."
     )
+
+    def served_names(self) -> list[str]:
+        """Public names of the models always served: the chat model, then the RAG model when configured."""
+        return [self.model_name] + ([self.rag.model_name] if self.rag else [])
 
     @model_validator(mode="after")
     def _check_names(self) -> ServeConfig:

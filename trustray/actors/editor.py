@@ -1,0 +1,85 @@
+"""`EditSetMaker`: one loaded base model and its editor, turning edit records into weight changes and scoring them.
+
+The plain worker behind the Serve editor deployment, `edit_apply`'s task and `eval_edit`'s rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trustray.core.editing.base import EditRecord
+from trustray.core.editing.editset import AppliedEdit, EditSet
+from trustray.core.editing.evaluation import PrefixCache, locality_reference, teacher_forced_scores
+from trustray.core.editing.factory import build_editor, registered_editor
+
+
+@dataclass
+class MadeEdits:
+    """What `EditSetMaker.edit` returns."""
+
+    deltas: dict[str, Tensor]
+    seconds: float  # computing the deltas only
+    scores: dict[str, float]  # teacher-forced ES / GS / LS with the deltas applied
+    before: dict[str, float] | None  # the same on the unedited model, when asked for
+    reference: list[Tensor]  # the unedited model's locality predictions (what LS agrees with)
+
+
+class EditSetMaker:
+    """An editor on `model`: `general_text` goes to an editor that takes general text (`ft_kl`) unless its settings
+    name their own."""
+
+    def __init__(self, model: Any, tokenizer: Any, fingerprint: str, editor: str, editor_dir: str | None = None,
+                 editor_settings: Mapping[str, Any] | None = None, general_text: list[str] | None = None):
+        self.model, self.tokenizer, self.fingerprint = model, tokenizer, fingerprint
+        settings = dict(editor_settings or {})
+        if (general_text is not None and "general_text" in registered_editor(editor).Settings.model_fields
+                and not settings.get("general_text")):
+            settings["general_text"] = general_text
+        self.editor = build_editor(editor, model, tokenizer, fingerprint, editor_dir, settings)
+
+    @classmethod
+    def load(cls, source: str, fingerprint: str, editor: str, editor_dir: str | None = None,
+             editor_settings: Mapping[str, Any] | None = None, device: str | torch.device | None = None) -> EditSetMaker:
+        """Load the model `source` (weights `fingerprint`) and its tokenizer, then build the editor on them."""
+        from trustray.models.loading import load_causal_lm, load_tokenizer
+
+        return cls(load_causal_lm(source, device), load_tokenizer(source), fingerprint, editor, editor_dir,
+                   editor_settings)
+
+    def compute_deltas(self, records: Sequence[EditRecord]) -> tuple[dict[str, Tensor], float]:
+        """The editor's weight changes writing `records` at once, and the seconds they took."""
+        began = time.perf_counter()
+        deltas = self.editor.compute_deltas(records)
+        if next(self.model.parameters()).is_cuda:
+            torch.cuda.synchronize()  # the clock stops when the GPU has done the work, not when it was queued
+        return deltas, time.perf_counter() - began
+
+    def locality_reference(self, records: Sequence[EditRecord], batch_size: int = 16,
+                           prefix: PrefixCache | None = None) -> list[Tensor]:
+        """The current model's predictions on the records' locality probes: take them before applying an edit."""
+        return locality_reference(self.model, self.tokenizer, records, batch_size, prefix=prefix)
+
+    def scores(self, records: Sequence[EditRecord], reference: Sequence[Tensor], batch_size: int = 16,
+               prefix: PrefixCache | None = None) -> dict[str, float]:
+        """Teacher-forced ES / GS / LS of the model's current weights (LS as agreement with `reference`)."""
+        return teacher_forced_scores(self.model, self.tokenizer, records, reference, batch_size, prefix=prefix)
+
+    def applied(self, deltas: dict[str, Tensor]) -> AppliedEdit:
+        """`deltas` added to the model's weights (a context manager that reverts them bit for bit)."""
+        return EditSet(deltas).apply(self.model)
+
+    def edit(self, records: Sequence[EditRecord], score_before: bool = False) -> MadeEdits:
+        """The weight changes writing `records`, the seconds they took and the edited model's scores (with
+        `score_before`, the unedited model's too)."""
+        reference = self.locality_reference(records)
+        before = self.scores(records, reference) if score_before else None
+        deltas, seconds = self.compute_deltas(records)
+        with self.applied(deltas):
+            scores = self.scores(records, reference)
+        return MadeEdits(deltas, seconds, scores, before, reference)

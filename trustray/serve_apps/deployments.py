@@ -1,0 +1,218 @@
+"""The Serve deployments hosting models, each a thin wrapper around a plain worker class of `trustray.actors`.
+
+`ChatDeployment` (an engine; concurrent non-streaming requests are batched), `RetrieverDeployment` (embedder +
+passage index), `CompressorDeployment` (the passage compressor) and `EditorDeployment` (makes edit sets for
+POST /v1/edits). Every call that touches a model runs on the deployment's one executor thread. Errors a request
+causes come back as `APIError` values rather than raised, so they cross the Ray boundary unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from trustray.actors.chat import ChatModel, EditWeights, PromptRejected
+from trustray.actors.compressor import CompressorConfig, PassageCompressor
+from trustray.actors.editor import EditSetMaker
+from trustray.actors.retriever import Retriever
+from trustray.core.rag.index import Passage
+from trustray.models.embedders import EmbedderConfig
+from trustray.models.engines import Completion, EngineConfig, SamplingParams
+from trustray.models.engines import Request as EngineRequest
+from trustray.models.sources import model_fingerprint
+from trustray.serve_apps.config import EditServeConfig
+from trustray.serve_apps.edit_store import EditStore
+from trustray.serve_apps.schemas import APIError
+
+logger = logging.getLogger(__name__)
+
+# Edit sets one chat replica keeps loaded (Serve model multiplexing routes an edit set's requests to a replica
+# that holds it; the least recently used is dropped beyond this).
+EDIT_SETS_PER_REPLICA = 8
+
+
+class SerialExecutor:
+    """One thread for everything that touches a model or its tokenizer: fast tokenizers raise "Already
+    borrowed" when two threads use one at once, and the model runs one call at a time anyway."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+def pin_torch_threads(threads: int | None) -> None:
+    """The replica's torch threads (`deployments.<name>.resources.torch_threads`; None keeps torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def rejected(error: PromptRejected) -> APIError:
+    return APIError(400, str(error), param=error.param, code=error.code)
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    """Report an error of generation that finished after its caller went away."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("generation failed after the client left: %r", task.exception())
+
+
+@serve.deployment
+class ChatDeployment:
+    """Hosts one `ChatModel`. Non-streaming requests are batched by `@serve.batch`; streaming requests run one at
+    a time. Requests naming an edit set run with its weights applied (loaded once per replica)."""
+
+    def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float,
+                 edit_store_dir: str | None = None, torch_threads: int | None = None):
+        pin_torch_threads(torch_threads)
+        config = EngineConfig.model_validate(engine_config)
+        self.chat = ChatModel(config)
+        self.edit_store_dir = Path(edit_store_dir) if edit_store_dir else None
+        self._executor = SerialExecutor("engine")
+        self._generate_batch.set_max_batch_size(batch_max_size)
+        self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        logger.info("chat deployment ready: %s", config.model)
+
+    async def count_tokens(self, text: str) -> int:
+        return await self._executor.run(self.chat.count_tokens, text)
+
+    @serve.multiplexed(max_num_models_per_replica=EDIT_SETS_PER_REPLICA)
+    async def get_edit_set(self, edit_id: str) -> dict[str, Any]:
+        """An edit set's weight changes keyed by parameter name, loaded once per replica (LRU-evicted)."""
+        return await self._executor.run(self.chat.edit_weights, self.edit_store_dir / edit_id)
+
+    async def _edit(self, edit_id: str | None) -> EditWeights | None:
+        return (edit_id, await self.get_edit_set(edit_id)) if edit_id else None
+
+    async def generate(self, request: EngineRequest, sampling: SamplingParams,
+                       edit_id: str | None = None) -> Completion | APIError:
+        return await self._generate_batch(request, sampling, await self._edit(edit_id))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _generate_batch(
+        self, requests: list[EngineRequest], samplings: list[SamplingParams], edits: list[EditWeights | None]
+    ) -> list[Completion | APIError]:
+        results = await self._executor.run(self.chat.generate_each, requests, samplings, edits)
+        return [rejected(result) if isinstance(result, PromptRejected) else result for result in results]
+
+    async def stream(self, request: EngineRequest, sampling: SamplingParams,
+                     edit_id: str | None = None) -> AsyncIterator[Any]:
+        """Yield `{"prompt_tokens"}` (or an `APIError`) first, then text pieces, then
+        `{"completion_tokens", "finish_reason"}`."""
+        edit = await self._edit(edit_id)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                # Read to the end even after the client left: the engine's generation thread keeps using the
+                # tokenizer until it finishes, and nothing else may use it meanwhile (see SerialExecutor).
+                for item in self.chat.stream_events(request, sampling, edit):
+                    if not cancelled.is_set():
+                        put(item)
+            except PromptRejected as error:
+                put(rejected(error))
+            finally:
+                put(done)
+
+        task = asyncio.ensure_future(self._executor.run(work))
+        try:
+            while (item := await queue.get()) is not done:
+                yield item
+            await task  # re-raises an engine error
+        finally:
+            cancelled.set()
+            if not task.done():
+                task.add_done_callback(_log_failure)
+
+
+@serve.deployment
+class RetrieverDeployment:
+    """Hosts one `Retriever`: embeds questions and searches the passage index."""
+
+    def __init__(self, index_dir: str, embedder_config: dict[str, Any], torch_threads: int | None = None):
+        pin_torch_threads(torch_threads)
+        self.retriever = Retriever(index_dir, EmbedderConfig.model_validate(embedder_config))
+        self._executor = SerialExecutor("retriever")
+
+    async def retrieve(self, questions: list[str], k: int) -> list[list[Passage]]:
+        return await self._executor.run(self.retriever.retrieve, questions, k)
+
+
+@serve.deployment
+class CompressorDeployment:
+    """Hosts one `PassageCompressor`: compresses retrieved passages under the budget."""
+
+    def __init__(self, config: dict[str, Any], chat_model: str, torch_threads: int | None = None):
+        pin_torch_threads(torch_threads)
+        self.compressor = PassageCompressor(CompressorConfig.model_validate(config), chat_model)
+        self._executor = SerialExecutor("compressor")
+        logger.info("compressor ready: %s, budget %d tokens", self.compressor.config.name, self.compressor.config.budget)
+
+    async def compress(self, question: str, passages: list[tuple[str, str]]) -> Any:
+        return await self._executor.run(self.compressor.compress, question, passages)
+
+
+@serve.deployment
+class EditorDeployment:
+    """Hosts one `EditSetMaker` on a copy of the base model: makes the edit sets of POST /v1/edits and saves them."""
+
+    def __init__(self, model: str, edits: dict[str, Any], torch_threads: int | None = None):
+        pin_torch_threads(torch_threads)
+        self.config = EditServeConfig.model_validate(edits)
+        self.store = EditStore(self.config)
+        self.maker = EditSetMaker.load(model, model_fingerprint(model), self.config.editor, self.config.editor_dir,
+                                       self.config.editor_settings)
+        self._executor = SerialExecutor("editor")
+        self._jobs: set[asyncio.Future] = set()  # jobs answered with 202, kept referenced until they finish
+        logger.info("editor deployment ready: %s on %s", self.config.editor, model)
+
+    async def create(self, records: list[dict[str, Any]], name: str | None, wait: bool = True) -> dict[str, Any] | APIError:
+        """Edit set of `records`; with `wait=False` the job runs on and its status is answered at once."""
+        edit_id = self.store.new_id()
+        job = {"status": "running", "name": name, "editor": self.config.editor, "n_edits": len(records),
+               "created": int(time.time())}
+        self.store.write_job(edit_id, job)
+        running = asyncio.ensure_future(self._executor.run(self._make, edit_id, job, records))
+        if wait:
+            result = await running
+            if isinstance(result, APIError):  # the caller gets the reason now: no failed job is kept
+                self.store.drop_job(edit_id)
+            return result
+        self._jobs.add(running)
+        running.add_done_callback(self._jobs.discard)
+        return self.store.summary(edit_id, job)
+
+    def _make(self, edit_id: str, job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | APIError:
+        from trustray.core.editing.editset import FINGERPRINT_KEY, EditSet
+
+        try:
+            made = self.maker.edit(records)
+        except ValueError as error:  # e.g. a prompt longer than the editor's max_length
+            self.store.write_job(edit_id, {**job, "status": "failed", "error": str(error)})
+            return APIError(400, f"the edits cannot be applied: {error}", param="edits")
+        except Exception as error:
+            self.store.write_job(edit_id, {**job, "status": "failed", "error": repr(error)})
+            raise
+        metadata = {
+            **job, FINGERPRINT_KEY: self.maker.fingerprint, "status": "succeeded",
+            "edits": [{k: r[k] for k in ("prompt", "target_new")} for r in records],
+            "metrics": {**made.scores, "edit_seconds": round(made.seconds, 3)},
+        }
+        return self.store.finish(edit_id, EditSet(made.deltas, metadata))
