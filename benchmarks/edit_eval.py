@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trustray.pipelines import eval_edit
+from trustray.pipelines import eval_edit, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     config = ROOT / "configs" / "eval_edit" / f"{args.preset}.yaml"
-    report = eval_edit.main(["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides])
+    report = run_module("eval_edit", ["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides],
+                        log_table=False)
     print(eval_edit.format_table(report))
 
 

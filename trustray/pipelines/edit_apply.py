@@ -97,13 +97,7 @@ def run(config: EditApplyConfig) -> Path:
 PIPELINE = {"config": EditApplyConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from trustray.pipelines import pipeline_main
-
-    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.edit_apply")
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.edit_apply import main as module_main
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("edit_apply")

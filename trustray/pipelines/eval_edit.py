@@ -434,15 +434,7 @@ def format_table(report: dict[str, Any]) -> str:
 PIPELINE = {"config": EvalEditConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from trustray.pipelines import pipeline_main
-
-    report = pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.eval_edit")
-    logger.info("results:\n%s", format_table(report))
-    return report
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.eval_edit import main as module_main
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("eval_edit")
