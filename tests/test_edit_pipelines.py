@@ -83,6 +83,10 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
                           [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "locality_scored=1"])
     with pytest.raises(ArtifactMismatchError, match="locality_scored"):
         eval_edit.run(changed)
+    # force=true deletes the folder made with the other settings and starts over.
+    forced = changed.model_copy(update={"force": True, "editors": changed.editors[:1], "n_edits": [1]})
+    assert [(row["editor"], row["n_edits"]) for row in eval_edit.run(forced)["rows"]] == [("ft", 1)]
+    assert sorted(path.stem for path in (tmp_path / "eval" / "rows").glob("*.json")) == ["base", "ft-1"]
 
 
 def test_eval_edit_hides_scored_probes_from_editors_and_fills_beyond_the_split(monkeypatch):
@@ -115,12 +119,22 @@ def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir,
     assert "dev_es" in metadata["history"][-1]
 
     # A crash after step 2: the rerun continues from the step-2 checkpoint and ends with the same editor.
+    uninterrupted = torch.load(editor_dir / "editor.pt", weights_only=True)
     shutil.rmtree(editor_dir)
     shutil.rmtree(tmp_path / "train" / "checkpoints" / "step-4")
     again = run(config)
-    first_state = torch.load(again / "editor.pt", weights_only=True)
-    assert [e["step"] for e in json.loads((again / "metadata.json").read_text())["history"]] == [2, 4]
-    assert first_state.keys()
+    resumed = torch.load(again / "editor.pt", weights_only=True)
+    assert resumed.keys() == uninterrupted.keys() and "steps" in resumed
+    for key, value in uninterrupted.items():
+        if value.is_floating_point():
+            assert torch.allclose(resumed[key], value, rtol=1e-6, atol=1e-6), key
+        else:
+            assert torch.equal(resumed[key], value), key
+    resumed_history = json.loads((again / "metadata.json").read_text())["history"]
+    assert [e["step"] for e in resumed_history] == [2, 4]
+    for entry, straight in zip(resumed_history, metadata["history"], strict=True):  # timings aside, the same run
+        assert {k: v for k, v in entry.items() if k != "step_seconds"} == pytest.approx(
+            {k: v for k, v in straight.items() if k != "step_seconds"}, rel=1e-6)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -140,6 +154,10 @@ def test_edit_train_resumes_and_its_editor_refuses_another_model(tiny_llama_dir,
                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'train'}", "edits_per_step=4"])
     with pytest.raises(ArtifactMismatchError):
         run(other)
+    # force=true deletes the folder of the other run and starts over.
+    forced = run(other.model_copy(update={"force": True, "steps": 2}))
+    assert json.loads((forced / "metadata.json").read_text())["settings"]["edits_per_step"] == 4
+    assert sorted(path.name for path in (tmp_path / "train" / "checkpoints").glob("step-*")) == ["step-2"]
 
 
 def test_edit_train_starts_from_an_editor_and_fits_preserved_keys(tiny_llama_dir, tmp_path, ray_local):

@@ -12,27 +12,27 @@ the LSR scorer's (same seed and count), so neither compressor has trained on the
 A `Summarizer` (any seq2seq or causal LM; by default the chat model itself) is fine-tuned on those pairs by one Ray
 Train worker. Only the top `trainable_layers` decoder blocks and the final norm are trained (the rest and the
 embeddings stay frozen), which keeps a CPU step affordable and the checkpoints small: a checkpoint holds just
-the trained tensors, the optimizer and the step, written atomically every `checkpoint_every` steps; a rerun
-resumes from the newest one and replays the same batches. `output_dir/summarizer/` is the finished model
+the trained tensors, the optimizer and the step, written atomically every `checkpoint_every` steps
+(`trustray.pipelines.training`); a rerun resumes from the newest one and replays the same batches, and
+`force=true` deletes `output_dir` and starts over. `output_dir/summarizer/` is the finished model
 (`load_summarizer`) with `metadata.json`: base model, teacher signal, target statistics, history, and on the dev
 questions how often the generated summary is empty when the target is (and vice versa) and contains the target.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import BaseConfig, TrainWorkerResources
+from trustray.artifacts import check_metadata, read_metadata, write_metadata
+from trustray.config import BaseConfig, PipelineConfig, TrainWorkerResources
 from trustray.core.rag.abstractive import KIND as SUMMARIZER_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
-from trustray.pipelines import STEP_FILE, latest_checkpoint, prune_checkpoints
+from trustray.pipelines import prepare_output
 from trustray.pipelines.compressor_train import (
     SIGNAL_KIND,
     read_signal,
@@ -40,10 +40,12 @@ from trustray.pipelines.compressor_train import (
     step_batch,
     steps_per_epoch,
 )
+from trustray.pipelines.training import STATE_FILE, TrainingPlan, WorkerContext, read_step, run_training
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+# Checkpoints kept on disk (each holds the trained blocks and their AdamW moments).
+KEEP_CHECKPOINTS = 2
 
 
 class SummarizerTrainSettings(BaseConfig):
@@ -63,16 +65,13 @@ class SummarizerTrainSettings(BaseConfig):
     seed: int = Field(0, description="Seeds the dev split (as compressor_train's train.seed) and the batch order.")
 
 
-class AbstractiveTrainConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/abstractive_train/<name>.")
+class AbstractiveTrainConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/abstractive_train"
+
     signal_dir: str = Field("outputs/compressor_train/cpu/signal", description="A compressor_train run's `signal/` folder.")
     model: str = Field(DEFAULT_CHAT_MODEL, description="The summarizer's base model: built-in name, local folder or HF id (seq2seq or causal).")
     train: SummarizerTrainSettings = Field(default_factory=SummarizerTrainSettings, description="Fine-tuning.")
     resources: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The worker.")
-    output_dir: str | None = Field(None, description="Artifacts (default outputs/abstractive_train/<name>).")
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/abstractive_train/{self.name}")
 
 
 def training_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,65 +139,63 @@ def dev_report(summarizer, dev: list[dict[str, Any]], count: int, batch_size: in
     return report
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: fine-tune from the newest checkpoint (if any), checkpoint, report dev loss."""
-    import ray.train
-    import torch
-    from tqdm.auto import tqdm
+class SummarizerTraining:
+    """The fine-tuning task (`trustray.pipelines.training`): one AdamW step per batch of questions, the trained
+    tensors, optimizer and schedule in each checkpoint, dev loss at each checkpoint (and generation at the last)."""
 
-    from trustray.models.loading import gpu_or_cpu
-    from trustray.runtime import setup_logging
+    def __init__(self, data: dict[str, Any], context: WorkerContext):
+        import torch
 
-    setup_logging()
-    config = AbstractiveTrainConfig.model_validate(loop_config["config"])
-    settings = config.train
-    torch.set_num_threads(config.resources.torch_threads)
-    device = gpu_or_cpu(config.resources.use_gpu)
-    train, dev = loop_config["train"], loop_config["dev"]
-    total = settings.epochs * steps_per_epoch(len(train), settings.batch_size)
-    summarizer = load_base(config, device)
-    params = [param for param in summarizer.model.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
-    folder = Path(loop_config["checkpoint_dir"])
-    resume = latest_checkpoint(folder)
-    start, history = 0, []
-    if resume is not None:
-        state = torch.load(resume / STATE_FILE, map_location=device, weights_only=True)
-        summarizer.model.load_state_dict(state["trained"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        info = json.loads((resume / STEP_FILE).read_text())
-        start, history = info["step"], info["history"]
-        logger.info("resuming from %s (step %d of %d)", resume, start, total)
-    losses: list[float] = []
-    summarizer.model.train()
-    for step in tqdm(range(start + 1, total + 1), initial=start, total=total, desc="summarizer training"):
-        batch = step_batch(train, settings.batch_size, settings.seed, step)
-        loss = summarizer.loss(summarizer.examples([p["question"] for p in batch], [p["passages"] for p in batch],
-                                                   [p["target"] for p in batch]))
-        optimizer.zero_grad()
+        config: AbstractiveTrainConfig = data["config"]
+        self.settings = config.train
+        self.train, self.dev = data["train"], data["dev"]
+        self.device, self.total = context.device, context.plan.total_steps
+        self.summarizer = load_base(config, context.device)
+        params = [param for param in self.summarizer.model.parameters() if param.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.settings.lr, weight_decay=0.0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / max(1, self.settings.warmup_steps)))
+        self.summarizer.model.train()
+
+    def begin(self) -> list[dict[str, Any]]:
+        return []
+
+    def train_step(self, step: int) -> dict[str, float]:
+        batch = step_batch(self.train, self.settings.batch_size, self.settings.seed, step)
+        loss = self.summarizer.loss(self.summarizer.examples(
+            [p["question"] for p in batch], [p["passages"] for p in batch], [p["target"] for p in batch]))
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if step % settings.checkpoint_every == 0 or step == total:
-            summarizer.model.eval()
-            metrics = {"step": step, "train_loss": sum(losses) / len(losses),
-                       **dev_report(summarizer, dev, settings.dev_generate if step == total else 0, settings.batch_size)}
-            summarizer.model.train()
-            history.append(metrics)
-            losses = []
-            logger.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-            with atomic_folder(folder / f"step-{step}") as tmp:
-                torch.save({"trained": trainable_state(summarizer.model), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict()}, tmp / STATE_FILE)
-                (tmp / STEP_FILE).write_text(json.dumps({"step": step, "total": total, "history": history}, indent=2))
-            prune_checkpoints(folder, keep=2)
-            ray.train.report(metrics)
+        self.optimizer.step()
+        self.schedule.step()
+        return {"train_loss": float(loss.detach())}
+
+    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
+        losses = [metrics["train_loss"] for metrics in window]
+        self.summarizer.model.eval()
+        generate = self.settings.dev_generate if step == self.total else 0
+        metrics = {"train_loss": sum(losses) / len(losses),
+                   **dev_report(self.summarizer, self.dev, generate, self.settings.batch_size)}
+        self.summarizer.model.train()
+        return metrics
+
+    def save(self, folder: Path) -> None:
+        import torch
+
+        torch.save({"trained": trainable_state(self.summarizer.model), "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict()}, folder / STATE_FILE)
+
+    def load(self, folder: Path) -> None:
+        import torch
+
+        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
+        self.summarizer.model.load_state_dict(state["trained"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
 
 
-def identity(config: AbstractiveTrainConfig, signal: dict[str, Any]) -> dict[str, Any]:
+def expected_metadata(config: AbstractiveTrainConfig, signal: dict[str, Any]) -> dict[str, Any]:
+    """What the checkpoints (and, with the summarizer's kind, the finished summarizer) must agree on."""
     return {"kind": "summarizer_training", "method": "abstractive-feedback", "model": config.model,
             "model_fingerprint": model_fingerprint(config.model), "signal": signal,
             "train": config.train.model_dump(mode="json", exclude={"checkpoint_every", "dev_generate"})}
@@ -207,17 +204,14 @@ def identity(config: AbstractiveTrainConfig, signal: dict[str, Any]) -> dict[str
 def run(config: AbstractiveTrainConfig) -> Path:
     """Train (or reuse) the summarizer; returns its folder."""
     import torch
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from trustray.actors.cluster import init_ray
     from trustray.core.rag.abstractive import save_summarizer
 
-    out = config.output_path().resolve()
+    out = prepare_output(config).resolve()
     signal = read_metadata(config.signal_dir)
     if signal is None or signal.get("kind") != SIGNAL_KIND:
         raise FileNotFoundError(f"{config.signal_dir} holds no teacher signal: run compressor_train first")
-    expected = identity(config, signal)
+    expected = expected_metadata(config, signal)
     if check_metadata(out / "summarizer", {**expected, "kind": SUMMARIZER_KIND}, kind="trained summarizer"):
         logger.info("reusing the summarizer in %s", out / "summarizer")
         return out / "summarizer"
@@ -228,28 +222,22 @@ def run(config: AbstractiveTrainConfig) -> Path:
     train, dev = training_pairs(train_rows[: config.train.max_questions]), training_pairs(dev_rows)
     empty_targets = sum(not pair["target"] for pair in train) / len(train)
     logger.info("%d training questions (%.1f%% with the empty target), %d dev", len(train), 100 * empty_targets, len(dev))
-    init_ray()
     began = time.perf_counter()
-    resources = config.resources
-    TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "train": train, "dev": dev,
-                           "checkpoint_dir": str(out / "checkpoints")},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.num_cpus}),
-        run_config=RunConfig(name="ray_train", storage_path=str(out)),
-    ).fit()
-    final = latest_checkpoint(out / "checkpoints")
-    info = json.loads((final / STEP_FILE).read_text()) if final else {}
-    if not final or info["step"] != info["total"]:
-        raise RuntimeError(f"training ended without a final checkpoint in {out / 'checkpoints'}")
+    settings = config.train
+    plan = TrainingPlan.every(out / "checkpoints", settings.epochs * steps_per_epoch(len(train), settings.batch_size),
+                              settings.checkpoint_every, keep=KEEP_CHECKPOINTS)
+    final = run_training(SummarizerTraining, {"config": config, "train": train, "dev": dev}, plan, config.resources,
+                         out)
+    info = read_step(final)
     summarizer = load_base(config, "cpu")
     state = torch.load(final / STATE_FILE, map_location="cpu", weights_only=True)
     summarizer.model.load_state_dict(state["trained"], strict=False)
     save_summarizer(out / "summarizer", summarizer, {
         **expected, "train_questions": len(train), "dev_questions": len(dev),
         "empty_target_fraction": empty_targets, "steps": info["total"], "history": info["history"],
-        "seconds": round(time.perf_counter() - began, 1), "config": config.model_dump(mode="json")})
+        "seconds": round(time.perf_counter() - began, 1),
+        # `force` is how this run was started, not a setting of the artifact.
+        "config": config.model_dump(mode="json", exclude={"force"})})
     logger.info("trained summarizer: %s (%s)", out / "summarizer", info["history"][-1])
     return out / "summarizer"
 
@@ -257,13 +245,9 @@ def run(config: AbstractiveTrainConfig) -> Path:
 PIPELINE = {"config": AbstractiveTrainConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from trustray.pipelines import pipeline_main
-
-    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.abstractive_train")
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.abstractive_train import main as module_main
+    # Run through the importable module, not `__main__`: Ray pickles functions defined in `__main__` by value,
+    # and workers cannot resolve their module-level helpers.
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("abstractive_train")

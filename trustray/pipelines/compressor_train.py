@@ -13,13 +13,14 @@ and a folder made with other settings is refused (`ArtifactMismatchError` naming
    closed book (`teacher_logprobs_batch`, the engine's `score`, batched across questions). Each finished batch
    is one Parquet shard written atomically, so a crash loses only the batches in flight and a rerun scores only
    the questions no shard holds. The stored log-probabilities are β-free.
-3. `checkpoints/` then `compressor/` — Ray Train (`TorchTrainer`, one worker) trains `SentenceScorer` with the
-   LSR loss; checkpoints (scorer, optimizer, schedule) every few steps, a rerun resumes from the newest one and
-   replays the same batches. `compressor/` is the finished scorer (`SentenceScorer.load`, then
+3. `checkpoints/` then `compressor/` — Ray Train (one worker, `trustray.pipelines.training`) trains
+   `SentenceScorer` with the LSR loss; checkpoints (scorer, optimizer, schedule) every few steps, a rerun resumes
+   from the newest one and replays the same batches. `compressor/` is the finished scorer (`SentenceScorer.load`, then
    `build_compressor("extractive", scorer=scorer.score, ...)`) with `metadata.json`: embedder fingerprint,
    teacher model, signal statistics and the training history (dev loss and agreement with the teacher).
 
-To train again with other training settings (or β) on the same signal, delete `compressor/` and `checkpoints/`.
+To train again with other training settings (or β) on the same signal, delete `compressor/` and `checkpoints/`;
+`force=true` deletes the whole `output_dir` (the signal too) and starts over.
 """
 
 from __future__ import annotations
@@ -32,23 +33,23 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
 from trustray.artifacts import atomic_folder, check_metadata, read_metadata, write_metadata
-from trustray.config import ActorResources, BaseConfig, TrainWorkerResources
+from trustray.config import ActorResources, BaseConfig, PipelineConfig, PoolResources, TrainWorkerResources
 from trustray.core.rag.lsr import teacher_requests, teacher_summary
 from trustray.data.io import read_jsonl, write_jsonl
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig
 from trustray.models.sources import model_fingerprint
-from trustray.pipelines import STEP_FILE, latest_checkpoint, prune_checkpoints
+from trustray.pipelines import prepare_output
+from trustray.pipelines.training import STATE_FILE, TrainingPlan, WorkerContext, read_step, run_training
 
 logger = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "questions.jsonl"
-STATE_FILE = "state.pt"
 SIGNAL_KIND = "lsr_teacher_signal"
 
 
@@ -107,35 +108,20 @@ class ScorerTrainSettings(BaseConfig):
     seed: int = Field(0, description="Seeds the held-out split, the batch order and dropout.")
 
 
-class TeacherPoolResources(BaseConfig):
-    """The chat-model actor pool of the signal stage."""
-
-    size: int = Field(2, ge=1, description="Teacher actors (one model each).")
-    num_cpus: float = Field(
-        0.5, ge=0,
-        description="CPUs reserved per actor. Keep it fractional on small machines: whole-CPU actors can take every "
-        "CPU and starve Ray Data's other tasks, which then hang.",
-    )
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
-
-
 class CompressorTrainResources(BaseConfig):
     retriever: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.5), description="The retrieval actor.")
-    teacher: TeacherPoolResources = Field(default_factory=TeacherPoolResources, description="Teacher actor pool.")
+    teacher: PoolResources = Field(default_factory=PoolResources, description="Teacher actor pool.")
     train: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The training worker.")
 
 
-class CompressorTrainConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/compressor_train/<name>.")
+class CompressorTrainConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/compressor_train"
+
     questions: QuestionSettings = Field(default_factory=QuestionSettings, description="Training questions.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="Candidate sentences.")
     teacher: TeacherSettings = Field(default_factory=TeacherSettings, description="The LSR target.")
     train: ScorerTrainSettings = Field(default_factory=ScorerTrainSettings, description="Scorer training.")
     resources: CompressorTrainResources = Field(default_factory=CompressorTrainResources, description="Ray resources.")
-    output_dir: str | None = Field(None, description="Artifacts (default outputs/compressor_train/<name>).")
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/compressor_train/{self.name}")
 
 
 # -- what each stage must agree on to be reused ------------------------------------------------------------------
@@ -146,7 +132,8 @@ def prompt_fingerprint() -> str:
     return hashlib.sha256(json.dumps(sample, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def index_identity(index_dir: str) -> dict[str, Any]:
+def index_expected_metadata(index_dir: str) -> dict[str, Any]:
+    """The passage index's metadata the signal depends on."""
     metadata = read_metadata(index_dir)
     if metadata is None:
         raise FileNotFoundError(f"{index_dir} holds no passage index; build it with `trustray run build_index`")
@@ -154,7 +141,7 @@ def index_identity(index_dir: str) -> dict[str, Any]:
                                                 "num_passages")}
 
 
-def stage_identities(config: CompressorTrainConfig) -> dict[str, dict[str, Any]]:
+def expected_metadata(config: CompressorTrainConfig) -> dict[str, dict[str, Any]]:
     """The metadata each stage folder must hold to be reused: questions ⊂ signal ⊂ training ⊂ compressor."""
     questions = {"kind": "cloze_questions", **config.questions.model_dump(mode="json")}
     retrieval = config.retrieval
@@ -162,7 +149,7 @@ def stage_identities(config: CompressorTrainConfig) -> dict[str, dict[str, Any]]
     teacher = {"teacher_model": config.teacher.chat.model,
                "teacher_fingerprint": model_fingerprint(config.teacher.chat.model)}
     signal = {
-        "kind": SIGNAL_KIND, "questions": questions, "index": index_identity(retrieval.index_dir), **embedder,
+        "kind": SIGNAL_KIND, "questions": questions, "index": index_expected_metadata(retrieval.index_dir), **embedder,
         **teacher, "prompt_fingerprint": prompt_fingerprint(),
         "candidates": retrieval.model_dump(mode="json", include={"top_k", "max_candidates", "drop_source_fraction"}),
     }
@@ -175,17 +162,17 @@ def stage_identities(config: CompressorTrainConfig) -> dict[str, dict[str, Any]]
 
 # -- stage 1: questions --------------------------------------------------------------------------------------------
 
-def build_questions(config: CompressorTrainConfig, folder: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
+def build_questions(config: CompressorTrainConfig, folder: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
     """The cloze questions, made once and read back afterwards."""
     from trustray.data.cloze import build_cloze_questions
 
-    if check_metadata(folder, identity, kind="training questions"):
+    if check_metadata(folder, expected, kind="training questions"):
         return read_jsonl(folder / QUESTIONS_FILE)
     settings = config.questions
     questions = build_cloze_questions(settings.count, seed=settings.seed, max_sentence_words=settings.max_sentence_words)
     with atomic_folder(folder) as tmp:
         write_jsonl(questions, tmp / QUESTIONS_FILE)
-        write_metadata(tmp, {**identity, "rows": len(questions)})
+        write_metadata(tmp, {**expected, "rows": len(questions)})
     logger.info("made %d cloze questions in %s", len(questions), folder)
     return questions
 
@@ -317,13 +304,13 @@ def read_signal(folder: Path) -> list[dict[str, Any]]:
 
 
 def build_signal(config: CompressorTrainConfig, questions: list[dict[str, Any]], folder: Path,
-                 identity: dict[str, Any]) -> list[dict[str, Any]]:
+                 expected: dict[str, Any]) -> list[dict[str, Any]]:
     """Score the questions no shard holds yet; returns the whole signal (sorted by id, as `read_signal`)."""
     from tqdm.auto import tqdm
 
-    if not check_metadata(folder, identity, kind="teacher signal"):
+    if not check_metadata(folder, expected, kind="teacher signal"):
         folder.mkdir(parents=True, exist_ok=True)
-        write_metadata(folder, identity)
+        write_metadata(folder, expected)
     done = {row["id"] for row in read_signal(folder)}
     pending = [q for q in questions if q["id"] not in done]
     if pending:
@@ -342,7 +329,7 @@ def build_signal(config: CompressorTrainConfig, questions: list[dict[str, Any]],
         return rows
     scorings = sum(len(row["teacher_logprobs"]) for row in rows)
     write_metadata(folder, {
-        **identity, "rows": len(rows), "scorings": scorings,
+        **expected, "rows": len(rows), "scorings": scorings,
         "teacher_seconds_per_scoring": round(sum(row["teacher_seconds"] for row in rows) / scorings, 4),
         # β does not move the argmax: this fraction belongs to the β-free signal.
         "empty_best_fraction": teacher_summary([row["teacher_logprobs"] for row in rows], 1.0)["empty_best_fraction"],
@@ -432,95 +419,75 @@ def evaluate(scorer, rows: list[dict[str, Any]], beta: float, batch_size: int) -
             "dev_regret": regret / count}
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: LSR training from the newest checkpoint (if any), checkpoints, dev metrics."""
-    import ray.train
-    import torch
-    from tqdm.auto import tqdm
+class ScorerTraining:
+    """The LSR training task (`trustray.pipelines.training`): one optimizer step per batch of questions, the
+    scorer, optimizer and schedule in each checkpoint, dev metrics at each checkpoint."""
 
-    from trustray.models.loading import gpu_or_cpu
-    from trustray.runtime import setup_logging
+    def __init__(self, data: dict[str, Any], context: WorkerContext):
+        import torch
 
-    setup_logging()
-    config = CompressorTrainConfig.model_validate(loop_config["config"])
-    settings = config.train
-    torch.set_num_threads(config.resources.train.torch_threads)
-    device = gpu_or_cpu(config.resources.train.use_gpu)
-    train, dev = split_dev(read_signal(Path(loop_config["signal_dir"])), settings.dev_questions, settings.seed)
-    total = settings.epochs * steps_per_epoch(len(train), settings.batch_size)
-    warmup = max(1, round(settings.warmup_ratio * total))
-    torch.manual_seed(settings.seed)
-    scorer = new_scorer(config, device)
-    head = {id(param) for param in scorer.head_parameters()}
-    optimizer = torch.optim.AdamW([
-        {"params": [param for param in scorer.parameters() if id(param) not in head], "lr": settings.lr},
-        {"params": scorer.head_parameters(), "lr": settings.head_lr, "weight_decay": 0.0},
-    ], weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
-    folder = Path(loop_config["checkpoint_dir"])
-    resume = latest_checkpoint(folder)
-    if resume is None:
-        history = [{"step": 0, **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)}]
+        self.config: CompressorTrainConfig = data["config"]
+        self.device = context.device
+        settings = self.settings = self.config.train
+        self.train, self.dev = split_dev(read_signal(data["signal_dir"]), settings.dev_questions, settings.seed)
+        total = context.plan.total_steps
+        warmup = max(1, round(settings.warmup_ratio * total))
+        torch.manual_seed(settings.seed)
+        self.scorer = new_scorer(self.config, context.device)
+        head = {id(param) for param in self.scorer.head_parameters()}
+        self.optimizer = torch.optim.AdamW([
+            {"params": [param for param in self.scorer.parameters() if id(param) not in head], "lr": settings.lr},
+            {"params": self.scorer.head_parameters(), "lr": settings.head_lr, "weight_decay": 0.0},
+        ], weight_decay=settings.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+
+    def dev_metrics(self) -> dict[str, float]:
+        return evaluate(self.scorer, self.dev, self.config.teacher.beta, self.settings.batch_size)
+
+    def begin(self) -> list[dict[str, Any]]:
+        """The untrained scorer's dev metrics, then (when configured) the calibration of scale and EMPTY head."""
+        history = [{"step": 0, **self.dev_metrics()}]
         logger.info("untrained scorer: %s", history[0])
-        if settings.calibration_steps:
-            train_loss = scorer.calibrate([row["question"] for row in train], [row["candidates"] for row in train],
-                                          lm_targets(train), config.teacher.beta, settings.calibration_steps)
-            history.append({"step": 0, "calibrated": True, "train_loss": train_loss, "gamma": scorer.gamma,
-                            **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)})
+        if self.settings.calibration_steps:
+            train_loss = self.scorer.calibrate(
+                [row["question"] for row in self.train], [row["candidates"] for row in self.train],
+                lm_targets(self.train), self.config.teacher.beta, self.settings.calibration_steps)
+            history.append({"step": 0, "calibrated": True, "train_loss": train_loss, "gamma": self.scorer.gamma,
+                            **self.dev_metrics()})
             logger.info("calibrated scale and EMPTY head: %s", history[-1])
-        start = 0
-    else:
-        state = torch.load(resume / STATE_FILE, map_location=device, weights_only=True)
-        scorer.load_state_dict(state["scorer"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        info = json.loads((resume / STEP_FILE).read_text())
-        start, history = info["step"], info["history"]
-        logger.info("resuming LSR training from %s (step %d of %d)", resume, start, total)
-    losses: list[float] = []
-    for step in tqdm(range(start + 1, total + 1), initial=start, total=total, desc="LSR training"):
-        torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout replays exactly after a resume
-        scorer.train()
-        rows = step_batch(train, settings.batch_size, settings.seed, step)
-        losses.append(scorer.lsr_step(optimizer, [row["question"] for row in rows],
-                                      [row["candidates"] for row in rows], lm_targets(rows), config.teacher.beta))
-        schedule.step()
-        if step % settings.checkpoint_every == 0 or step == total:
-            metrics = {"step": step, "epoch": (step - 1) // steps_per_epoch(len(train), settings.batch_size) + 1,
-                       "train_loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0], "gamma": scorer.gamma,
-                       **evaluate(scorer, dev, config.teacher.beta, settings.batch_size)}
-            history.append(metrics)
-            losses = []
-            logger.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-            with atomic_folder(folder / f"step-{step}") as tmp:
-                torch.save({"scorer": scorer.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict()}, tmp / STATE_FILE)
-                (tmp / STEP_FILE).write_text(json.dumps({"step": step, "total": total, "history": history}, indent=2))
-            prune_checkpoints(folder, settings.keep_checkpoints)
-            ray.train.report(metrics)
+        return history
 
+    def train_step(self, step: int) -> dict[str, float]:
+        import torch
 
-def train_scorer(config: CompressorTrainConfig, out: Path) -> Path:
-    """Run the training worker to the last step; returns that step's checkpoint."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+        torch.manual_seed(self.settings.seed * 1_000_003 + step)  # dropout replays exactly after a resume
+        self.scorer.train()
+        rows = step_batch(self.train, self.settings.batch_size, self.settings.seed, step)
+        loss = self.scorer.lsr_step(self.optimizer, [row["question"] for row in rows],
+                                    [row["candidates"] for row in rows], lm_targets(rows), self.config.teacher.beta)
+        self.schedule.step()
+        return {"train_loss": loss}
 
-    resources = config.resources.train
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "signal_dir": str((out / "signal").resolve()),
-                           "checkpoint_dir": str((out / "checkpoints").resolve())},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.num_cpus}),
-        run_config=RunConfig(name="ray_train", storage_path=str(out.resolve())),
-    )
-    trainer.fit()
-    final = latest_checkpoint(out / "checkpoints")
-    info = json.loads((final / STEP_FILE).read_text()) if final else {}
-    if not final or info["step"] != info["total"]:
-        raise RuntimeError(f"training ended without a final checkpoint in {out / 'checkpoints'}")
-    return final
+    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
+        losses = [metrics["train_loss"] for metrics in window]
+        return {"epoch": (step - 1) // steps_per_epoch(len(self.train), self.settings.batch_size) + 1,
+                "train_loss": sum(losses) / len(losses), "lr": self.schedule.get_last_lr()[0],
+                "gamma": self.scorer.gamma, **self.dev_metrics()}
+
+    def save(self, folder: Path) -> None:
+        import torch
+
+        torch.save({"scorer": self.scorer.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict()}, folder / STATE_FILE)
+
+    def load(self, folder: Path) -> None:
+        import torch
+
+        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
+        self.scorer.load_state_dict(state["scorer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
 
 
 def run(config: CompressorTrainConfig) -> Path:
@@ -529,19 +496,19 @@ def run(config: CompressorTrainConfig) -> Path:
 
     from trustray.actors.cluster import init_ray
 
-    out = config.output_path()
-    identities = stage_identities(config)
+    out = prepare_output(config)
+    expected = expected_metadata(config)
     compressor_dir = out / "compressor"
-    if check_metadata(compressor_dir, identities["compressor"], kind="trained compressor"):
+    if check_metadata(compressor_dir, expected["compressor"], kind="trained compressor"):
         logger.info("reusing the trained compressor in %s", compressor_dir)
         return compressor_dir
     # Refuse a folder of other settings before spending anything on it.
-    resuming = check_metadata(out / "checkpoints", identities["training"], kind="scorer training checkpoints")
-    check_metadata(out / "signal", identities["signal"], kind="teacher signal")
+    resuming = check_metadata(out / "checkpoints", expected["training"], kind="scorer training checkpoints")
+    check_metadata(out / "signal", expected["signal"], kind="teacher signal")
     began = time.perf_counter()
-    questions = build_questions(config, out / "questions", identities["questions"])
+    questions = build_questions(config, out / "questions", expected["questions"])
     init_ray()
-    rows = build_signal(config, questions, out / "signal", identities["signal"])
+    rows = build_signal(config, questions, out / "signal", expected["signal"])
     stats = signal_stats(rows, config.teacher.beta)
     logger.info("teacher signal: %d questions, %.1f candidates each; EMPTY is the teacher's best for %.1f%%, the "
                 "source sentence for %.1f%% (where kept); mean entropy of the target %.3f nats (uniform %.3f)",
@@ -549,22 +516,27 @@ def run(config: CompressorTrainConfig) -> Path:
                 100 * stats["source_best_fraction"], stats["mean_teacher_entropy"], stats["mean_uniform_entropy"])
     signal_seconds = time.perf_counter() - began
     if not resuming:
-        write_metadata(out / "checkpoints", identities["training"])
-    final = train_scorer(config, out)
-    info = json.loads((final / STEP_FILE).read_text())
+        write_metadata(out / "checkpoints", expected["training"])
+    settings = config.train
+    train_rows, dev_rows = split_dev(rows, settings.dev_questions, settings.seed)
+    plan = TrainingPlan.every(out / "checkpoints", settings.epochs * steps_per_epoch(len(train_rows), settings.batch_size),
+                              settings.checkpoint_every, keep=settings.keep_checkpoints)
+    final = run_training(ScorerTraining, {"config": config, "signal_dir": (out / "signal").resolve()}, plan,
+                         config.resources.train, out)
+    info = read_step(final)
     scorer = new_scorer(config, "cpu")
     scorer.load_state_dict(torch.load(final / STATE_FILE, map_location="cpu", weights_only=True)["scorer"])
-    train_rows, dev_rows = split_dev(rows, config.train.dev_questions, config.train.seed)
     signal_metadata = read_metadata(out / "signal") or {}
     scorer.save(compressor_dir, {
-        **identities["compressor"], "signal_stats": stats,
+        **expected["compressor"], "signal_stats": stats,
         "signal_cost": {key: signal_metadata.get(key) for key in ("rows", "scorings", "teacher_seconds_per_scoring")},
         "train_questions": len(train_rows),
         "dev_questions": len(dev_rows), "dev_question_ids": [row["id"] for row in dev_rows],
         "steps": info["total"], "history": info["history"],
         "seconds": {"questions_and_signal": round(signal_seconds, 1),
                     "training": round(time.perf_counter() - began - signal_seconds, 1)},
-        "config": config.model_dump(mode="json"),
+        # `force` is how this run was started, not a setting of the artifact.
+        "config": config.model_dump(mode="json", exclude={"force"}),
     })
     logger.info("trained compressor: %s (dev agreement with the teacher %.3f -> %.3f)", compressor_dir,
                 info["history"][0]["dev_top1_agreement"], info["history"][-1]["dev_top1_agreement"])
@@ -574,13 +546,9 @@ def run(config: CompressorTrainConfig) -> Path:
 PIPELINE = {"config": CompressorTrainConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from trustray.pipelines import pipeline_main
-
-    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.compressor_train")
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.compressor_train import main as module_main
+    # Run through the importable module, not `__main__`: Ray pickles functions defined in `__main__` by value,
+    # and workers cannot resolve their module-level helpers.
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("compressor_train")

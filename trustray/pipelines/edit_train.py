@@ -7,20 +7,19 @@ Each meta-training step draws `edits_per_step` records of the training split (se
 resumed run sees the same batches), edits the model with them, and trains the editor on the paraphrase and
 locality losses (`Editor.meta_step`). Every `eval_every` steps the editor edits a fixed dev sample at once and
 reports teacher-forced ES / GS / LS. Every `checkpoint_every` steps rank 0 writes the editor's state (networks,
-normalisers, optimizer) to `output_dir/checkpoints/step-<n>` atomically; a rerun continues from the newest one.
+normalisers, optimizer) to `output_dir/checkpoints/step-<n>` atomically (`trustray.pipelines.training`); a rerun
+continues from the newest one, and `force=true` deletes `output_dir` and starts over.
 The finished editor is `output_dir/editor/` (`editor.pt` + `metadata.json`), which `edit_apply`,
 `trustray eval edit` and the Serve app load (`trustray.core.editing.base.load_trained_editor`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,11 +30,12 @@ from trustray.artifacts import (
     read_metadata,
     write_metadata,
 )
-from trustray.config import BaseConfig, TrainWorkerResources
+from trustray.config import BaseConfig, PipelineConfig, TrainWorkerResources
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND
 from trustray.data.corpus import edit_train_texts
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
-from trustray.pipelines import STEP_FILE, latest_checkpoint
+from trustray.pipelines import prepare_output
+from trustray.pipelines.training import TrainingPlan, WorkerContext, read_step, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ class EditDataSettings(BaseConfig):
     seed: int = Field(0, description="Seed of the bundled dataset's construction.")
 
 
-class EditTrainConfig(BaseConfig):
-    name: str = Field("default", description="Run name; the default output folder is outputs/edit_train/<name>.")
+class EditTrainConfig(PipelineConfig):
+    output_root: ClassVar[str] = "outputs/edit_train"
+
     model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model to edit: built-in name, local folder or HF id.")
     editor: Literal["malmen", "mend"] = Field("malmen", description="The meta-learned editor.")
     editor_settings: dict[str, Any] = Field(
@@ -68,7 +69,6 @@ class EditTrainConfig(BaseConfig):
     retention_per_step: int = Field(8, ge=1, description="Retention texts drawn (seeded by step) for each meta step.")
     init_from: str | None = Field(None, description="A finished edit_train editor folder (same model, same shapes) whose networks, normalisers and optimizer state this run starts from.")
     resources: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The worker.")
-    output_dir: str | None = Field(None, description="Artifacts (default outputs/edit_train/<name>).")
 
     @model_validator(mode="after")
     def _preservation_has_keys(self) -> EditTrainConfig:
@@ -79,9 +79,6 @@ class EditTrainConfig(BaseConfig):
         if self.editor_settings.get("retention_coef", 0) > 0 and self.retention_texts == 0:
             raise ValueError("editor_settings.retention_coef > 0 needs retention_texts > 0 (the general text)")
         return self
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir or f"outputs/edit_train/{self.name}")
 
 
 def load_records(data: EditDataSettings, split: str) -> list[dict[str, Any]]:
@@ -108,21 +105,6 @@ def retention_batch(texts: list[str], size: int, seed: int, step: int) -> list[s
     return random.Random(f"{seed}:retention:{step}").sample(texts, min(size, len(texts))) if texts else []
 
 
-def load_editor(config: EditTrainConfig, model: Any, tokenizer: Any) -> Any:
-    from trustray.core.editing.factory import build_untrained_editor
-
-    return build_untrained_editor(config.editor, model, tokenizer, config.editor_settings)
-
-
-def save_editor(folder: Path, editor: Any, info: dict[str, Any]) -> None:
-    """Editor state and `info` in `folder`, appearing whole or not at all."""
-    import torch
-
-    with atomic_folder(folder) as tmp:
-        torch.save(editor.state_dict(), tmp / EDITOR_FILE)
-        (tmp / STEP_FILE).write_text(json.dumps(info, indent=2))
-
-
 def evaluate_editor(editor: Any, model: Any, tokenizer: Any, records: list[dict], reference: list) -> dict[str, float]:
     """Edit `records` at once, score them teacher-forced, revert (the model is restored bit for bit)."""
     from trustray.core.editing.editset import EditSet
@@ -133,58 +115,68 @@ def evaluate_editor(editor: Any, model: Any, tokenizer: Any, records: list[dict]
         return teacher_forced_scores(model, tokenizer, records, reference)
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: meta-train from the newest checkpoint (if any), checkpoint, report dev metrics."""
-    import ray.train
-    import torch
-    from ray.train import Checkpoint
+class EditorTraining:
+    """The meta-training task (`trustray.pipelines.training`): one `Editor.meta_step` per step, the editor's state
+    (networks, normalisers, optimizer) in each checkpoint, dev ES / GS / LS every `eval_every` steps."""
 
-    from trustray.core.editing.evaluation import locality_reference
-    from trustray.models.loading import gpu_or_cpu, load_causal_lm, load_tokenizer
-    from trustray.runtime import setup_logging
+    def __init__(self, data: dict[str, Any], context: WorkerContext):
+        import torch
 
-    setup_logging()
-    config = EditTrainConfig.model_validate(loop_config["config"])
-    torch.set_num_threads(config.resources.torch_threads)
-    torch.manual_seed(config.seed)
-    device = gpu_or_cpu(config.resources.use_gpu)
-    model = load_causal_lm(config.model, device)
-    tokenizer = load_tokenizer(config.model)
-    editor = load_editor(config, model, tokenizer)
-    train, dev, preserved = loop_config["train"], loop_config["dev"], loop_config["preserved"]
-    preserved_texts, retention_texts = loop_config["preserved_texts"], loop_config["retention_texts"]
-    reference = locality_reference(model, tokenizer, dev)
-    folder = Path(loop_config["checkpoint_dir"])
-    start = 0
-    resume = latest_checkpoint(folder)
-    if resume is not None:
-        editor.load_state_dict(torch.load(resume / EDITOR_FILE, map_location=device, weights_only=True))
-        start = json.loads((resume / STEP_FILE).read_text())["step"]
-        logger.info("resuming meta-training from %s (step %d)", resume, start)
-    else:
-        if loop_config["init_from"]:
-            editor.load_state_dict(torch.load(Path(loop_config["init_from"]) / EDITOR_FILE, map_location=device,
-                                              weights_only=True))
-            logger.info("starting from the editor in %s", loop_config["init_from"])
+        from trustray.core.editing.evaluation import locality_reference
+        from trustray.core.editing.factory import build_untrained_editor
+        from trustray.models.loading import load_causal_lm, load_tokenizer
+
+        self.config: EditTrainConfig = data["config"]
+        self.data, self.device, self.total = data, context.device, context.plan.total_steps
+        torch.manual_seed(self.config.seed)
+        self.model = load_causal_lm(self.config.model, context.device)
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.editor = build_untrained_editor(self.config.editor, self.model, self.tokenizer,
+                                             self.config.editor_settings)
+        self.reference = locality_reference(self.model, self.tokenizer, data["dev"])
+
+    def begin(self) -> list[dict[str, Any]]:
+        """Start from `init_from`'s editor (when given), then fit the preserved keys."""
+        import torch
+
+        data = self.data
+        if data["init_from"]:
+            self.editor.load_state_dict(torch.load(Path(data["init_from"]) / EDITOR_FILE, map_location=self.device,
+                                                   weights_only=True))
+            logger.info("starting from the editor in %s", data["init_from"])
+        preserved = data["preserved"]
         if preserved:
-            count = editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved])
+            count = self.editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved])
             logger.info("preserved keys: %d answer positions of %d held-out training records", count, len(preserved))
-        if preserved_texts:
-            count = editor.fit_text_preservation(preserved_texts)
-            logger.info("preserved text keys: %d positions of %d Wikipedia intros", count, len(preserved_texts))
-    for step in range(start + 1, config.steps + 1):
+        if data["preserved_texts"]:
+            count = self.editor.fit_text_preservation(data["preserved_texts"])
+            logger.info("preserved text keys: %d positions of %d Wikipedia intros", count, len(data["preserved_texts"]))
+        return []
+
+    def train_step(self, step: int) -> dict[str, float]:
+        config = self.config
         began = time.perf_counter()
-        general = retention_batch(retention_texts, config.retention_per_step, config.seed, step)
-        metrics = {"step": step, **editor.meta_step(step_batch(train, config.edits_per_step, config.seed, step), general)}
+        general = retention_batch(self.data["retention_texts"], config.retention_per_step, config.seed, step)
+        metrics = dict(self.editor.meta_step(step_batch(self.data["train"], config.edits_per_step, config.seed, step),
+                                             general))
         metrics["step_seconds"] = time.perf_counter() - began
-        if step % config.eval_every == 0 or step == config.steps:
-            metrics.update({f"dev_{k}": v for k, v in evaluate_editor(editor, model, tokenizer, dev, reference).items()})
-        logger.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            save_editor(folder / f"step-{step}", editor, metrics)
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / STEP_FILE).write_text(json.dumps(metrics))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        if step % config.eval_every == 0 or step == self.total:
+            dev = evaluate_editor(self.editor, self.model, self.tokenizer, self.data["dev"], self.reference)
+            metrics.update({f"dev_{k}": v for k, v in dev.items()})
+        return metrics
+
+    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
+        return window[-1]  # the checkpoint step's own metrics (a meta step is not averaged over a window)
+
+    def save(self, folder: Path) -> None:
+        import torch
+
+        torch.save(self.editor.state_dict(), folder / EDITOR_FILE)
+
+    def load(self, folder: Path) -> None:
+        import torch
+
+        self.editor.load_state_dict(torch.load(folder / EDITOR_FILE, map_location=self.device, weights_only=True))
 
 
 def expected_metadata(config: EditTrainConfig) -> dict[str, Any]:
@@ -201,10 +193,7 @@ def expected_metadata(config: EditTrainConfig) -> dict[str, Any]:
 
 def run(config: EditTrainConfig) -> Path:
     """Meta-train (or reuse) the editor; returns the folder of the finished editor."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    out = config.output_path().resolve()
+    out = prepare_output(config).resolve()
     editor_dir = out / "editor"
     expected = expected_metadata(config)
     finished = read_metadata(editor_dir) or {}
@@ -218,9 +207,9 @@ def run(config: EditTrainConfig) -> Path:
         return editor_dir
     # Checkpoints resume only the same run: a folder made with other settings is refused, not continued.
     # The run's length is not part of it (no schedule depends on it), so a run can be extended or cut short.
-    run_identity = {**expected, "settings": {k: v for k, v in expected["settings"].items() if k != "steps"}}
-    if not check_metadata(out / "checkpoints", run_identity, kind="meta-training checkpoints"):
-        write_metadata(out / "checkpoints", run_identity)
+    checkpoints_expected = {**expected, "settings": {k: v for k, v in expected["settings"].items() if k != "steps"}}
+    if not check_metadata(out / "checkpoints", checkpoints_expected, kind="meta-training checkpoints"):
+        write_metadata(out / "checkpoints", checkpoints_expected)
     train = load_records(config.data, "train")
     if config.preserve_records >= len(train):
         raise ValueError(f"preserve_records={config.preserve_records} leaves none of the {len(train)} training records")
@@ -235,27 +224,15 @@ def run(config: EditTrainConfig) -> Path:
             raise FileNotFoundError(f"init_from={config.init_from} holds no finished {config.editor} editor")
         if init["model_fingerprint"] != expected["model_fingerprint"]:
             raise ArtifactMismatchError(f"init_from={config.init_from} was trained on {init['model']}, not {config.model}")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "train": train, "dev": dev, "preserved": preserved,
-                           "preserved_texts": general[: config.preserve_texts],
-                           "retention_texts": general[config.preserve_texts :],
-                           # the worker's working directory is not the caller's
-                           "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
-                           "checkpoint_dir": str(out / "checkpoints")},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=config.resources.use_gpu,
-                                     resources_per_worker={"CPU": config.resources.num_cpus}),
-        run_config=RunConfig(name="ray_train", storage_path=str(out)),
-    )
+    data = {"config": config, "train": train, "dev": dev, "preserved": preserved,
+            "preserved_texts": general[: config.preserve_texts], "retention_texts": general[config.preserve_texts :],
+            # the worker's working directory is not the caller's
+            "init_from": str(Path(config.init_from).resolve()) if config.init_from else None}
+    # No pruning: a shorter run of the same settings ends at one of these checkpoints.
+    plan = TrainingPlan.every(out / "checkpoints", config.steps, config.checkpoint_every)
     began = time.perf_counter()
-    trainer.fit()
-    final = out / "checkpoints" / f"step-{config.steps}"
-    if not (final / STEP_FILE).is_file():
-        raise FileNotFoundError(f"{final} is missing: the checkpoints already go past step {config.steps}; "
-                                f"set steps to one of the existing step-<n> or above the newest")
-    history = [json.loads((path / STEP_FILE).read_text()) for path in sorted(
-        (out / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
-        if int(path.name.split("-")[1]) <= config.steps]
+    final = run_training(EditorTraining, data, plan, config.resources, out)
+    history = read_step(final)["history"]
     with atomic_folder(editor_dir) as tmp:
         (tmp / EDITOR_FILE).write_bytes((final / EDITOR_FILE).read_bytes())
         write_metadata(tmp, {**expected, "history": history, "train_records": len(train), "dev_records": len(dev),
@@ -268,13 +245,9 @@ def run(config: EditTrainConfig) -> Path:
 PIPELINE = {"config": EditTrainConfig, "run": run}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from trustray.pipelines import pipeline_main
-
-    return pipeline_main(PIPELINE, argv, prog="python -m trustray.pipelines.edit_train")
-
-
 if __name__ == "__main__":
-    from trustray.pipelines.edit_train import main as module_main
+    # Run through the importable module, not `__main__`: Ray pickles functions defined in `__main__` by value,
+    # and workers cannot resolve their module-level helpers.
+    from trustray.pipelines import run_module
 
-    module_main()
+    run_module("edit_train")
