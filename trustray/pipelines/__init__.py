@@ -1,8 +1,8 @@
 """Ray Data / Ray Train jobs, one module per pipeline, each runnable as `python -m trustray.pipelines.X`.
 
-Convention: every pipeline module defines `PIPELINE = {"config": <BaseConfig subclass>, "run": run}` where
-`run(config)` does the work (connecting to Ray itself) and returns the artifact path, plus
-`main(argv=None)` that calls `pipeline_main(PIPELINE, argv, prog=...)`.
+Convention: every pipeline module defines `PIPELINE = {"config": <PipelineConfig subclass>, "run": run}` where
+`run(config)` does the work (connecting to Ray itself) and returns the artifact path or summary, and ends with
+`if __name__ == "__main__": run_module(NAME)`.
 
 The registry below is the list of what the command line runs: `trustray run NAME` runs a job of `JOBS`,
 `trustray eval WHAT` an evaluation of `EVALUATIONS` (which also prints its table). Adding a pipeline is one
