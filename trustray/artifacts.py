@@ -24,6 +24,15 @@ def read_metadata(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_artifact(folder: str | Path, kind: str, what: str, hint: str = "") -> dict[str, Any]:
+    """The metadata of the finished artifact of `kind` in `folder`; `FileNotFoundError` naming `what` (plus `hint`,
+    e.g. the command that makes one) when the folder holds none."""
+    metadata = read_metadata(folder)
+    if metadata is None or metadata.get("kind") != kind:
+        raise FileNotFoundError(f"{folder} holds no {what} (no metadata.json of kind {kind!r}){hint}")
+    return metadata
+
+
 def check_metadata(folder: str | Path, expected: Mapping[str, Any], kind: str = "artifact") -> bool:
     """True when `folder` holds a finished artifact whose metadata agrees with `expected` on every key given.
 

@@ -79,12 +79,10 @@ def load_causal_lm(
 def load_summarizer(folder: str | Path, device: str | torch.device | None = None) -> Any:
     """A summarizer saved by `trustray.core.rag.abstractive.save_summarizer` (seq2seq or causal, as its config
     says), in float32 on the device of the device rule."""
-    from trustray.artifacts import read_metadata
+    from trustray.artifacts import read_artifact
     from trustray.core.rag.abstractive import KIND, Summarizer
 
-    metadata = read_metadata(folder)
-    if metadata is None or metadata.get("kind") != KIND:
-        raise FileNotFoundError(f"{folder} holds no summarizer (no metadata.json of kind {KIND!r})")
+    metadata = read_artifact(folder, KIND, "summarizer")
     path = str(Path(folder) / "model")
     model = load_causal_lm(path, device, seq2seq_ok=True)
     return Summarizer(model, load_tokenizer(path), metadata["max_input_tokens"], metadata["max_new_tokens"])

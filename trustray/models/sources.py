@@ -12,13 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from functools import cache
 from pathlib import Path
 
 from filelock import FileLock
 
+from trustray.artifacts import atomic_folder
 from trustray.runtime import package_folder
 
 logger = logging.getLogger(__name__)
@@ -64,8 +63,7 @@ def _convert_smollm2(target: Path) -> None:
     model.config.pad_token_id = model.config.eos_token_id
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.pad_token_id = model.config.eos_token_id
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         weights = tmp / "model.safetensors"
@@ -76,12 +74,6 @@ def _convert_smollm2(target: Path) -> None:
             "conversion_version": _CONVERSION_VERSION,
         }
         (tmp / "trustray_manifest.json").write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _manifest_ok(target: Path) -> bool:

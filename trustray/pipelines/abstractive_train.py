@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from trustray.artifacts import check_metadata, read_metadata, write_metadata
+from trustray.artifacts import check_metadata, read_artifact, write_metadata
 from trustray.config import BaseConfig, PipelineConfig, TrainWorkerResources
 from trustray.core.rag.abstractive import KIND as SUMMARIZER_KIND
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
@@ -208,9 +208,7 @@ def run(config: AbstractiveTrainConfig) -> Path:
     from trustray.core.rag.abstractive import save_summarizer
 
     out = prepare_output(config).resolve()
-    signal = read_metadata(config.signal_dir)
-    if signal is None or signal.get("kind") != SIGNAL_KIND:
-        raise FileNotFoundError(f"{config.signal_dir} holds no teacher signal: run compressor_train first")
+    signal = read_artifact(config.signal_dir, SIGNAL_KIND, "teacher signal", ": run compressor_train first")
     expected = expected_metadata(config, signal)
     if check_metadata(out / "summarizer", {**expected, "kind": SUMMARIZER_KIND}, kind="trained summarizer"):
         logger.info("reusing the summarizer in %s", out / "summarizer")

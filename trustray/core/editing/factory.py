@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustray.artifacts import ArtifactMismatchError, read_metadata
+from trustray.artifacts import ArtifactMismatchError, read_artifact
 from trustray.core.editing import finetune, malmen, mend  # noqa: F401  (importing them fills the registry)
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND, Editor, EditorSettings
 from trustray.core.editing.registry import EDITORS
@@ -37,9 +37,7 @@ def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any
     `overrides` replace settings it was trained with (inference ones, e.g. MALMEN's `rounds`); a setting that
     changes the networks' shapes makes loading the state fail.
     """
-    metadata = read_metadata(editor_dir)
-    if metadata is None or metadata.get("kind") != TRAINED_EDITOR_KIND:
-        raise FileNotFoundError(f"{editor_dir} holds no meta-trained editor (no metadata.json of kind 'editor')")
+    metadata = read_artifact(editor_dir, TRAINED_EDITOR_KIND, "meta-trained editor")
     if metadata["model_fingerprint"] != fingerprint:
         raise ArtifactMismatchError(
             f"the editor in {editor_dir} was meta-trained on {metadata['model']} (fingerprint "

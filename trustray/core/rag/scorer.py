@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trustray.artifacts import ArtifactMismatchError, atomic_folder, read_metadata, write_metadata
+from trustray.artifacts import (
+    ArtifactMismatchError,
+    atomic_folder,
+    read_artifact,
+    write_metadata,
+)
 from trustray.core.rag.lsr import lsr_loss
 
 KIND = "sentence_scorer"
@@ -155,9 +160,7 @@ class SentenceScorer(nn.Module):
         """A saved scorer, refused unless it was trained from the embedder with `embedder_fingerprint`."""
         from sentence_transformers import SentenceTransformer
 
-        metadata = read_metadata(folder)
-        if metadata is None or metadata.get("kind") != KIND:
-            raise FileNotFoundError(f"{folder} holds no sentence scorer (no metadata.json of kind {KIND!r})")
+        metadata = read_artifact(folder, KIND, "sentence scorer")
         if metadata["embedder_fingerprint"] != embedder_fingerprint:
             raise ArtifactMismatchError(
                 f"the scorer in {folder} was trained from embedder {metadata.get('embedder', '?')} (fingerprint "
