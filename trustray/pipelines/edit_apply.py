@@ -30,7 +30,7 @@ class EditApplyConfig(PipelineConfig):
     output_root: ClassVar[str] = "outputs/edit_sets"
 
     model: str = Field(DEFAULT_CHAT_MODEL, description="The chat model to edit.")
-    editor: str = Field("malmen", description="A name from trustray.core.editing.base.EDITORS.")
+    editor: str = Field("malmen", description="A name from trustray.core.editing.registry.EDITORS.")
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (edit_train output); malmen / mend.")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl.")
     data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")

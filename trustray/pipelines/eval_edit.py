@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 class EditorRun(BaseConfig):
     """One editor of the comparison."""
 
-    editor: str = Field(description="A name from trustray.core.editing.base.EDITORS.")
+    editor: str = Field(description="A name from trustray.core.editing.registry.EDITORS.")
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl; for a meta-trained editor, overrides of its inference settings (e.g. MALMEN's rounds, round_step).")
     max_edits: int | None = Field(None, ge=1, description="Largest N for this editor (baselines may stop at 1,024).")
@@ -65,11 +65,11 @@ class EditorRun(BaseConfig):
 
     # The label only names the rows and max_edits only says which N run: neither changes a row, so raising
     # max_edits keeps the rows already computed.
-    NOT_IN_IDENTITY: ClassVar[frozenset[str]] = frozenset({"label", "max_edits"})
+    NOT_IN_METADATA: ClassVar[frozenset[str]] = frozenset({"label", "max_edits"})
 
-    def settings_identity(self) -> dict[str, Any]:
+    def expected_metadata(self) -> dict[str, Any]:
         """What a stored row must have been made with."""
-        return self.model_dump(mode="json", exclude=set(self.NOT_IN_IDENTITY))
+        return self.model_dump(mode="json", exclude=set(self.NOT_IN_METADATA))
 
 
 class GeneralAbility(BaseConfig):
@@ -219,7 +219,7 @@ def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) ->
     reference = locality_reference(engine.model, engine.tokenizer, scored, config.batch_size, prefix=cache)
     with atomic_folder(path) as tmp:
         torch.save({"layers": cache.layers, "states": cache.states, "reference": reference}, tmp / "cache.pt")
-        write_metadata(tmp, scoring_identity(config))
+        write_metadata(tmp, scoring_expected_metadata(config))
     return path
 
 
@@ -302,14 +302,14 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
             "prefix_cached": prefix is not None, "run": run.model_dump(mode="json")}
 
 
-def folder_identity(config: EvalEditConfig) -> dict[str, Any]:
+def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     """What every row of an output folder shares (editors and N may grow between runs; resources may change)."""
     return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
                                                                  "output_dir", "force", "results_dir"})}
 
 
-def scoring_identity(config: EvalEditConfig) -> dict[str, Any]:
+def scoring_expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     """What the scoring cache depends on: the scored pairs and the cached layers."""
     return {"kind": "edit-scoring-cache", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", include={"data", "split", "eval_sample", "paraphrases_scored",
@@ -337,10 +337,10 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
 
     folder = prepare_output(config)
     rows_dir = folder / "rows"
-    identity = folder_identity(config)
-    if not check_metadata(folder, identity, kind="edit-scaling rows"):
+    expected = expected_metadata(config)
+    if not check_metadata(folder, expected, kind="edit-scaling rows"):
         rows_dir.mkdir(parents=True, exist_ok=True)
-        write_metadata(folder, identity)
+        write_metadata(folder, expected)
     records = load_all_records(config)
     fingerprint = model_fingerprint(config.model)
     general = general_requests(config)
@@ -355,13 +355,13 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             if not path.is_file():
                 todo[key] = (editor_run, n)
             elif {k: v for k, v in json.loads(path.read_text()).get("run", {}).items()
-                  if k not in EditorRun.NOT_IN_IDENTITY} != editor_run.settings_identity():
+                  if k not in EditorRun.NOT_IN_METADATA} != editor_run.expected_metadata():
                 raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
                                             "delete it (or its folder) to recompute")
     cache_path = None
     if config.scoring_prefix_layers and todo:
         cache_path = folder / "scoring-cache"
-        if not check_metadata(cache_path, scoring_identity(config), kind="scoring cache"):
+        if not check_metadata(cache_path, scoring_expected_metadata(config), kind="scoring cache"):
             task = ray.remote(**options)(scoring_cache_task)
             gather({"cache": task.remote(config, scored_records(config, records), str(cache_path))}, "scoring cache",
                    lambda key, value: None)
