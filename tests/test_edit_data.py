@@ -8,15 +8,14 @@ from collections import defaultdict
 
 import pytest
 
+from trustray.data.edit_files import load_counterfact, load_zsre
 from trustray.data.edits import (
     SPLITS,
     TEMPLATES,
     build_edit_dataset,
-    edit_record_id,
-    load_counterfact,
     load_edit_split,
-    load_zsre,
 )
+from trustray.data.wiki_facts import edit_record_id
 
 RECORD_KEYS = {
     "id",

@@ -83,13 +83,13 @@ class EditTrainConfig(PipelineConfig):
 
 def load_records(data: EditDataSettings, split: str) -> list[dict[str, Any]]:
     """Edit records of one split: the bundled dataset, or a user's zsRE / CounterFact file."""
-    from trustray.data import edits
+    from trustray.data import edit_files, edits
 
     if data.format == "wiki":
         if data.source != "wiki":
             raise ValueError("format 'wiki' reads the bundled dataset: set source: wiki")
         return edits.load_edit_split(split, seed=data.seed)
-    loader = edits.load_zsre if data.format == "zsre" else edits.load_counterfact
+    loader = edit_files.load_zsre if data.format == "zsre" else edit_files.load_counterfact
     return loader(data.source, split=split)
 
 
