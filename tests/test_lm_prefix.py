@@ -74,12 +74,12 @@ def test_cached_prefix_gives_the_same_losses_and_per_example_gradients(tiny_llam
 def test_training_through_the_cache_matches_training_the_full_model(tiny_llama_dir, examples):
     settings = WarmupSettings(learning_rate=1e-2, epochs=1, batch_size=3, grad_accumulation=1, warmup_ratio=0.0)
     full = _model(tiny_llama_dir, [-1])
-    train_lora(full, examples, settings, on_checkpoint=lambda *a: None, progress_bar=False)
+    train_lora(full, examples, settings, progress_bar=False)
     cached = _model(tiny_llama_dir, [-1])
     layers = frozen_prefix_length(cached)
     states = prefix_states(cached, examples, layers)
     with skipped_prefix(cached, layers):
-        train_lora(cached, with_states(examples, states), settings, on_checkpoint=lambda *a: None, progress_bar=False)
+        train_lora(cached, with_states(examples, states), settings, progress_bar=False)
     for (name, a), (_, b) in zip(full.named_parameters(), cached.named_parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -54,7 +54,7 @@ from trustray.pipelines import gather, prepare_output
 # `trustray eval influence` prints this module's `format_table` (the evaluation registry's contract).
 from trustray.pipelines.eval_influence_report import format_table, write_report  # noqa: F401
 from trustray.pipelines.eval_influence_tasks import base_losses_task, cache_prefix, retrain_task, score_task
-from trustray.pipelines.influence import train_lora_warmup
+from trustray.pipelines.influence import checkpoint_name, train_lora_warmup
 from trustray.runtime import machine_info
 
 logger = logging.getLogger(__name__)
@@ -217,8 +217,8 @@ def run_warmup(config: EvalInfluenceConfig, folder: Path, pool: list[dict], pref
     done = warmup_dir / "checkpoints.json"
     if done.is_file():
         return json.loads(done.read_text())
-    # No checkpoints.json: a warmup that did not finish. Start over (Ray Train would resume it).
-    shutil.rmtree(warmup_dir, ignore_errors=True)
+    # No checkpoints.json: a warmup that did not finish resumes from its checkpoints (`open_output` refused the
+    # folder if its settings differ).
     count = max(1, round(config.warmup_fraction * len(pool)))
     subset = [pool[i] for i in sorted(random.Random(config.warmup.seed).sample(range(len(pool)), count))]
     logger.info("warmup: LoRA on %d of %d pool examples", count, len(pool))
@@ -240,22 +240,23 @@ def run_scores(config: EvalInfluenceConfig, folder: Path, groups_ref: Any, prefi
 
     score_dir = folder / "scores"
     score_dir.mkdir(exist_ok=True)
+    names = [checkpoint_name(checkpoint) for checkpoint in checkpoints]
     refs = {}
-    for checkpoint in checkpoints:
-        if not (score_dir / f"{checkpoint['path']}.json").is_file():
-            refs[checkpoint["path"]] = _remote(score_task, config).remote(
+    for name, checkpoint in zip(names, checkpoints, strict=True):
+        if not (score_dir / f"{name}.json").is_file():
+            refs[name] = _remote(score_task, config).remote(
                 config, str(folder / "warmup" / checkpoint["path"]), groups_ref, prefix
             )
 
-    def save(path: str, result: dict) -> None:
-        np.savez(score_dir / f"{path}.npz", **result["scores"])
-        atomic_write_text(score_dir / f"{path}.json", json.dumps(result["info"], indent=2))
+    def save(name: str, result: dict) -> None:
+        np.savez(score_dir / f"{name}.npz", **result["scores"])
+        atomic_write_text(score_dir / f"{name}.json", json.dumps(result["info"], indent=2))
 
     gather(refs, "scores per checkpoint", save)
-    per_checkpoint = [np.load(score_dir / f"{c['path']}.npz") for c in checkpoints]
+    per_checkpoint = [np.load(score_dir / f"{name}.npz") for name in names]
     rates = [c["learning_rate"] for c in checkpoints]
     combined = {key: combine_checkpoints([s[key] for s in per_checkpoint], rates) for key in per_checkpoint[0].files}
-    return combined, json.loads((score_dir / f"{checkpoints[-1]['path']}.json").read_text())
+    return combined, json.loads((score_dir / f"{names[-1]}.json").read_text())
 
 
 def run_lds(config: EvalInfluenceConfig, folder: Path, pool_ref: Any, targets_ref: Any, n_pool: int,

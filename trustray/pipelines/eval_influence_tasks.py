@@ -86,7 +86,7 @@ def retrain_task(config: EvalInfluenceConfig, pool: list[dict], indices: list[in
 
     model = fresh_lora(config, settings.seed)
     with skipped_prefix(model, prefix):
-        train_lora(model, [pool[i] for i in indices], settings, on_checkpoint=lambda *args: None, progress_bar=False)
+        train_lora(model, [pool[i] for i in indices], settings, progress_bar=False)
     return target_losses(config, model, targets, prefix)
 
 

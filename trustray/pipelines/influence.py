@@ -4,7 +4,8 @@ their gradient features against target tasks.
     python -m trustray.pipelines.influence --config configs/influence/cpu.yaml [key=value ...]
 
 Stages, each reusing its finished artifact under `output_dir` when the settings match:
-  (a) warmup: LoRA training on a random subset of the pool with Ray Train; checkpoints with AdamW state.
+  (a) warmup: LoRA training on a random subset of the pool with Ray Train (the shared loop of
+      trustray.pipelines.training); checkpoints with AdamW state; a killed warmup resumes.
   (b) reduction: fitted on per-example gradients of a pool sample at the last checkpoint (PCA on the
       Adam-preconditioned ones when the training features are preconditioned; kron-PCA on the layer factors)
       or built from its seed (random projections), saved with its basis hash.
@@ -23,8 +24,6 @@ import hashlib
 import json
 import logging
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -36,13 +35,16 @@ from trustray.artifacts import atomic_folder, check_metadata, read_metadata, wri
 from trustray.config import BaseConfig, PipelineConfig, PoolResources, TrainWorkerResources
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
 from trustray.core.lm.batching import ResponseTruncatedError, encode_chat
+from trustray.core.lm.prefix import skipped_prefix
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import prepare_output
+from trustray.pipelines.training import TrainingPlan, WorkerContext, read_step, run_training
 
 logger = logging.getLogger(__name__)
 
 WARMUP_KIND = "influence_warmup"
 WARMUP_DIR = "warmup"
+CHECKPOINTS_DIR = "checkpoints"  # the warmup's, under its folder
 
 
 class InfluenceDataSettings(BaseConfig):
@@ -175,52 +177,51 @@ def encode_subset(model: str, subset: list[dict[str, Any]], max_length: int) -> 
     return encoded, skipped
 
 
-def warmup_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train loop of a LoRA warmup: load the model, add LoRA, train; rank 0 writes and reports each checkpoint.
+class LoraWarmupTraining:
+    """The warmup task (`trustray.pipelines.training`): one `LoraTrainer` step per step; each checkpoint holds
+    the adapter, AdamW state and schedule (the folders `CheckpointGradients` reads), its history entry the step's
+    loss, learning rate and epoch. `data` (see `train_lora_warmup`): model, dtype, lora, warmup, examples,
+    frozen_prefix."""
 
-    `loop_config` (see `train_lora_warmup`): model, dtype, lora, warmup, torch_threads, frozen_prefix, examples.
-    """
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray.train import Checkpoint
+    def __init__(self, data: dict[str, Any], context: WorkerContext):
+        import torch
 
-    from trustray.core.influence.warmup import add_lora, save_checkpoint, train_lora
-    from trustray.core.lm.prefix import skipped_prefix
-    from trustray.models.loading import load_causal_lm
-    from trustray.runtime import setup_logging
+        from trustray.core.influence.warmup import LoraTrainer, add_lora
+        from trustray.models.loading import load_causal_lm
 
-    settings = WarmupSettings.model_validate(loop_config["warmup"])
-    torch.set_num_threads(loop_config["torch_threads"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    if rank == 0:
-        setup_logging()
-    # Loaded on the CPU: prepare_model moves it to this worker's device.
-    model = load_causal_lm(loop_config["model"], "cpu", loop_config["dtype"])
-    # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
-    torch.manual_seed(settings.seed)
-    model = add_lora(model, LoraSettings.model_validate(loop_config["lora"]))
-    # Moves to this worker's device; wraps in DDP only when there is more than one worker.
-    model = ray.train.torch.prepare_model(model)
+        settings: WarmupSettings = data["warmup"]
+        # Built on the CPU and moved afterwards, so the LoRA initialisation does not depend on the device.
+        model = load_causal_lm(data["model"], "cpu", data["dtype"])
+        # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
+        torch.manual_seed(settings.seed)
+        model = add_lora(model, data["lora"])
+        if context.world_size > 1:
+            import ray.train.torch
 
-    def on_checkpoint(step: int, learning_rate: float, peft_model: Any, optimizer: Any, epoch: float) -> None:
-        metrics = {"step": step, "learning_rate": learning_rate, "epoch": epoch}
-        if rank != 0:
-            ray.train.report(metrics)  # every rank must report: it is a barrier
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_checkpoint(Path(tmp) / "checkpoint", peft_model, optimizer, step, learning_rate, epoch)
-            ray.train.report(
-                metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=f"checkpoint-{step}"
-            )
+            model = ray.train.torch.prepare_model(model, move_to_device=context.device)  # wraps it in DDP
+        else:  # nothing to wrap: the task then needs no Ray Train session (tests run it in-process)
+            model = model.to(context.device)
+        self.trainer = LoraTrainer(model, data["examples"], settings, context.rank, context.world_size)
+        self.frozen_prefix = data["frozen_prefix"]
 
-    prefix = loop_config["frozen_prefix"]
-    peft_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    # Examples that carry the frozen layers' cached output bypass those layers (Llama-shaped models only, hence
-    # no context at all without a prefix).
-    with skipped_prefix(peft_model, prefix) if prefix else contextlib.nullcontext():
-        train_lora(model, loop_config["examples"], settings, on_checkpoint, rank=rank, world_size=world_size)
+    def begin(self) -> list[dict[str, Any]]:
+        return []
+
+    def train_step(self, step: int) -> dict[str, float]:
+        # Examples that carry the frozen layers' cached output bypass those layers (Llama-shaped models only,
+        # hence no context at all without a prefix).
+        prefix = self.frozen_prefix
+        with skipped_prefix(self.trainer.peft_model, prefix) if prefix else contextlib.nullcontext():
+            return self.trainer.step(step)
+
+    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
+        return window[-1]  # the checkpoint step's own: its learning rate weights the checkpoint's scores
+
+    def save(self, folder: Path) -> None:
+        self.trainer.save(folder)
+
+    def load(self, folder: Path) -> None:
+        self.trainer.load(folder)
 
 
 def train_lora_warmup(
@@ -229,50 +230,29 @@ def train_lora_warmup(
 ) -> list[dict[str, Any]]:
     """Train LoRA on encoded `examples` with Ray Train: the warmup of both influence pipelines.
 
-    Each checkpoint (adapter, AdamW state, `checkpoint.json`; see `core.influence.warmup.save_checkpoint`) lands
-    in `folder/checkpoint-<step>`; returns `[{step, epoch, learning_rate, path}]` in step order. Examples may
-    carry the cached output of the `frozen_prefix` lowest decoder layers, which training then bypasses.
-    `folder` must not exist: Ray Train would resume the run it holds.
+    Checkpoints (adapter, AdamW state, schedule, `checkpoint.json`; see `core.influence.warmup.LoraTrainer.save`)
+    land in `folder/checkpoints/step-<n>`; returns `[{step, epoch, learning_rate, path}]` in step order, `path`
+    relative to `folder`. A warmup killed part-way resumes from its newest checkpoint, so the caller must make
+    sure `folder` holds no warmup made with other settings. Examples may carry the cached output of the
+    `frozen_prefix` lowest decoder layers, which training then bypasses.
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from trustray.core.influence.warmup import checkpoint_steps, steps_per_epoch
 
-    from trustray.actors.cluster import init_ray
+    epoch_steps = steps_per_epoch(len(examples), warmup, resources.num_workers)
+    plan = TrainingPlan(folder / CHECKPOINTS_DIR, epoch_steps * warmup.epochs, checkpoint_steps(epoch_steps, warmup))
+    data = {"model": model, "dtype": dtype, "lora": lora, "warmup": warmup, "examples": examples,
+            "frozen_prefix": frozen_prefix}
+    final = run_training(LoraWarmupTraining, data, plan, resources, folder, data_parallel=True)
+    return [
+        {"step": entry["step"], "epoch": entry["epoch"], "learning_rate": entry["learning_rate"],
+         "path": f"{CHECKPOINTS_DIR}/step-{entry['step']}"}
+        for entry in read_step(final)["history"]
+    ]
 
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; remove it to train a new warmup")
-    init_ray()
-    loop_config = {
-        "model": model, "dtype": dtype, "lora": lora.model_dump(mode="json"), "warmup": warmup.model_dump(mode="json"),
-        "torch_threads": resources.torch_threads, "frozen_prefix": frozen_prefix, "examples": examples,
-    }
-    trainer = TorchTrainer(
-        warmup_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=resources.num_workers,
-            use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.num_cpus},
-        ),
-        # Ray persists each reported checkpoint as <folder>/checkpoint-<step>.
-        run_config=RunConfig(name=folder.name, storage_path=str(folder.parent.resolve())),
-    )
-    result = trainer.fit()
-    checkpoints = sorted(
-        (
-            {
-                "step": int(metrics["step"]),
-                "epoch": float(metrics["epoch"]),
-                "learning_rate": float(metrics["learning_rate"]),
-                "path": Path(checkpoint.path).name,
-            }
-            for checkpoint, metrics in (result.best_checkpoints or [])
-        ),
-        key=lambda item: item["step"],
-    )
-    if not checkpoints:
-        raise RuntimeError(f"the warmup at {folder} reported no checkpoint")
-    return checkpoints
+
+def checkpoint_name(checkpoint: dict[str, Any]) -> str:
+    """The name of what is computed at a warmup checkpoint (feature stores, scores): its folder's, `step-<n>`."""
+    return Path(checkpoint["path"]).name
 
 
 def run_warmup(config: InfluenceConfig, pool: list[dict[str, Any]]) -> dict[str, Any]:
@@ -283,10 +263,9 @@ def run_warmup(config: InfluenceConfig, pool: list[dict[str, Any]]) -> dict[str,
     if check_metadata(warmup_dir, expected, kind="influence warmup"):
         logger.info("reusing the finished warmup at %s", warmup_dir)
         return read_warmup_metadata(warmup_dir)
-    if warmup_dir.exists():
-        # No metadata: a run that did not finish. Its checkpoints may be partial; start over.
-        logger.info("removing the unfinished warmup at %s", warmup_dir)
-        shutil.rmtree(warmup_dir)
+    # An unfinished warmup resumes from its checkpoints, but only one made with the same settings.
+    if not check_metadata(warmup_dir / CHECKPOINTS_DIR, expected, kind="influence warmup checkpoints"):
+        write_metadata(warmup_dir / CHECKPOINTS_DIR, expected)
     examples, skipped = encode_subset(config.model, subset, config.data.max_length)
     logger.info("warmup: %d of %d pool examples, %d epochs, into %s",
                 len(examples), len(pool), config.warmup.epochs, warmup_dir)
@@ -414,7 +393,7 @@ def run_features(
     fingerprint = rows_fingerprint(rows)  # hashed once: the pool can be millions of rows
     stores = []
     for checkpoint in checkpoint_dirs(config, warmup):
-        folder = config.output_path() / "features" / role / checkpoint["path"]
+        folder = config.output_path() / "features" / role / checkpoint_name(checkpoint)
         metadata = {
             "kind": "influence_features",
             "role": role,

@@ -4,17 +4,17 @@ LESS trains LoRA for a few epochs on a small random subset of the pool and keeps
 each with the AdamW state (its second moments precondition the training-example gradient features) and
 the learning rate at that point (checkpoints are weighted by it when scores are summed).
 
-`train_lora` is framework-free: the Ray Train worker (trustray.pipelines.influence) calls it with its rank
-and world size and a model that may be wrapped in DistributedDataParallel.
+`LoraTrainer` takes one optimizer step at a time and saves and restores its whole state, so the shared Ray Train
+loop (`trustray.pipelines.training`, via the influence pipeline's warmup task) can checkpoint and resume it;
+`train_lora` runs every step in this process (the influence evaluation's retrains). Both are framework-free.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,14 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from trustray.artifacts import atomic_folder
 from trustray.config import BaseConfig
 from trustray.core.lm.batching import collate
 
-logger = logging.getLogger(__name__)
-
 OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
 CHECKPOINT_FILE = "checkpoint.json"
 # Right padding with attention_mask 0 and label -100 hides the pad positions, so the id itself is irrelevant.
 _PAD_ID = 0
-
-CheckpointCallback = Callable[[int, float, Any, torch.optim.Optimizer, float], None]
 
 
 class LoraSettings(BaseConfig):
@@ -96,95 +92,127 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings) -> Any:
     return get_peft_model(model, config)
 
 
-def _checkpoint_steps(steps_per_epoch: int, epochs: int, per_epoch: int) -> set[int]:
+def steps_per_epoch(num_examples: int, settings: WarmupSettings, world_size: int = 1) -> int:
+    """Optimizer steps per epoch when `world_size` workers share `num_examples` (the remainder is dropped)."""
+    per_rank = num_examples // world_size
+    if per_rank == 0:
+        raise ValueError(f"{num_examples} examples cannot be shared by {world_size} workers")
+    return math.ceil(per_rank / (settings.batch_size * settings.grad_accumulation))
+
+
+def checkpoint_steps(epoch_steps: int, settings: WarmupSettings) -> frozenset[int]:
+    """The steps checkpointed when an epoch has `epoch_steps`: `checkpoints_per_epoch` evenly spaced in every
+    epoch, each epoch's end among them."""
     marks: set[int] = set()
-    for epoch in range(epochs):
-        base = epoch * steps_per_epoch
-        marks.update(base + math.ceil(steps_per_epoch * (k + 1) / per_epoch) for k in range(per_epoch))
-    return marks
+    per_epoch = settings.checkpoints_per_epoch
+    for epoch in range(settings.epochs):
+        base = epoch * epoch_steps
+        marks.update(base + math.ceil(epoch_steps * (k + 1) / per_epoch) for k in range(per_epoch))
+    return frozenset(marks)
 
 
-def train_lora(
-    model: torch.nn.Module,
-    examples: Sequence[Mapping[str, Sequence[int]]],
-    settings: WarmupSettings,
-    on_checkpoint: CheckpointCallback,
-    rank: int = 0,
-    world_size: int = 1,
-    progress_bar: bool = True,
-) -> list[dict[str, float]]:
-    """Train the trainable (LoRA) parameters of `model` on encoded examples; returns this rank's step log.
+class LoraTrainer:
+    """Trains the trainable (LoRA) parameters of `model` on encoded examples, one AdamW step at a time.
 
     `model` is a PeftModel, or one wrapped in DistributedDataParallel when `world_size > 1`; each rank takes
-    an equal share of every epoch's shuffle (the remainder is dropped so all ranks step together).
-    `on_checkpoint(step, learning_rate, peft_model, optimizer, epoch)` is called on every rank at each
-    checkpoint; `learning_rate` is the rate of the optimizer step just taken. `progress_bar=False` keeps many
-    short trainings (the influence evaluation's retrains) from flooding the log.
+    an equal share of every epoch's shuffle (the remainder is dropped so all ranks step together). Step `s`
+    (1-based) draws its examples from epoch `(s - 1) // steps_per_epoch`'s order, a permutation seeded
+    `seed + epoch`: a step's batch depends on its number alone, so a run resumed from `load` replays exactly
+    the steps an uninterrupted one takes.
     """
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    peft_model = model.module if ddp else model
-    per_rank = len(examples) // world_size
-    if per_rank == 0:
-        raise ValueError(f"{len(examples)} examples cannot be shared by {world_size} workers")
-    examples_per_step = settings.batch_size * settings.grad_accumulation
-    steps_per_epoch = math.ceil(per_rank / examples_per_step)
-    total_steps = steps_per_epoch * settings.epochs
-    checkpoint_steps = _checkpoint_steps(steps_per_epoch, settings.epochs, settings.checkpoints_per_epoch)
 
-    from transformers import get_linear_schedule_with_warmup
+    def __init__(self, model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], settings: WarmupSettings,
+                 rank: int = 0, world_size: int = 1) -> None:
+        from transformers import get_linear_schedule_with_warmup
 
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if not parameters:
-        raise ValueError("the model has no trainable parameters; call add_lora first")
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps
-    )
-    device = next(model.parameters()).device
-    model.train()
-    log: list[dict[str, float]] = []
-    step = 0
-    progress = tqdm(total=total_steps, desc="warmup", disable=rank != 0 or not progress_bar)
-    for epoch in range(settings.epochs):
-        generator = torch.Generator().manual_seed(settings.seed + epoch)
-        order = torch.randperm(len(examples), generator=generator)[: per_rank * world_size]
-        local = order[rank::world_size].tolist()
-        for start in range(0, per_rank, examples_per_step):
-            chunk = local[start : start + examples_per_step]
-            micro = [chunk[i : i + settings.batch_size] for i in range(0, len(chunk), settings.batch_size)]
-            step_loss = 0.0
-            for index, indices in enumerate(micro):
-                batch = {
-                    key: value.to(device) for key, value in collate([examples[i] for i in indices], _PAD_ID).items()
-                }
-                # Under DDP only the last micro-batch of a step synchronises gradients.
-                sync = not ddp or index == len(micro) - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    loss = model(**batch).loss / len(micro)
-                    loss.backward()
-                step_loss += loss.item()
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_float = step / steps_per_epoch
-            log.append({"step": step, "epoch": epoch_float, "loss": step_loss, "learning_rate": learning_rate})
-            if rank == 0:
-                logger.info("step %d/%d epoch %.2f loss %.4f lr %.3g", step, total_steps, epoch_float,
-                            step_loss, learning_rate)
-                progress.set_postfix(loss=f"{step_loss:.4f}")
-            progress.update(1)
-            if step in checkpoint_steps:
-                on_checkpoint(step, learning_rate, peft_model, optimizer, epoch_float)
-    progress.close()
+        self.model, self.examples, self.settings = model, examples, settings
+        self.rank, self.world_size = rank, world_size
+        self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.peft_model = model.module if self.ddp else model
+        self.steps_per_epoch = steps_per_epoch(len(examples), settings, world_size)
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        if not parameters:
+            raise ValueError("the model has no trainable parameters; call add_lora first")
+        self.optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, math.ceil(settings.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.device = next(model.parameters()).device
+        # What `save` records of the last step taken: {step, learning_rate, epoch}.
+        self.last_step: dict[str, float] | None = None
+        model.train()
+
+    def _step_examples(self, step: int) -> list[int]:
+        epoch, index = divmod(step - 1, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.settings.seed + epoch)
+        per_rank = len(self.examples) // self.world_size
+        order = torch.randperm(len(self.examples), generator=generator)[: per_rank * self.world_size]
+        size = self.settings.batch_size * self.settings.grad_accumulation
+        return order[self.rank :: self.world_size][index * size : (index + 1) * size].tolist()
+
+    def step(self, step: int) -> dict[str, float]:
+        """Take optimizer step `step`; returns its loss, the learning rate it ran at and the epochs done after it."""
+        chunk = self._step_examples(step)
+        size = self.settings.batch_size
+        micro = [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        step_loss = 0.0
+        for index, indices in enumerate(micro):
+            batch = {key: value.to(self.device)
+                     for key, value in collate([self.examples[i] for i in indices], _PAD_ID).items()}
+            # Under DDP only the last micro-batch of a step synchronises gradients.
+            sync = not self.ddp or index == len(micro) - 1
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                loss = self.model(**batch).loss / len(micro)
+                loss.backward()
+            step_loss += loss.item()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        epoch = step / self.steps_per_epoch
+        self.last_step = {"step": step, "learning_rate": learning_rate, "epoch": epoch}
+        return {"loss": step_loss, "learning_rate": learning_rate, "epoch": epoch}
+
+    def save(self, folder: str | Path) -> None:
+        """A warmup checkpoint of the last step (`save_checkpoint`) plus the learning-rate schedule's state."""
+        if self.last_step is None:
+            raise ValueError("no step taken yet: nothing to checkpoint")
+        folder = save_checkpoint(folder, self.peft_model, self.optimizer, **self.last_step)
+        torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+
+    def load(self, folder: str | Path) -> None:
+        """Restore the adapter, optimizer and schedule that `save` wrote into `folder`."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        folder = Path(folder)
+        info = json.loads((folder / CHECKPOINT_FILE).read_text())
+        set_peft_model_state_dict(self.peft_model, load_peft_weights(str(folder), device=str(self.device)))
+        # Loaded on the CPU: AdamW keeps its step counts there and moves the moments to their parameters itself.
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+        self.last_step = {key: info[key] for key in ("step", "learning_rate", "epoch")}
+
+
+def train_lora(model: torch.nn.Module, examples: Sequence[Mapping[str, Sequence[int]]], settings: WarmupSettings,
+               progress_bar: bool = True) -> list[dict[str, float]]:
+    """Every step of a `LoraTrainer` on a PeftModel in this process; returns the step log.
+
+    `progress_bar=False` keeps many short trainings (the influence evaluation's retrains) from flooding the log.
+    """
+    trainer = LoraTrainer(model, examples, settings)
+    log = []
+    for step in tqdm(range(1, trainer.total_steps + 1), desc="LoRA training", disable=not progress_bar):
+        log.append({"step": step, **trainer.step(step)})
     return log
 
 
 def save_checkpoint(
     folder: str | Path, model: Any, optimizer: torch.optim.Optimizer, step: int, learning_rate: float, epoch: float
 ) -> Path:
-    """Write adapter, AdamW state and `checkpoint.json` into `folder`; the folder appears whole or not at all.
+    """Write adapter, AdamW state and `checkpoint.json` into `folder` (created if missing; the training loop makes
+    the write atomic by writing into a temporary folder it renames).
 
     `checkpoint.json` also lists the trainable parameter names in optimizer order, so later stages can match
     the optimizer's per-parameter moments to LoRA modules.
@@ -192,10 +220,10 @@ def save_checkpoint(
     folder = Path(folder)
     param_names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     info = {"step": step, "learning_rate": learning_rate, "epoch": epoch, "param_names": param_names}
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        (tmp / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    (folder / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
     return folder
 
 
