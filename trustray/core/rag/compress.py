@@ -57,6 +57,11 @@ def build_compressor(name: str, **options: Any) -> Compressor:
     return COMPRESSORS[name](**options)
 
 
+def context_tokens(count_tokens: TokenCounter, passages: Passages) -> int:
+    """Tokens of `passages` as the prompt formats them (0 for none)."""
+    return count_tokens(format_passages(passages)) if passages else 0
+
+
 def _check_budget(budget: int) -> None:
     if budget < 0:
         raise ValueError(f"the token budget must be >= 0, got {budget}")
@@ -80,40 +85,38 @@ def select_within_budget(scores: Sequence[float], token_counts: Sequence[int], b
 
 
 @register
+@dataclass(frozen=True)
 class NoneCompressor:
     """Every retrieved passage, whole (full RAG); the budget is ignored."""
 
-    name = "none"
-
-    def __init__(self, count_tokens: TokenCounter) -> None:
-        self.count_tokens = count_tokens
+    name: ClassVar[str] = "none"
+    count_tokens: TokenCounter
 
     def compress(self, question: str, passages: Passages, budget: int) -> Compressed:
-        tokens = self.count_tokens(format_passages(passages)) if passages else 0
+        tokens = context_tokens(self.count_tokens, passages)
         return Compressed(list(passages), tokens, tokens)
 
 
 @register
+@dataclass(frozen=True)
 class TruncateCompressor:
     """The first words of each passage, an equal share of the budget each (titles included in the count)."""
 
-    name = "truncate"
-
-    def __init__(self, count_tokens: TokenCounter) -> None:
-        self.count_tokens = count_tokens
+    name: ClassVar[str] = "truncate"
+    count_tokens: TokenCounter
 
     def compress(self, question: str, passages: Passages, budget: int) -> Compressed:
         _check_budget(budget)
-        source = self.count_tokens(format_passages(passages)) if passages else 0
+        source = context_tokens(self.count_tokens, passages)
         kept: list[tuple[str, str]] = []
         for position, (title, text) in enumerate(passages):
-            remaining = budget - (self.count_tokens(format_passages(kept)) if kept else 0)
+            remaining = budget - context_tokens(self.count_tokens, kept)
             share = remaining // (len(passages) - position)
             words = text.split()
             count = longest_prefix(self.count_tokens, title, words, share, separator_tokens=2 if kept else 0)
             if count:
                 kept.append((title, " ".join(words[:count])))
-        context = self.count_tokens(format_passages(kept)) if kept else 0
+        context = context_tokens(self.count_tokens, kept)
         return Compressed(kept, context, source)
 
 
@@ -130,19 +133,18 @@ def longest_prefix(count_tokens: TokenCounter, title: str, words: list[str], sha
 
 
 @register
+@dataclass(frozen=True)
 class ExtractiveCompressor:
     """The best-scored sentences of all passages within the budget, each kept under its passage's title; nothing
     when the scorer's EMPTY score beats every sentence."""
 
-    name = "extractive"
-
-    def __init__(self, count_tokens: TokenCounter, scorer: SentenceScorer) -> None:
-        self.count_tokens = count_tokens
-        self.scorer = scorer
+    name: ClassVar[str] = "extractive"
+    count_tokens: TokenCounter
+    scorer: SentenceScorer
 
     def compress(self, question: str, passages: Passages, budget: int) -> Compressed:
         _check_budget(budget)
-        source = self.count_tokens(format_passages(passages)) if passages else 0
+        source = context_tokens(self.count_tokens, passages)
         candidates = [(p, sentence) for p, (_, text) in enumerate(passages) for sentence in split_sentences(text)]
         if not candidates:
             return Compressed([], 0, source)
@@ -155,7 +157,7 @@ class ExtractiveCompressor:
             kept.append((passages[p][0], " ".join(candidates[i][1] for i in chosen if candidates[i][0] == p)))
         while kept and self.count_tokens(format_passages(kept)) > budget:  # tokenizer merges can add a token
             kept.pop()
-        context = self.count_tokens(format_passages(kept)) if kept else 0
+        context = context_tokens(self.count_tokens, kept)
         return Compressed(kept, context, source)
 
 
@@ -164,20 +166,19 @@ Summarize = Callable[[str, Passages], str]
 
 
 @register
+@dataclass(frozen=True)
 class AbstractiveCompressor:
     """A summary written by a small LM (`trustray.core.rag.abstractive.Summarizer`), cut to the budget; nothing
     when it writes nothing. The summary reaches the chat model as one passage titled `title`."""
 
-    name = "abstractive"
-    title = "Summary"
-
-    def __init__(self, count_tokens: TokenCounter, summarize: Summarize) -> None:
-        self.count_tokens = count_tokens
-        self.summarize = summarize
+    name: ClassVar[str] = "abstractive"
+    title: ClassVar[str] = "Summary"
+    count_tokens: TokenCounter
+    summarize: Summarize
 
     def compress(self, question: str, passages: Passages, budget: int) -> Compressed:
         _check_budget(budget)
-        source = self.count_tokens(format_passages(passages)) if passages else 0
+        source = context_tokens(self.count_tokens, passages)
         words = self.summarize(question, passages).split() if passages else []
         count = longest_prefix(self.count_tokens, self.title, words, budget)
         if not count:
