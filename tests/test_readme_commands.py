@@ -2,14 +2,13 @@
 
 Commands are taken from the README's shell code blocks (every line must be one), the first column of its
 commands table, and inline code that starts like a command. `trustray ...` runs `trustray.cli.main` and
-`python -m trustray.pipelines.X ...` runs that module's `main`, with the work itself stubbed out: the pipeline's
+`python -m trustray.pipelines.X ...` runs that module as `__main__`, with the work itself stubbed out: the pipeline's
 `run`, the Serve app, Ray. `trustray quickstart` runs for real in tests/test_quickstart.py (slow); the scripts
 under scripts/ run in CI (.ci/run).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 import runpy
 import shlex
@@ -90,9 +89,8 @@ def stub_pipeline(monkeypatch, name: str, stubbed: Stubbed) -> dict:
     is_evaluation = name in pipelines.EVALUATIONS.values()
     monkeypatch.setitem(spec, "run", stubbed.record({"stubbed": True} if is_evaluation else ROOT / "outputs"))
     monkeypatch.setattr("trustray.actors.cluster.init_ray", lambda *args, **kwargs: None)
-    module = pipelines.pipeline_module(name)
-    if hasattr(module, "format_table"):
-        monkeypatch.setattr(module, "format_table", lambda summary: "stubbed table")
+    if "table" in spec:
+        monkeypatch.setitem(spec, "table", lambda summary: "stubbed table")
     return spec
 
 
@@ -136,8 +134,7 @@ def run_trustray(argv: list[str], monkeypatch) -> None:
         name = argv[1] if command == "run" else pipelines.EVALUATIONS[argv[1]]
         spec = stub_pipeline(monkeypatch, name, stubbed)
         assert cli.main(argv) == 0
-        module = pipelines.pipeline_module(name)
-        translate = getattr(module, "translate_flags", None) if command == "eval" else None
+        translate = spec.get("flags") if command == "eval" else None
         check_config(stubbed, spec["config"], name, argv[2:], translate)
         return
     pytest.fail(f"no runner for `trustray {command}`: teach tests/test_readme_commands.py to run it")
@@ -162,8 +159,7 @@ def test_readme_command_runs_as_spelled(command, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
             runpy.run_module(tokens[2], run_name="__main__")
-        module = importlib.import_module(tokens[2])
-        check_config(stubbed, spec["config"], name, tokens[3:], getattr(module, "translate_flags", None))
+        check_config(stubbed, spec["config"], name, tokens[3:], spec.get("flags"))
     elif tokens[0].startswith("./scripts/"):
         script = ROOT / tokens[0]
         assert script.is_file() and script.stat().st_mode & 0o111, f"{tokens[0]} is not an executable script"

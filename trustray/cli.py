@@ -41,11 +41,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trustray.pipelines import EVALUATIONS, pipeline_module, run_module
+    from trustray.pipelines import EVALUATIONS, load_pipeline, run_module
 
     name = EVALUATIONS[args.what]
     summary = run_module(name, args.args, prog=f"trustray eval {args.what}", log_table=False)
-    print(pipeline_module(name).format_table(summary))
+    print(load_pipeline(name)["table"](summary))
     return 0
 
 

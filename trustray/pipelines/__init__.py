@@ -2,7 +2,8 @@
 
 Convention: every pipeline module defines `PIPELINE = {"config": <PipelineConfig subclass>, "run": run}` where
 `run(config)` does the work (connecting to Ray itself) and returns the artifact path or summary, and ends with
-`if __name__ == "__main__": run_module(NAME)`.
+`if __name__ == "__main__": run_module(NAME)`. An evaluation's spec also has `"table"` (summary -> the text
+table `trustray eval` prints) and may have `"flags"` (its own command-line flags -> config overrides).
 
 The registry below is the list of what the command line runs: `trustray run NAME` runs a job of `JOBS`,
 `trustray eval WHAT` an evaluation of `EVALUATIONS` (which also prints its table). Adding a pipeline is one
@@ -30,7 +31,7 @@ PipelineSpec = dict[str, Any]
 
 # `trustray run NAME`: jobs that build or train an artifact.
 JOBS = ("build_index", "compressor_train", "abstractive_train", "edit_train", "edit_apply", "influence")
-# `trustray eval WHAT`: evaluations (modules that also define `format_table(summary)`), keyed by WHAT.
+# `trustray eval WHAT`: evaluations (their PIPELINE spec also has a "table"), keyed by WHAT.
 EVALUATIONS = {"rag": "eval_rag", "edit": "eval_edit", "influence": "eval_influence"}
 
 
@@ -57,6 +58,8 @@ def load_pipeline(name: str) -> PipelineSpec:
     spec = getattr(module, "PIPELINE", None)
     if not isinstance(spec, dict) or not {"config", "run"} <= spec.keys():
         raise ValueError(f"trustray.pipelines.{name} defines no PIPELINE = {{'config': ..., 'run': ...}}")
+    if name in EVALUATIONS.values() and "table" not in spec:
+        raise ValueError(f"trustray.pipelines.{name} is an evaluation but its PIPELINE has no 'table'")
     return spec
 
 
@@ -81,15 +84,15 @@ def pipeline_main(pipeline: PipelineSpec, argv: list[str] | None = None, prog: s
 
 def run_module(name: str, argv: list[str] | None = None, prog: str | None = None, log_table: bool = True) -> Any:
     """Run a registered pipeline from command-line arguments (`trustray run`, `trustray eval` and
-    `python -m trustray.pipelines.NAME` all end here). An evaluation's own flags (`translate_flags`) become
-    overrides, and its table (`format_table`) is logged unless `log_table` is false."""
-    module = pipeline_module(name)
+    `python -m trustray.pipelines.NAME` all end here). An evaluation's own flags (its spec's "flags") become
+    overrides, and its table is logged unless `log_table` is false."""
+    spec = load_pipeline(name)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if hasattr(module, "translate_flags"):
-        argv = module.translate_flags(argv)
-    result = pipeline_main(module.PIPELINE, argv, prog=prog or f"python -m trustray.pipelines.{name}")
-    if log_table and hasattr(module, "format_table"):
-        logger.info("results:\n%s", module.format_table(result))
+    if "flags" in spec:
+        argv = spec["flags"](argv)
+    result = pipeline_main(spec, argv, prog=prog or f"python -m trustray.pipelines.{name}")
+    if log_table and "table" in spec:
+        logger.info("results:\n%s", spec["table"](result))
     return result
 
 

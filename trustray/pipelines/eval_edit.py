@@ -431,7 +431,7 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PIPELINE = {"config": EvalEditConfig, "run": run}
+PIPELINE = {"config": EvalEditConfig, "run": run, "table": format_table}
 
 
 if __name__ == "__main__":

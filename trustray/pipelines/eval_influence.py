@@ -50,9 +50,7 @@ from trustray.core.influence.evaluation import (
 from trustray.core.influence.warmup import LoraSettings, WarmupSettings
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
 from trustray.pipelines import gather, prepare_output
-
-# `trustray eval influence` prints this module's `format_table` (the evaluation registry's contract).
-from trustray.pipelines.eval_influence_report import format_table, write_report  # noqa: F401
+from trustray.pipelines.eval_influence_report import format_table, write_report
 from trustray.pipelines.eval_influence_tasks import base_losses_task, cache_prefix, retrain_task, score_task
 from trustray.pipelines.influence import checkpoint_name, train_lora_warmup
 from trustray.runtime import machine_info
@@ -351,7 +349,7 @@ def run(config: EvalInfluenceConfig) -> dict[str, Any]:
     return summary
 
 
-PIPELINE = {"config": EvalInfluenceConfig, "run": run}
+PIPELINE = {"config": EvalInfluenceConfig, "run": run, "table": format_table}
 
 
 if __name__ == "__main__":

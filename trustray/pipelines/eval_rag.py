@@ -255,7 +255,7 @@ def translate_flags(argv: list[str]) -> list[str]:
     return rest + ([f"compressors=[{', '.join(chosen)}]"] if chosen else [])
 
 
-PIPELINE = {"config": EvalRagConfig, "run": run}
+PIPELINE = {"config": EvalRagConfig, "run": run, "table": format_table, "flags": translate_flags}
 
 
 if __name__ == "__main__":
