@@ -295,12 +295,9 @@ RAG_COLUMNS = (("EM", "em", "pct1"), ("F1", "f1", "pct1"), ("contains", "contain
 
 
 def table_rag(summary: dict[str, Any]) -> str:
-    """One row per condition of an `eval_rag` summary. Today's schema lists `conditions` and gives each
-    tokens_in, compression and p50/p95 latency; the first rag_eval_dev.json (closed_book and rag only) has
-    prompt_tokens_mean (the same quantity as tokens_in) and seconds_per_question instead of latency percentiles.
-    A column that some condition lacks is left out."""
-    conditions = summary.get("conditions") or [c for c in ("closed_book", "rag") if c in summary]
-    metrics = {c: {"tokens_in": summary[c].get("prompt_tokens_mean"), **summary[c]} for c in conditions}
+    """One row per condition of an `eval_rag` summary; a column that some condition lacks (compression without
+    full RAG) is left out."""
+    metrics = {c: summary[c] for c in summary["conditions"]}
     columns = [column for column in RAG_COLUMNS if all(m.get(column[1]) is not None for m in metrics.values())]
     rows = [[condition_name(c, summary)] + [fmt(m[key], spec) for _, key, spec in columns]
             for c, m in metrics.items()]
