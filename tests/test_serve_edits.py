@@ -1,6 +1,9 @@
-"""Edit sets served next to the base model: /v1/edits with an API key, multiplexed routing, the openai client.
+"""Edit sets served next to the base model: /v1/edits with an API key, multiplexed routing, the openai client, and the
+locality check that keeps an edit set from being served when it changes unrelated answers.
 
 Every test runs once with the `ft` baseline and once with a MALMEN editor meta-trained for two steps in a fixture.
+The server's `min_locality_kept` is above 1, so every edit set fails the check: requests that must be served accept
+the locality loss explicitly, and one without that flag shows the rejection.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "tiny.
 KEY = "test-edit-key"
 TARGET = "bright purple"
 QUESTION = [{"role": "user", "content": "What is the colour of the tower?"}]
-EDITS = {"name": "tower colour", "edits": [
+PROBES = 8
+EDITS = {"name": "tower colour", "accept_locality_loss": True, "edits": [
     {"prompt": "What is the colour of the tower?", "target_new": TARGET,
      "paraphrases": ["Which colour does the tower have?"],
      "locality": [{"prompt": "Where is the river?", "answer": "north"}]},
@@ -53,7 +57,7 @@ def url(request, ray_local, tiny_llama_dir, tmp_path_factory, free_port):
     store = tmp_path_factory.mktemp("edit-sets")
     config = load_config(ServeConfig, TINY_CONFIG, [
         f"port={free_port}", f"chat.model={tiny_llama_dir}", "rag=null",
-        f"edits={{store_dir: '{store}', api_key: {KEY}, {editor}}}",
+        f"edits={{store_dir: '{store}', api_key: {KEY}, min_locality_kept: 1.01, locality_probes: {PROBES}, {editor}}}",
         "deployments.editor.resources.num_cpus=0.25",
     ])
     base = run_app(config)
@@ -125,7 +129,32 @@ def test_an_edit_set_answers_with_the_new_target_and_the_base_model_stays(client
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == edited
     status = http.get(f"/v1/edits/{created['id']}", headers=_auth()).json()
     assert status["status"] == "succeeded" and status["metrics"]["es"] > 0.5
+    assert status["metrics"] == created["metrics"] and status["metrics"]["locality_probes"] == PROBES
+    assert 0.0 <= status["metrics"]["locality_kept"] <= 1.0
     assert status["editor"] == created["editor"] == request.node.callspec.params["url"]
+
+
+def test_an_edit_set_failing_the_locality_check_is_rejected_and_not_served(client, http):
+    import openai
+
+    body = {key: value for key, value in EDITS.items() if key != "accept_locality_loss"}
+    response = http.post("/v1/edits", json=body, headers=_auth())
+    assert response.status_code == 200, response.text
+    made = response.json()
+    assert made["status"] == "rejected" and "min_locality_kept" in made["error"]
+    assert made["metrics"]["locality_probes"] == PROBES and made["metrics"]["locality_kept"] < 1.01
+    assert "es" in made["metrics"]
+    status = http.get(f"/v1/edits/{made['id']}", headers=_auth()).json()
+    assert status["status"] == "rejected" and status["metrics"] == made["metrics"]
+    assert made["model"] not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        _ask(client, made["model"])
+    background = http.post("/v1/edits", json={**body, "wait": False}, headers=_auth())
+    assert background.status_code == 202
+    assert _poll(http, background.json()["id"])["status"] == "rejected"
+    for edit_id in (made["id"], background.json()["id"]):
+        assert http.delete(f"/v1/edits/{edit_id}", headers=_auth()).json()["deleted"] is True
+        assert http.get(f"/v1/edits/{edit_id}", headers=_auth()).status_code == 404
 
 
 def test_deleting_an_edit_set_removes_its_model(client, http):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from trustray.core.editing.base import EditRecord
 from trustray.core.editing.editset import AppliedEdit, EditSet
 from trustray.core.editing.evaluation import PrefixCache, locality_reference, teacher_forced_scores
 from trustray.core.editing.factory import build_editor, registered_editor
+from trustray.core.editing.locality import LocalityCheck, greedy_answers
 
 
 @dataclass
@@ -32,25 +34,51 @@ class MadeEdits:
 
 class EditSetMaker:
     """An editor on `model`: `general_text` goes to an editor that takes general text (`ft_kl`) unless its settings
-    name their own."""
+    name their own; an editor held to locality probes (`ft_kl`) is given `anchors_per_edit` of `default_anchors`
+    for every record that brings no probes of its own (each record the next ones, cyclically)."""
 
     def __init__(self, model: Any, tokenizer: Any, fingerprint: str, editor: str, editor_dir: str | None = None,
-                 editor_settings: Mapping[str, Any] | None = None, general_text: list[str] | None = None):
+                 editor_settings: Mapping[str, Any] | None = None, general_text: list[str] | None = None,
+                 default_anchors: Sequence[Mapping[str, str]] = (), anchors_per_edit: int = 0):
         self.model, self.tokenizer, self.fingerprint = model, tokenizer, fingerprint
         settings = dict(editor_settings or {})
-        if (general_text is not None and "general_text" in registered_editor(editor).Settings.model_fields
-                and not settings.get("general_text")):
+        fields = registered_editor(editor).Settings.model_fields
+        if general_text is not None and "general_text" in fields and not settings.get("general_text"):
             settings["general_text"] = general_text
+        self.default_anchors = [dict(anchor) for anchor in default_anchors] if "loc_coef" in fields else []
+        self.anchors_per_edit = anchors_per_edit
         self.editor = build_editor(editor, model, tokenizer, fingerprint, editor_dir, settings)
 
     @classmethod
     def load(cls, source: str, fingerprint: str, editor: str, editor_dir: str | None = None,
-             editor_settings: Mapping[str, Any] | None = None, device: str | torch.device | None = None) -> EditSetMaker:
+             editor_settings: Mapping[str, Any] | None = None, device: str | torch.device | None = None, *,
+             general_text: list[str] | None = None, default_anchors: Sequence[Mapping[str, str]] = (),
+             anchors_per_edit: int = 0) -> EditSetMaker:
         """Load the model `source` (weights `fingerprint`) and its tokenizer, then build the editor on them."""
         from trustray.models.loading import load_causal_lm, load_tokenizer
 
         return cls(load_causal_lm(source, device), load_tokenizer(source), fingerprint, editor, editor_dir,
-                   editor_settings)
+                   editor_settings, general_text, default_anchors, anchors_per_edit)
+
+    def locality_check(self, questions: Sequence[str], max_new_tokens: int = 16) -> LocalityCheck:
+        """A locality check on `questions`, its reference answers taken now: build it before any edit is applied."""
+        return LocalityCheck(partial(greedy_answers, self.model, self.tokenizer, max_new_tokens=max_new_tokens),
+                             questions)
+
+    def anchored(self, records: Sequence[EditRecord]) -> list[EditRecord]:
+        """`records`, those without locality probes given default anchors (unchanged when there are none)."""
+        if not self.default_anchors or self.anchors_per_edit == 0:
+            return list(records)
+        anchored, cursor = [], 0
+        for record in records:
+            if record.get("locality"):
+                anchored.append(record)
+                continue
+            picked = [self.default_anchors[(cursor + i) % len(self.default_anchors)]
+                      for i in range(self.anchors_per_edit)]
+            cursor += self.anchors_per_edit
+            anchored.append({**record, "locality": picked})
+        return anchored
 
     def compute_deltas(self, records: Sequence[EditRecord]) -> tuple[dict[str, Tensor], float]:
         """The editor's weight changes writing `records` at once, and the seconds they took."""
@@ -74,12 +102,18 @@ class EditSetMaker:
         """`deltas` added to the model's weights (a context manager that reverts them bit for bit)."""
         return EditSet(deltas).apply(self.model)
 
-    def edit(self, records: Sequence[EditRecord], score_before: bool = False) -> MadeEdits:
+    def edit(self, records: Sequence[EditRecord], score_before: bool = False,
+             check: LocalityCheck | None = None) -> MadeEdits:
         """The weight changes writing `records`, the seconds they took and the edited model's scores (with
-        `score_before`, the unedited model's too)."""
+        `score_before`, the unedited model's too; with `check`, its `locality_kept` and probe count).
+
+        The editor sees the records with default anchors; the scores are of the records as given, so LS never
+        counts an anchor the editor was held to."""
         reference = self.locality_reference(records)
         before = self.scores(records, reference) if score_before else None
-        deltas, seconds = self.compute_deltas(records)
+        deltas, seconds = self.compute_deltas(self.anchored(records))
         with self.applied(deltas):
             scores = self.scores(records, reference)
+            if check is not None:
+                scores.update(check.measure())
         return MadeEdits(deltas, seconds, scores, before, reference)

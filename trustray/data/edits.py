@@ -367,3 +367,34 @@ def load_edit_split(split: str, limit: int | None = None, seed: int = 0) -> list
         raise ValueError(f"limit must be >= 0, got {limit}")
     records = _cached_dataset(seed)[split]
     return copy.deepcopy(records if limit is None else records[:limit])
+
+
+# Defaults of the served editor (`/v1/edits`). Both come from the held-out pool facts as the train records' locality
+# probes carry them (every pool fact is some train record's probe): a seeded sample is the fixed probe set of the
+# locality check, and the anchors `ft_kl` is held to are the other probes, so the check never measures on an anchor.
+LOCALITY_PROBE_SEED = "served-locality-probes-0"
+
+
+def _train_locality_items(seed: int) -> list[dict[str, str]]:
+    """The train split's locality probes, first occurrence of each prompt, in record order."""
+    items: dict[str, dict[str, str]] = {}
+    for record in _cached_dataset(seed)["train"]:
+        for item in record["locality"]:
+            items.setdefault(item["prompt"], item)
+    return list(items.values())
+
+
+def locality_probe_questions(count: int = 50, seed: int = 0) -> list[str]:
+    """`count` fixed questions about never-edited subjects: the probe set of the served locality check."""
+    items = _train_locality_items(seed)
+    if not 0 < count <= len(items):
+        raise ValueError(f"count must be in 1..{len(items)}, got {count}")
+    return [item["prompt"] for item in random.Random(LOCALITY_PROBE_SEED).sample(items, count)]
+
+
+def default_locality_anchors(probes: int = 50, seed: int = 0) -> list[dict[str, str]]:
+    """Fixed locality anchors `{prompt, answer}`: the train split's locality probes in record order, less the
+    `locality_probe_questions(probes, seed)`."""
+    excluded = set(locality_probe_questions(probes, seed))
+    return [{"prompt": item["prompt"], "answer": item["answer"]}
+            for item in _train_locality_items(seed) if item["prompt"] not in excluded]

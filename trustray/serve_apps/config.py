@@ -123,6 +123,24 @@ class EditServeConfig(BaseConfig):
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (for malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of a baseline editor.")
     max_edits_per_request: int = Field(1024, ge=1, description="Most edits one POST /v1/edits may carry.")
+    min_locality_kept: float = Field(
+        0.95, ge=0, description="Fraction of the locality probes whose greedy answer an edit set must keep to be "
+        "served; below it the edit set is rejected unless the request sets accept_locality_loss (above 1: every "
+        "edit set is rejected).",
+    )
+    locality_probes: int = Field(
+        50, ge=1, description="Unrelated questions of the locality check (`trustray.data.edits."
+        "locality_probe_questions`); the unedited model's answers are taken once per editor replica.",
+    )
+    locality_max_new_tokens: int = Field(16, ge=1, description="Greedy tokens per locality probe answer.")
+    anchors_per_edit: int = Field(
+        4, ge=0, description="Default locality anchors (train-split locality probes, never a check probe) given to an "
+        "editor held to locality (ft_kl) for every edit that brings none.",
+    )
+    replay_texts: int = Field(
+        64, ge=0, description="Wikipedia intros outside the edit evaluation's pool replayed by an editor that takes "
+        "general text (ft_kl) when its editor_settings give none.",
+    )
 
     def resolved_api_key(self) -> str | None:
         import os

@@ -24,6 +24,8 @@ from trustray.actors.compressor import CompressorConfig, PassageCompressor
 from trustray.actors.editor import EditSetMaker
 from trustray.actors.retriever import Retriever
 from trustray.core.rag.index import Passage
+from trustray.data.corpus import edit_train_texts
+from trustray.data.edits import default_locality_anchors, locality_probe_questions
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import Completion, EngineConfig, SamplingParams
 from trustray.models.engines import Request as EngineRequest
@@ -177,19 +179,30 @@ class EditorDeployment:
         pin_torch_threads(torch_threads)
         self.config = EditServeConfig.model_validate(edits)
         self.store = EditStore(self.config)
-        self.maker = EditSetMaker.load(model, model_fingerprint(model), self.config.editor, self.config.editor_dir,
-                                       self.config.editor_settings)
+        config = self.config
+        self.maker = EditSetMaker.load(
+            model, model_fingerprint(model), config.editor, config.editor_dir, config.editor_settings,
+            general_text=edit_train_texts(config.replay_texts) if config.replay_texts else None,
+            default_anchors=default_locality_anchors(config.locality_probes),
+            anchors_per_edit=config.anchors_per_edit,
+        )
+        # The unedited model's answers to the probes, taken once: every edit set is compared with them.
+        self.check = self.maker.locality_check(locality_probe_questions(config.locality_probes),
+                                               config.locality_max_new_tokens)
         self._executor = SerialExecutor("editor")
         self._jobs: set[asyncio.Future] = set()  # jobs answered with 202, kept referenced until they finish
-        logger.info("editor deployment ready: %s on %s", self.config.editor, model)
+        logger.info("editor deployment ready: %s on %s", config.editor, model)
 
-    async def create(self, records: list[dict[str, Any]], name: str | None, wait: bool = True) -> dict[str, Any] | APIError:
+    async def create(self, records: list[dict[str, Any]], name: str | None, wait: bool = True,
+                     accept_locality_loss: bool = False) -> dict[str, Any] | APIError:
         """Edit set of `records`; with `wait=False` the job runs on and its status is answered at once."""
         edit_id = self.store.new_id()
         job = {"status": "running", "name": name, "editor": self.config.editor, "n_edits": len(records),
                "created": int(time.time())}
         self.store.write_job(edit_id, job)
-        running = asyncio.ensure_future(self._executor.run(self._make, edit_id, job, records))
+        running = asyncio.ensure_future(
+            self._executor.run(self._make, edit_id, job, records, accept_locality_loss)
+        )
         if wait:
             result = await running
             if isinstance(result, APIError):  # the caller gets the reason now: no failed job is kept
@@ -199,20 +212,32 @@ class EditorDeployment:
         running.add_done_callback(self._jobs.discard)
         return self.store.summary(edit_id, job)
 
-    def _make(self, edit_id: str, job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | APIError:
+    def _make(self, edit_id: str, job: dict[str, Any], records: list[dict[str, Any]],
+              accept_locality_loss: bool) -> dict[str, Any] | APIError:
+        """Make, check and save the edit set; one that fails the locality check is kept as a rejected job only."""
         from trustray.core.editing.editset import FINGERPRINT_KEY, EditSet
 
         try:
-            made = self.maker.edit(records)
+            made = self.maker.edit(records, check=self.check)
         except ValueError as error:  # e.g. a prompt longer than the editor's max_length
             self.store.write_job(edit_id, {**job, "status": "failed", "error": str(error)})
             return APIError(400, f"the edits cannot be applied: {error}", param="edits")
         except Exception as error:
             self.store.write_job(edit_id, {**job, "status": "failed", "error": repr(error)})
             raise
+        metrics = {**made.scores, "edit_seconds": round(made.seconds, 3)}
+        kept, threshold = metrics["locality_kept"], self.config.min_locality_kept
+        if kept < threshold and not accept_locality_loss:
+            changed = round((1 - kept) * metrics["locality_probes"])
+            reason = (f"the edit set changed the answers to {changed} of {metrics['locality_probes']} unrelated "
+                      f"questions (locality_kept {kept} < min_locality_kept {threshold}); it is not served. Send "
+                      "the edits again with accept_locality_loss=true to serve it anyway.")
+            rejected = {**job, "status": "rejected", "metrics": metrics, "error": reason}
+            self.store.write_job(edit_id, rejected)
+            return self.store.summary(edit_id, rejected)
         metadata = {
             **job, FINGERPRINT_KEY: self.maker.fingerprint, "status": "succeeded",
             "edits": [{k: r[k] for k in ("prompt", "target_new")} for r in records],
-            "metrics": {**made.scores, "edit_seconds": round(made.seconds, 3)},
+            "metrics": metrics, "accepted_locality_loss": kept < threshold,
         }
         return self.store.finish(edit_id, EditSet(made.deltas, metadata))

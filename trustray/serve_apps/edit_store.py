@@ -1,7 +1,8 @@
 """The served edit sets on disk: what `/v1/edits` creates, lists, reports and deletes.
 
-A finished edit set is an `EditSet` folder `<store_dir>/<id>/`; one still being made (or that failed) is a job file
-`<store_dir>/.jobs/<id>.json` holding its status. Ids are 12 hex digits; an edit set is served as the model
+A finished edit set is an `EditSet` folder `<store_dir>/<id>/`; one still being made, that failed, or that the
+locality check rejected is a job file `<store_dir>/.jobs/<id>.json` holding its status (a rejected edit set's weights
+are never written, so it is never served). Ids are 12 hex digits; an edit set is served as the model
 `<model_prefix><id>`.
 """
 

@@ -186,7 +186,9 @@ class OpenAIIngress:
         if len(body.edits) > limit:
             raise APIError(400, f"at most {limit} edits per request", param="edits")
         records = [item.record(index) for index, item in enumerate(body.edits)]
-        summary = await self._await(self.editor.create.remote(records, body.name, body.wait))
+        summary = await self._await(
+            self.editor.create.remote(records, body.name, body.wait, body.accept_locality_loss)
+        )
         return JSONResponse(summary, status_code=200 if body.wait else 202)
 
     @app.get("/v1/edits/{edit_id}")

@@ -160,5 +160,9 @@ class EditsRequest(BaseModel):
     name: str | None = Field(None, max_length=200, description="A label kept in the edit set's metadata.")
     wait: bool = Field(
         True, description="Answer when the edit set is ready (200). False: answer at once (202, status "
-        "'running') and poll GET /v1/edits/{id} until 'succeeded' or 'failed'.",
+        "'running') and poll GET /v1/edits/{id} until 'succeeded', 'rejected' or 'failed'.",
+    )
+    accept_locality_loss: bool = Field(
+        False, description="Serve the edit set even when it keeps fewer unrelated answers than the server's "
+        "min_locality_kept (otherwise it is rejected and not served).",
     )
