@@ -304,6 +304,12 @@ def table_rag(summary: dict[str, Any]) -> str:
     return markdown_table(["condition"] + [name for name, _, _ in columns], rows)
 
 
+def table_served_edit_locality(report: dict[str, Any]) -> str:
+    rows = [[r["editor"], fmt(r["n_edits"], None), fmt(r["es_generation"], "f2"), fmt(r["locality_kept"], "f2"),
+             fmt(r["edit_seconds"], "f1"), fmt(r["check_seconds"], "f1")] for r in report["rows"]]
+    return markdown_table(["editor", "edits", "ES (generation)", "locality kept", "edit s", "check s"], rows)
+
+
 def table_edit_scaling(report: dict[str, Any]) -> str:
     rows = []
     for r in report["rows"]:
@@ -388,6 +394,7 @@ def table_serve_overhead(report: dict[str, Any]) -> str:
 TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
     "edit_scaling": table_edit_scaling,
+    "served_edit_locality": table_served_edit_locality,
     "edit_locality": table_edit_locality,
     "edit_keys": table_edit_keys,
     "influence_fidelity": table_influence_fidelity,
