@@ -134,6 +134,11 @@ class Editor(ABC):
     def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
         """`{module name: delta shaped like its weight}` writing every record's `target_new` at once."""
 
+    def prepare(self) -> None:
+        """Compute once what every edit needs (e.g. memit's preserved-key statistics), so a server can pay for it
+        at start-up instead of in its first edit request. Most editors need nothing."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         return {}
 

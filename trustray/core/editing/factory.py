@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from trustray.artifacts import ArtifactMismatchError, read_artifact
-from trustray.core.editing import finetune, malmen, mend  # noqa: F401  (importing them fills the registry)
+from trustray.core.editing import finetune, malmen, memit, mend  # noqa: F401  (importing them fills the registry)
 from trustray.core.editing.base import EDITOR_FILE, TRAINED_EDITOR_KIND, Editor, EditorSettings
 from trustray.core.editing.registry import EDITORS
 
@@ -52,8 +52,8 @@ def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any
 
 def build_editor(name: str, model: nn.Module, tokenizer: Any, fingerprint: str, editor_dir: str | None = None,
                  settings: Mapping[str, Any] | None = None) -> Editor:
-    """A meta-trained editor from `editor_dir` (`settings` override its own), or a baseline (ft, ft_kl) built
-    from `settings`."""
+    """A meta-trained editor from `editor_dir` (`settings` override its own), or one that needs no meta-training
+    (ft, ft_kl, memit) built from `settings`."""
     if editor_dir:
         editor = load_trained_editor(editor_dir, model, tokenizer, fingerprint, settings)
         if editor.name != name:

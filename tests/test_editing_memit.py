@@ -1,0 +1,97 @@
+"""MEMIT on the tiny Llama: the model is never changed, the closed form writes the target at the key, preserved keys move less the more they weigh, and the key position is the subject's last token (or a logged
+guess when the prompt has no subject)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trustray.core.editing.factory import EDITORS, build_editor
+from trustray.core.editing.memit import MemitEditor, PromptPositions
+from trustray.models.tiny import TINY_CORPUS
+
+torch.set_num_threads(1)
+
+RECORDS = [
+    {"prompt": "What is the colour of the tower?", "subject": "the tower", "target_new": "bright purple"},
+    {"prompt": "Where does the old river flow?", "subject": "the old river", "target_new": "north to the sea"},
+]
+CHATS = [{"prompt": f"Where is the {thing}?", "answer": place}
+         for thing in ("hill", "bridge", "market", "castle") for place in ("east", "west")]
+# The tiny Llama's activations are small: a light covariance weight and a long target optimisation.
+SETTINGS = {"modules": {"layers": [0]}, "covariance_weight": 1.0, "general_text": TINY_CORPUS[:20],
+            "preserved_chats": CHATS, "target_steps": 200, "target_lr": 0.5, "target_stop_nll": 0.05,
+            "target_clamp": 1e4, "target_weight_decay": 0.0, "learn_end_of_turn": True}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_registered_and_refuses_to_run_without_preserved_keys(loaded):
+    model, tokenizer = loaded
+    assert EDITORS["memit"] is MemitEditor
+    with pytest.raises(ValueError, match="preserved keys"):
+        build_editor("memit", model, tokenizer, "tiny", settings={"modules": {"layers": [0]}})
+    with pytest.raises(ValueError, match="below the last decoder layer"):
+        build_editor("memit", model, tokenizer, "tiny", settings={**SETTINGS, "modules": {"layers": [-1]}})
+
+
+def test_the_model_is_left_alone_and_unreached_targets_are_logged(loaded, caplog):
+    """Whether an edit lands is measured on the embedded default (tests/test_served_edits_real.py): one random
+    tiny layer below the answer cannot route a subject's state to the answer position."""
+    model, tokenizer = loaded
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    editor = build_editor("memit", model, tokenizer, "tiny", settings={**SETTINGS, "target_steps": 3})
+    with caplog.at_level("WARNING", logger="trustray.core.editing.memit"):
+        deltas = editor.compute_deltas(RECORDS)
+    assert sorted(deltas) == ["model.layers.0.mlp.down_proj"]
+    assert deltas["model.layers.0.mlp.down_proj"].shape == model.model.layers[0].mlp.down_proj.weight.shape
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert "2 of 2 targets still have an answer NLL above" in caplog.text
+
+
+def test_one_layer_with_a_light_covariance_writes_the_target_at_the_key(loaded):
+    """With one edited layer and λ → 0, ΔW k = z − h exactly (the minimum-norm interpolation of the keys)."""
+    model, tokenizer = loaded
+    editor = build_editor("memit", model, tokenizer, "tiny", settings={**SETTINGS, "covariance_weight": 1e-6})
+    prompts = [PromptPositions(tokenizer, r["prompt"]) for r in RECORDS]
+    positions = editor.key_positions(prompts, [r["subject"] for r in RECORDS])
+    targets = editor.targets(RECORDS, positions)
+    deltas = editor.compute_deltas(RECORDS)
+    _, hidden = editor.hidden_at(prompts, positions, deltas)
+    _, unedited = editor.hidden_at(prompts, positions, {})
+    assert (unedited - targets).norm() > 1.0
+    torch.testing.assert_close(hidden, targets, atol=1e-3, rtol=1e-3)
+
+
+def test_preserved_keys_move_less_the_more_they_weigh(loaded):
+    model, tokenizer = loaded
+    moved = []
+    for weight in (0.01, 1.0, 100.0):
+        editor = build_editor("memit", model, tokenizer, "tiny", settings={**SETTINGS, "covariance_weight": weight})
+        deltas = editor.compute_deltas(RECORDS)
+        moments = editor.moments()
+        # Mean squared change of the preserved keys' values: tr(ΔW C ΔWᵀ), summed over the layers.
+        moved.append(sum(float(torch.trace(d.double() @ moments[name] @ d.double().T)) for name, d in deltas.items()))
+    assert moved[0] > moved[1] > moved[2]
+
+
+def test_the_key_is_the_subjects_last_token_or_a_logged_guess(loaded, caplog):
+    model, tokenizer = loaded
+    editor = build_editor("memit", model, tokenizer, "tiny", settings=SETTINGS)
+    prompt = PromptPositions(tokenizer, "What is the colour of the tower?")
+    position = prompt.subject_last("the tower")
+    subject_end = prompt.user_start + prompt.prompt.index("the tower") + len("the tower")
+    assert prompt.offsets[position][1] == subject_end  # the token that ends the subject
+    assert prompt.subject_last("the moon") is None
+    with caplog.at_level("INFO", logger="trustray.core.editing.memit"):
+        guessed = editor.key_positions([prompt, prompt], ["the tower", ""])
+    assert guessed[0] == position and editor.guessed_keys == 1
+    assert guessed[1] in prompt.tokens_within(0, len(prompt.prompt))
+    assert "1 of 2 records had no subject" in caplog.text
