@@ -33,18 +33,23 @@ class MadeEdits:
 
 
 class EditSetMaker:
-    """An editor on `model`: `general_text` goes to an editor that takes general text (`ft_kl`) unless its settings
-    name their own; an editor held to locality probes (`ft_kl`) is given `anchors_per_edit` of `default_anchors`
-    for every record that brings no probes of its own (each record the next ones, cyclically)."""
+    """An editor on `model`: `general_text` goes to an editor that takes general text (`ft_kl`, `memit`) unless its
+    settings name their own; an editor held to locality probes (`ft_kl`) is given `anchors_per_edit` of
+    `default_anchors` for every record that brings no probes of its own (each record the next ones, cyclically);
+    an editor with preserved keys (`memit`) gets the first `preserved_chats` default anchors as preserved
+    conversations unless its settings name their own."""
 
     def __init__(self, model: Any, tokenizer: Any, fingerprint: str, editor: str, editor_dir: str | None = None,
                  editor_settings: Mapping[str, Any] | None = None, general_text: list[str] | None = None,
-                 default_anchors: Sequence[Mapping[str, str]] = (), anchors_per_edit: int = 0):
+                 default_anchors: Sequence[Mapping[str, str]] = (), anchors_per_edit: int = 0,
+                 preserved_chats: int = 0):
         self.model, self.tokenizer, self.fingerprint = model, tokenizer, fingerprint
         settings = dict(editor_settings or {})
         fields = registered_editor(editor).Settings.model_fields
         if general_text is not None and "general_text" in fields and not settings.get("general_text"):
             settings["general_text"] = general_text
+        if "preserved_chats" in fields and not settings.get("preserved_chats"):
+            settings["preserved_chats"] = [dict(anchor) for anchor in default_anchors[:preserved_chats]]
         self.default_anchors = [dict(anchor) for anchor in default_anchors] if "loc_coef" in fields else []
         self.anchors_per_edit = anchors_per_edit
         self.editor = build_editor(editor, model, tokenizer, fingerprint, editor_dir, settings)
@@ -53,12 +58,12 @@ class EditSetMaker:
     def load(cls, source: str, fingerprint: str, editor: str, editor_dir: str | None = None,
              editor_settings: Mapping[str, Any] | None = None, device: str | torch.device | None = None, *,
              general_text: list[str] | None = None, default_anchors: Sequence[Mapping[str, str]] = (),
-             anchors_per_edit: int = 0) -> EditSetMaker:
+             anchors_per_edit: int = 0, preserved_chats: int = 0) -> EditSetMaker:
         """Load the model `source` (weights `fingerprint`) and its tokenizer, then build the editor on them."""
         from trustray.models.loading import load_causal_lm, load_tokenizer
 
         return cls(load_causal_lm(source, device), load_tokenizer(source), fingerprint, editor, editor_dir,
-                   editor_settings, general_text, default_anchors, anchors_per_edit)
+                   editor_settings, general_text, default_anchors, anchors_per_edit, preserved_chats)
 
     def locality_check(self, questions: Sequence[str], max_new_tokens: int = 16) -> LocalityCheck:
         """A locality check on `questions`, its reference answers taken now: build it before any edit is applied."""

@@ -119,7 +119,10 @@ class EditServeConfig(BaseConfig):
         "TRUSTRAY_EDIT_API_KEY", description="Environment variable read for the key when `api_key` is not set."
     )
     model_prefix: str = Field("edit-", min_length=1, description="Public model name of an edit set: prefix + id.")
-    editor: str = Field("ft", description="Editor run by POST /v1/edits (a name from the editor registry).")
+    editor: str = Field(
+        "memit", description="Editor run by POST /v1/edits (a name from the editor registry; memit keeps the most "
+        "unrelated answers on the embedded default, benchmarks/served_edit_locality.py).",
+    )
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (for malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of a baseline editor.")
     max_edits_per_request: int = Field(1024, ge=1, description="Most edits one POST /v1/edits may carry.")
@@ -139,7 +142,11 @@ class EditServeConfig(BaseConfig):
     )
     replay_texts: int = Field(
         64, ge=0, description="Wikipedia intros outside the edit evaluation's pool replayed by an editor that takes "
-        "general text (ft_kl) when its editor_settings give none.",
+        "general text (ft_kl; memit's preserved keys) when its editor_settings give none.",
+    )
+    preserved_chats: int = Field(
+        1000, ge=0, description="Default locality anchors whose conversations are preserved keys of an editor that "
+        "takes them (memit) when its editor_settings give none.",
     )
 
     def resolved_api_key(self) -> str | None:

@@ -184,8 +184,9 @@ class EditorDeployment:
             model, model_fingerprint(model), config.editor, config.editor_dir, config.editor_settings,
             general_text=edit_train_texts(config.replay_texts) if config.replay_texts else None,
             default_anchors=default_locality_anchors(config.locality_probes),
-            anchors_per_edit=config.anchors_per_edit,
+            anchors_per_edit=config.anchors_per_edit, preserved_chats=config.preserved_chats,
         )
+        self.maker.editor.prepare()
         # The unedited model's answers to the probes, taken once: every edit set is compared with them.
         self.check = self.maker.locality_check(locality_probe_questions(config.locality_probes),
                                                config.locality_max_new_tokens)
