@@ -306,8 +306,17 @@ def table_rag(summary: dict[str, Any]) -> str:
 
 def table_served_edit_locality(report: dict[str, Any]) -> str:
     rows = [[r["editor"], fmt(r["n_edits"], None), fmt(r["es_generation"], "f2"), fmt(r["locality_kept"], "f2"),
-             fmt(r["edit_seconds"], "f1"), fmt(r["check_seconds"], "f1")] for r in report["rows"]]
-    return markdown_table(["editor", "edits", "ES (generation)", "locality kept", "edit s", "check s"], rows)
+             fmt(r["prepare_seconds"], "f1"), fmt(r["edit_seconds"], "f1"), fmt(r["check_seconds"], "f1")]
+            for r in report["rows"]]
+    return markdown_table(["editor", "edits", "ES (generation)", "locality kept", "statistics s", "edit s",
+                           "check s"], rows)
+
+
+def table_served_edit_tuning(report: dict[str, Any]) -> str:
+    rows = [[", ".join(f"{key}={value}" for key, value in r["settings"].items()) or "defaults",
+             fmt(r["n_edits"], None), fmt(r["es_generation"], "f2"), fmt(r["locality_kept"], "f2")]
+            for r in report["rows"]]
+    return markdown_table(["memit settings", "edits", "ES (generation)", "locality kept"], rows)
 
 
 def table_edit_scaling(report: dict[str, Any]) -> str:
@@ -395,6 +404,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
     "edit_scaling": table_edit_scaling,
     "served_edit_locality": table_served_edit_locality,
+    "served_edit_tuning": table_served_edit_tuning,
     "edit_locality": table_edit_locality,
     "edit_keys": table_edit_keys,
     "influence_fidelity": table_influence_fidelity,
