@@ -95,3 +95,17 @@ def test_the_key_is_the_subjects_last_token_or_a_logged_guess(loaded, caplog):
     assert guessed[0] == position and editor.guessed_keys == 1
     assert guessed[1] in prompt.tokens_within(0, len(prompt.prompt))
     assert "1 of 2 records had no subject" in caplog.text
+
+
+def test_preserved_chats_can_use_the_models_own_replies(loaded):
+    from trustray.core.editing.locality import greedy_answers
+
+    model, tokenizer = loaded
+    given = build_editor("memit", model, tokenizer, "tiny", settings=SETTINGS)
+    own = build_editor("memit", model, tokenizer, "tiny", settings={**SETTINGS, "preserve_own_replies": 4})
+    prompts = [chat["prompt"] for chat in CHATS]
+    assert given.preserved_conversations() == (prompts, [chat["answer"] for chat in CHATS])
+    replies = greedy_answers(model, tokenizer, prompts, 4)
+    assert own.preserved_conversations() == (prompts, [r.strip() or c["answer"] for r, c in zip(replies, CHATS, strict=True)])
+    # The random tiny Llama replies with blank lines only: each preserved chat keeps its given answer then.
+    assert all(not reply.strip() for reply in replies)

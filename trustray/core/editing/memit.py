@@ -45,6 +45,7 @@ from trustray.core.editing.base import (
     encode_pairs,
 )
 from trustray.core.editing.finetune import edited_weights, row_nll
+from trustray.core.editing.locality import greedy_answers
 from trustray.core.editing.metrics import answer_window
 from trustray.core.editing.registry import register
 from trustray.core.editing.ridge import ridge_solve
@@ -74,6 +75,12 @@ class MemitSettings(EditorSettings):
         default_factory=list,
         description="Chat conversations `{prompt, answer}` about other facts whose every position is a preserved "
         "key (part of C). With `general_text`, at least one is needed.",
+    )
+    preserve_own_replies: int = Field(
+        0, ge=0,
+        description="When > 0: each preserved chat's answer is replaced by the unedited model's own greedy reply of "
+        "at most this many tokens (keys where the served model's answers are, at the cost of generating them once "
+        "in `prepare`); 0 keeps the given answers.",
     )
     target_steps: int = Field(60, ge=1, description="Most Adam steps optimising each record's δ.")
     target_lr: float = Field(0.1, gt=0, description="Adam learning rate on δ.")
@@ -180,10 +187,20 @@ class MemitEditor(Editor):
         length = self.settings.max_length
         ids = [list(self.tokenizer(text, truncation=True, max_length=length)["input_ids"])
                for text in self.settings.general_text]
-        chats = self.settings.preserved_chats
-        ids += [example["input_ids"] for example in encode_pairs(
-            self.tokenizer, [c["prompt"] for c in chats], [c["answer"] for c in chats], length)]
+        prompts, answers = self.preserved_conversations()
+        ids += [example["input_ids"] for example in encode_pairs(self.tokenizer, prompts, answers, length)]
         return [row for row in ids if row]
+
+    def preserved_conversations(self) -> tuple[list[str], list[str]]:
+        """(prompts, answers) of the preserved chats: the given answers, or the model's own replies (an empty
+        reply keeps the given answer)."""
+        prompts = [chat["prompt"] for chat in self.settings.preserved_chats]
+        answers = [chat["answer"] for chat in self.settings.preserved_chats]
+        if self.settings.preserve_own_replies and prompts:
+            replies = greedy_answers(self.model, self.tokenizer, prompts, self.settings.preserve_own_replies,
+                                     batch_size=self.settings.batch_size)
+            answers = [reply.strip() or given for reply, given in zip(replies, answers, strict=True)]
+        return prompts, answers
 
     # -- key positions ------------------------------------------------------------------------------------------
 
