@@ -111,9 +111,9 @@ def edited_row(
     """Edit `records` at once with `run`'s editor, as `eval_edit` does, and score every kind of locality."""
     maker = EditSetMaker(engine.model, engine.tokenizer, model_fingerprint(config.model), run.editor, run.editor_dir,
                          run.editor_settings, general_text=replay)
-    deltas, seconds = maker.compute_deltas(editor_records(config, records))
-    cached = min(edited_layers(deltas)) >= config.scoring_prefix_layers
-    with maker.applied(deltas):
+    edit_set, seconds = maker.compute_deltas(editor_records(config, records))
+    cached = min(edited_layers(edit_set.deltas)) >= config.scoring_prefix_layers
+    with maker.applied(edit_set):
         scores = scored_row(engine, config, sets, caches, references, known, cached)
     return {"editor": run.name, "n_edits": len(records), "seconds": round(seconds, 1), **scores}
 

@@ -97,6 +97,23 @@ def test_the_key_is_the_subjects_last_token_or_a_logged_guess(loaded, caplog):
     assert "1 of 2 records had no subject" in caplog.text
 
 
+def test_a_guessed_key_lies_between_the_last_name_and_the_end_never_on_punctuation(loaded):
+    """"What is the capital of France?" must not be keyed at " of", which every "capital of X" shares."""
+    _, tokenizer = loaded
+
+    def window_text(prompt: str) -> list[str]:
+        positions = PromptPositions(tokenizer, prompt)
+        return [positions.prompt[positions.offsets[t][0] - positions.user_start:
+                                 positions.offsets[t][1] - positions.user_start] for t in positions.guess_window()]
+
+    def joined(prompt: str) -> str:
+        return "".join(window_text(prompt)).replace(" ", "")
+
+    assert joined("What is the capital of France?") == "France"
+    assert joined("Which subject area does Vacuum cleaner belong to?") == "Vacuumcleanerbelongto"
+    assert joined("where does the old river flow?") == "wheredoestheoldriverflow"
+
+
 def test_preserved_chats_can_use_the_models_own_replies(loaded):
     from trustray.core.editing.locality import greedy_answers
 

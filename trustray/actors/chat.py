@@ -14,12 +14,13 @@ from typing import Any
 import ray
 
 from trustray.config import ActorResources
+from trustray.core.editing.scope import EditScope
 from trustray.models.engine_factory import build_engine
 from trustray.models.engines import Completion, EngineConfig, Request, SamplingParams
 from trustray.models.sources import model_fingerprint
 
-# An edit set ready to apply: its id and its weight changes keyed by parameter name.
-EditWeights = tuple[str, dict[str, Any]]
+# An edit set ready to apply: its id, its weight changes keyed by parameter name and its scope (None: everywhere).
+EditWeights = tuple[str, dict[str, Any], EditScope | None]
 
 
 class PromptRejected(ValueError):
@@ -55,8 +56,8 @@ class ChatModel:
     def remove_adapter(self, name: str) -> None:
         self.engine.remove_adapter(name)
 
-    def apply_delta(self, name: str, delta: Mapping) -> None:
-        self.engine.apply_delta(name, delta)
+    def apply_delta(self, name: str, delta: Mapping, scope: EditScope | None = None) -> None:
+        self.engine.apply_delta(name, delta, scope)
 
     def revert_delta(self, name: str) -> None:
         self.engine.revert_delta(name)
@@ -83,13 +84,13 @@ class ChatModel:
             )
         return prompt_tokens
 
-    def edit_weights(self, folder: str | Path) -> dict[str, Any]:
-        """The weight changes of the edit set in `folder`, keyed by parameter name; an edit set made for another
-        base model is refused."""
+    def edit_weights(self, folder: str | Path) -> tuple[dict[str, Any], EditScope | None]:
+        """The weight changes of the edit set in `folder`, keyed by parameter name, and its scope; an edit set made
+        for another base model is refused."""
         from trustray.core.editing.editset import FINGERPRINT_KEY, load
 
         edit_set = load(folder, {FINGERPRINT_KEY: self.fingerprint})
-        return {f"{module}.weight": delta for module, delta in edit_set.deltas.items()}
+        return {f"{module}.weight": delta for module, delta in edit_set.deltas.items()}, edit_set.scope
 
     @contextlib.contextmanager
     def edited(self, edit: EditWeights | None) -> Iterator[None]:

@@ -25,7 +25,7 @@ from trustray.core.editing.locality import LocalityCheck, greedy_answers
 class MadeEdits:
     """What `EditSetMaker.edit` returns."""
 
-    deltas: dict[str, Tensor]
+    edit_set: EditSet  # the deltas and their scope, without metadata
     seconds: float  # computing the deltas only
     scores: dict[str, float]  # teacher-forced ES / GS / LS with the deltas applied
     before: dict[str, float] | None  # the same on the unedited model, when asked for
@@ -85,13 +85,14 @@ class EditSetMaker:
             anchored.append({**record, "locality": picked})
         return anchored
 
-    def compute_deltas(self, records: Sequence[EditRecord]) -> tuple[dict[str, Tensor], float]:
-        """The editor's weight changes writing `records` at once, and the seconds they took."""
+    def compute_deltas(self, records: Sequence[EditRecord]) -> tuple[EditSet, float]:
+        """The editor's weight changes writing `records` at once (with their scope, for a scoped editor), and the
+        seconds they took."""
         began = time.perf_counter()
         deltas = self.editor.compute_deltas(records)
         if next(self.model.parameters()).is_cuda:
             torch.cuda.synchronize()  # the clock stops when the GPU has done the work, not when it was queued
-        return deltas, time.perf_counter() - began
+        return EditSet(deltas, scope=self.editor.edit_scope()), time.perf_counter() - began
 
     def locality_reference(self, records: Sequence[EditRecord], batch_size: int = 16,
                            prefix: PrefixCache | None = None) -> list[Tensor]:
@@ -103,9 +104,9 @@ class EditSetMaker:
         """Teacher-forced ES / GS / LS of the model's current weights (LS as agreement with `reference`)."""
         return teacher_forced_scores(self.model, self.tokenizer, records, reference, batch_size, prefix=prefix)
 
-    def applied(self, deltas: dict[str, Tensor]) -> AppliedEdit:
-        """`deltas` added to the model's weights (a context manager that reverts them bit for bit)."""
-        return EditSet(deltas).apply(self.model)
+    def applied(self, edit: EditSet | dict[str, Tensor]) -> AppliedEdit:
+        """An edit set (or plain deltas) applied to the model (a context manager that reverts them bit for bit)."""
+        return (edit if isinstance(edit, EditSet) else EditSet(edit)).apply(self.model)
 
     def edit(self, records: Sequence[EditRecord], score_before: bool = False,
              check: LocalityCheck | None = None) -> MadeEdits:
@@ -116,9 +117,9 @@ class EditSetMaker:
         counts an anchor the editor was held to."""
         reference = self.locality_reference(records)
         before = self.scores(records, reference) if score_before else None
-        deltas, seconds = self.compute_deltas(self.anchored(records))
-        with self.applied(deltas):
+        edit_set, seconds = self.compute_deltas(self.anchored(records))
+        with self.applied(edit_set):
             scores = self.scores(records, reference)
             if check is not None:
                 scores.update(check.measure())
-        return MadeEdits(deltas, seconds, scores, before, reference)
+        return MadeEdits(edit_set, seconds, scores, before, reference)

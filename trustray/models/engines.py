@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from trustray.config import BaseConfig
+from trustray.core.editing.scope import EditScope
 from trustray.models.sources import DEFAULT_CHAT_MODEL
 
 Message = Mapping[str, str]
@@ -79,7 +80,7 @@ class Engine(Protocol):
 
     def remove_adapter(self, name: str) -> None: ...
 
-    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor]) -> None: ...
+    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor], scope: EditScope | None = None) -> None: ...
 
     def revert_delta(self, name: str) -> None: ...
 

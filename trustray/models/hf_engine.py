@@ -7,7 +7,9 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
+from trustray.core.editing.scope import EditScope
 from trustray.models.engines import (
     Completion,
     EngineConfig,
@@ -56,6 +58,7 @@ class HFEngine:
         self.model = load_causal_lm(self.config.model, self.device, self.config.dtype)
         self.adapters: set[str] = set()
         self._saved_weights: dict[str, dict[str, torch.Tensor]] = {}
+        self._scope_hooks: dict[str, list[RemovableHandle]] = {}  # scoped edit sets, applied as forward hooks
         # One model, many callers (Serve runs requests concurrently): forward passes are serialised.
         self._lock = threading.RLock()
 
@@ -128,10 +131,12 @@ class HFEngine:
                 self.model.delete_adapter(name)
             self.adapters.discard(name)
 
-    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor]) -> None:
-        """Add `delta` (parameter name → tensor) to the weights in place; `revert_delta(name)` undoes it exactly."""
+    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor], scope: EditScope | None = None) -> None:
+        """Add `delta` (parameter name → tensor) to the weights in place; `revert_delta(name)` undoes it exactly.
+        With a `scope` the weights are left alone: each changed module gets a forward hook adding its delta at the
+        positions in scope (`trustray.core.editing.scope`)."""
         with self._lock:
-            if name in self._saved_weights:
+            if name in self._saved_weights or name in self._scope_hooks:
                 raise ValueError(f"a delta named {name!r} is already applied; revert it first")
             params = self._parameters()
             missing = sorted(set(delta) - set(params))
@@ -143,14 +148,32 @@ class HFEngine:
                     raise ValueError(
                         f"delta for {key} has shape {tuple(change.shape)}, weight has {tuple(params[key].shape)}"
                     )
+            if scope is not None:
+                self._scope_hooks[name] = self._hook_scoped(delta, scope)
+                return
             saved = {}
             for key, change in delta.items():
                 saved[key] = params[key].detach().clone()
                 params[key].data.add_(change.to(params[key].device, params[key].dtype))
             self._saved_weights[name] = saved
 
+    def _hook_scoped(self, delta: Mapping[str, torch.Tensor], scope: EditScope) -> list[RemovableHandle]:
+        modules = {hf_parameter_name(f"{module_name}.weight"): module
+                   for module_name, module in self.model.named_modules()
+                   if "lora_" not in module_name and isinstance(getattr(module, "weight", None), torch.nn.Parameter)}
+        missing = sorted({key.removesuffix(".weight") for key in delta} - set(scope.keys))
+        if missing:
+            raise ValueError(f"the edit set's scope has no keys for the edited modules {missing}")
+        device = next(self.model.parameters()).device
+        return [modules[key].register_forward_hook(scope.output_hook(key.removesuffix(".weight"), change.to(device)))
+                for key, change in delta.items()]
+
     def revert_delta(self, name: str) -> None:
         with self._lock:
+            if name in self._scope_hooks:
+                for hook in self._scope_hooks.pop(name):
+                    hook.remove()
+                return
             if name not in self._saved_weights:
                 raise KeyError(f"no delta named {name!r} is applied")
             params = self._parameters()

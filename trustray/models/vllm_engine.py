@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from trustray.core.editing.scope import EditScope, check_unscoped
 from trustray.models.engines import (
     Completion,
     EngineConfig,
@@ -134,8 +135,10 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(self._adapters.pop(name).lora_int_id)
 
     # -- weight deltas -----------------------------------------------------------------------------
-    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor]) -> None:
-        """Add `delta` (HF parameter name -> tensor) to the worker's weights; `revert_delta(name)` undoes it."""
+    def apply_delta(self, name: str, delta: Mapping[str, torch.Tensor], scope: EditScope | None = None) -> None:
+        """Add `delta` (HF parameter name -> tensor) to the worker's weights; `revert_delta(name)` undoes it. A
+        scoped edit set is refused: vLLM's fused layers take no per-position hooks."""
+        check_unscoped(scope, "apply it on the vLLM engine, whose fused layers take no per-position hooks")
         with self._lock:
             if name in self._deltas:
                 raise ValueError(f"a delta named {name!r} is already applied; revert it first")

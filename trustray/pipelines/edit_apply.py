@@ -59,15 +59,15 @@ def edit_task(config: EditApplyConfig, records: list[dict[str, Any]], fingerprin
     maker = EditSetMaker.load(config.model, fingerprint, config.editor, config.editor_dir, config.editor_settings,
                               gpu_or_cpu(config.resources.num_gpus > 0))
     made = maker.edit(records, score_before=True)
-    deltas = {name: delta.detach().cpu() for name, delta in made.deltas.items()}
+    deltas = {name: delta.detach().cpu() for name, delta in made.edit_set.deltas.items()}
     lora = []
     for rank in config.lora_ranks:
-        factors, report = to_lora(EditSet(deltas), rank)
+        factors, report = to_lora(EditSet(deltas, scope=made.edit_set.scope), rank)
         with maker.applied({name: b @ a for name, (a, b) in factors.items()}):
             scores = maker.scores(records, made.reference)
         lora.append({"rank": rank, "relative_error": report["relative_error"], **scores})
     metrics = {"before": made.before, "after": made.scores, "edit_seconds": round(made.seconds, 2), "lora": lora}
-    return {"deltas": deltas, "metrics": metrics}
+    return {"deltas": deltas, "scope": made.edit_set.scope, "metrics": metrics}
 
 
 def run(config: EditApplyConfig) -> Path:
@@ -87,7 +87,7 @@ def run(config: EditApplyConfig) -> Path:
              for record in records]
     metadata = {FINGERPRINT_KEY: fingerprint, "model": config.model, "editor": config.editor,
                 "editor_dir": config.editor_dir, "n_edits": len(records), "edits": edits, "metrics": result["metrics"]}
-    EditSet(result["deltas"], metadata).save(folder)
+    EditSet(result["deltas"], metadata, scope=result["scope"]).save(folder)
     after = result["metrics"]["after"]
     logger.info("edit set of %d edits (%s) in %s: ES %.3f GS %.3f LS %.3f", len(records), config.editor, folder,
                 after["es"], after["gs"], after["ls"])

@@ -277,17 +277,17 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     maker = EditSetMaker(engine.model, engine.tokenizer, fingerprint, run.editor, run.editor_dir, run.editor_settings,
                          general_text=replay)
     with PeakMemory(engine.device) as memory:
-        deltas, seconds = maker.compute_deltas(editor_records(config, records))
+        edit_set, seconds = maker.compute_deltas(editor_records(config, records))
     prefix = None
     if cache_path is not None:
         cache = torch.load(Path(cache_path) / "cache.pt", weights_only=True)
         reference = cache["reference"][: sum(len(record["locality"]) for record in scored)]
-        if min(edited_layers(deltas)) >= cache["layers"]:
+        if min(edited_layers(edit_set.deltas)) >= cache["layers"]:
             prefix = PrefixCache(cache["layers"], cache["states"])
         del cache
     else:
         reference = maker.locality_reference(scored, config.batch_size)
-    with maker.applied(deltas):
+    with maker.applied(edit_set):
         row = maker.scores(scored, reference, config.batch_size, prefix)
         if config.generation_sample:
             sampling = SamplingParams(max_tokens=16, temperature=0.0)

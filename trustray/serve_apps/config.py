@@ -120,8 +120,8 @@ class EditServeConfig(BaseConfig):
     )
     model_prefix: str = Field("edit-", min_length=1, description="Public model name of an edit set: prefix + id.")
     editor: str = Field(
-        "memit", description="Editor run by POST /v1/edits (a name from the editor registry; memit keeps the most "
-        "unrelated answers on the embedded default, benchmarks/served_edit_locality.py).",
+        "memit", description="Editor run by POST /v1/edits (a name from the editor registry; memit, scoped to its "
+        "edit keys, keeps the most unrelated answers on the embedded default, benchmarks/served_edit_locality.py).",
     )
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (for malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of a baseline editor.")
@@ -148,6 +148,13 @@ class EditServeConfig(BaseConfig):
         1000, ge=0, description="Default locality anchors whose conversations are preserved keys of an editor that "
         "takes them (memit) when its editor_settings give none.",
     )
+
+    def scoped(self) -> bool:
+        """Whether the editor makes scoped edit sets (`trustray.core.editing.scope`), which need the hf engine."""
+        from trustray.core.editing.factory import registered_editor
+
+        settings = registered_editor(self.editor).Settings.model_validate(self.editor_settings)
+        return getattr(settings, "scope_threshold", None) is not None
 
     def resolved_api_key(self) -> str | None:
         import os
@@ -203,4 +210,8 @@ class ServeConfig(BaseConfig):
     def _check_names(self) -> ServeConfig:
         if self.rag is not None and self.rag.model_name == self.model_name:
             raise ValueError(f"rag.model_name and model_name are both {self.model_name!r}; give them distinct names")
+        if self.edits is not None and self.chat.engine == "vllm" and self.edits.scoped():
+            raise ValueError(f"edits.editor {self.edits.editor!r} makes scoped edit sets, which only the hf engine "
+                             f"applies (chat.engine is {self.chat.engine!r}); use chat.engine=hf, or set "
+                             "edits.editor_settings.scope_threshold=null for plain weight changes")
         return self

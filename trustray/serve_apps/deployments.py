@@ -90,12 +90,13 @@ class ChatDeployment:
         return await self._executor.run(self.chat.count_tokens, text)
 
     @serve.multiplexed(max_num_models_per_replica=EDIT_SETS_PER_REPLICA)
-    async def get_edit_set(self, edit_id: str) -> dict[str, Any]:
-        """An edit set's weight changes keyed by parameter name, loaded once per replica (LRU-evicted)."""
+    async def get_edit_set(self, edit_id: str) -> tuple[dict[str, Any], Any]:
+        """An edit set's weight changes keyed by parameter name and its scope, loaded once per replica
+        (LRU-evicted)."""
         return await self._executor.run(self.chat.edit_weights, self.edit_store_dir / edit_id)
 
     async def _edit(self, edit_id: str | None) -> EditWeights | None:
-        return (edit_id, await self.get_edit_set(edit_id)) if edit_id else None
+        return (edit_id, *await self.get_edit_set(edit_id)) if edit_id else None
 
     async def generate(self, request: EngineRequest, sampling: SamplingParams,
                        edit_id: str | None = None) -> Completion | APIError:
@@ -241,4 +242,4 @@ class EditorDeployment:
             "edits": [{k: r[k] for k in ("prompt", "target_new")} for r in records],
             "metrics": metrics, "accepted_locality_loss": kept < threshold,
         }
-        return self.store.finish(edit_id, EditSet(made.deltas, metadata))
+        return self.store.finish(edit_id, EditSet(made.edit_set.deltas, metadata, scope=made.edit_set.scope))

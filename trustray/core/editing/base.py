@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trustray.config import BaseConfig
+from trustray.core.editing.scope import EditScope
 from trustray.core.lm.batching import ResponseTruncatedError, collate, encode_chat
 
 LOG = logging.getLogger(__name__)
@@ -133,6 +134,11 @@ class Editor(ABC):
     @abstractmethod
     def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
         """`{module name: delta shaped like its weight}` writing every record's `target_new` at once."""
+
+    def edit_scope(self) -> EditScope | None:
+        """The scope of the deltas the last `compute_deltas` returned; None (most editors): they are plain weight
+        changes that apply everywhere."""
+        return None
 
     def prepare(self) -> None:
         """Compute once what every edit needs (e.g. memit's preserved-key statistics), so a server can pay for it

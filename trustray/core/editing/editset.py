@@ -8,12 +8,14 @@ on one loaded model). Hence:
 - a folder layout that names everything needed to trust it on reuse:
 
       deltas.safetensors   the deltas, contiguous CPU tensors
+      scope.safetensors    only for a scoped set (`trustray.core.editing.scope`): the edit keys per module
       metadata.json        caller metadata (edits, base model fingerprint, editor, metrics) plus `kind`,
-                           `format`, module names with shapes and dtypes, the sha256 of `deltas.safetensors`
-                           and `created_at` (when the folder was written)
+                           `format`, module names with shapes and dtypes, the sha256 of each tensor file,
+                           a scoped set's `scope_threshold`, and `created_at` (when the folder was written)
 
 - `apply` keeps the original weights so `revert` restores them bit for bit, even in bf16/fp16 where
-  `W + d - d != W`; an evaluation that applies and reverts thousands of edit sets never drifts;
+  `W + d - d != W`; an evaluation that applies and reverts thousands of edit sets never drifts (a scoped set is
+  applied as forward hooks instead, and the weights are never touched);
 - `to_lora` / `save_as_peft_adapter` turn a delta into the LoRA format peft and vLLM's multi-LoRA serving load,
   so many edit sets can be served side by side on one base model.
 """
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from trustray.artifacts import (
     ArtifactMismatchError,
@@ -40,12 +43,14 @@ from trustray.artifacts import (
     read_metadata,
     write_metadata,
 )
+from trustray.core.editing.scope import EditScope, check_unscoped
 
 KIND = "edit_set"
 FORMAT = "trustray-edit-set/1"
 DELTAS_FILE = "deltas.safetensors"
+SCOPE_FILE = "scope.safetensors"
 FINGERPRINT_KEY = "base_model_fingerprint"
-RESERVED_KEYS = frozenset({"kind", "format", "modules", "deltas_sha256"})
+RESERVED_KEYS = frozenset({"kind", "format", "modules", "deltas_sha256", "scope_threshold", "scope_sha256"})
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_KIND = "lora_adapter_from_edit_set"
 
@@ -59,11 +64,13 @@ class EditSet:
     """Weight deltas keyed by module name, plus JSON-serialisable metadata describing how they were made.
 
     `metadata` should carry `base_model_fingerprint` (checked by `compose` and, via `expected`, by `load`);
-    the keys `kind`, `format`, `modules` and `deltas_sha256` are reserved for what `save` records itself.
+    the keys in `RESERVED_KEYS` are reserved for what `save` records itself. With a `scope`, each delta acts only
+    at the positions its edit keys cover.
     """
 
     deltas: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    scope: EditScope | None = None
 
     def __post_init__(self) -> None:
         for name, delta in self.deltas.items():
@@ -72,6 +79,10 @@ class EditSet:
         reserved = sorted(RESERVED_KEYS & self.metadata.keys())
         if reserved:
             raise ValueError(f"edit set metadata keys {reserved} are reserved for what `save` records itself")
+        if self.scope is not None:
+            missing = sorted(set(self.deltas) - set(self.scope.keys))
+            if missing:
+                raise ValueError(f"the edit set's scope has no keys for the edited modules {missing}")
 
     @property
     def fingerprint(self) -> str | None:
@@ -87,17 +98,24 @@ class EditSet:
         tensors = {name: delta.detach().to("cpu").contiguous() for name, delta in self.deltas.items()}
         with atomic_folder(folder) as tmp:
             save_file(tensors, str(tmp / DELTAS_FILE))
+            scope = {}
+            if self.scope is not None:
+                save_file({name: keys.to("cpu").contiguous() for name, keys in self.scope.keys.items()},
+                          str(tmp / SCOPE_FILE))
+                scope = {"scope_threshold": self.scope.threshold, "scope_sha256": file_sha256(tmp / SCOPE_FILE)}
             record = write_metadata(tmp, {
                 **self.metadata,
                 "kind": KIND,
                 "format": FORMAT,
                 "modules": describe_modules(tensors),
                 "deltas_sha256": file_sha256(tmp / DELTAS_FILE),
+                **scope,
             })
         return record
 
     def apply(self, model: nn.Module) -> AppliedEdit:
-        """Add the deltas to `model`'s weights in place; the returned handle reverts them (also as a context manager).
+        """Add the deltas to `model`'s weights in place (a scoped set: hook them onto the modules); the returned
+        handle reverts them (also as a context manager).
 
         Everything is validated before any weight changes, so a refused apply leaves the model untouched.
         """
@@ -109,14 +127,15 @@ class EditSet:
                     f"(to apply it twice on purpose, compose it with itself)"
                 )
         originals: dict[str, torch.Tensor] = {}
+        hooks = self.scope.attach(modules, self.deltas) if self.scope is not None else []
         with torch.no_grad():
-            for name, module in modules.items():
+            for name, module in modules.items() if self.scope is None else ():
                 weight = module.weight
                 originals[name] = weight.detach().clone()
                 compute = torch.promote_types(torch.promote_types(weight.dtype, self.deltas[name].dtype), torch.float32)
                 # One rounding from a float32 (or wider) sum, rather than rounding the delta to bf16 first.
                 weight.copy_(weight.to(compute) + self.deltas[name].to(device=weight.device, dtype=compute))
-        handle = AppliedEdit(edit_set=self, modules=modules, originals=originals)
+        handle = AppliedEdit(edit_set=self, modules=modules, originals=originals, hooks=hooks)
         for module in modules.values():
             _APPLIED.setdefault(module, []).append(handle)
         return handle
@@ -138,6 +157,7 @@ class AppliedEdit:
     edit_set: EditSet
     modules: dict[str, nn.Module]
     originals: dict[str, torch.Tensor]
+    hooks: list[RemovableHandle] = field(default_factory=list)  # a scoped set's forward hooks
     active: bool = True
 
     def revert(self) -> None:
@@ -151,11 +171,14 @@ class AppliedEdit:
                     f"another edit set was applied to {name!r} after this one; revert it first (last applied, "
                     f"first reverted), otherwise its change would be silently erased"
                 )
+        for hook in self.hooks:
+            hook.remove()
         with torch.no_grad():
             for name, module in self.modules.items():
-                module.weight.copy_(self.originals[name])
+                if name in self.originals:
+                    module.weight.copy_(self.originals[name])
                 _APPLIED[module].pop()
-        self.originals = {}
+        self.originals, self.hooks = {}, []
         self.active = False
 
     def __enter__(self) -> AppliedEdit:
@@ -225,7 +248,14 @@ def load(folder: str | Path, expected: Mapping[str, Any] | None = None) -> EditS
     deltas = load_file(str(deltas_path))
     if describe_modules(deltas) != metadata.get("modules"):
         raise CorruptArtifactError(f"{deltas_path} holds other modules, shapes or dtypes than metadata.json lists")
-    return EditSet(deltas=deltas, metadata={k: v for k, v in metadata.items() if k not in RESERVED_KEYS})
+    scope = None
+    if "scope_threshold" in metadata:
+        scope_path = folder / SCOPE_FILE
+        if not scope_path.is_file() or file_sha256(scope_path) != metadata.get("scope_sha256"):
+            raise CorruptArtifactError(f"{scope_path} is missing or does not match the sha256 in metadata.json")
+        scope = EditScope(load_file(str(scope_path)), float(metadata["scope_threshold"]))
+    return EditSet(deltas=deltas, metadata={k: v for k, v in metadata.items() if k not in RESERVED_KEYS},
+                   scope=scope)
 
 
 def compose(*edit_sets: EditSet) -> EditSet:
@@ -236,6 +266,8 @@ def compose(*edit_sets: EditSet) -> EditSet:
     """
     if not edit_sets:
         raise ValueError("compose needs at least one edit set")
+    for edit_set in edit_sets:
+        check_unscoped(edit_set.scope, "compose edit sets by adding their deltas")
     fingerprints = {edit_set.fingerprint for edit_set in edit_sets}
     if len(fingerprints) > 1:
         raise ArtifactMismatchError(
@@ -267,6 +299,7 @@ def to_lora(edit_set: EditSet, rank: int) -> tuple[dict[str, tuple[torch.Tensor,
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    check_unscoped(edit_set.scope, "export the edit set as LoRA factors")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: dict[str, dict[str, float]] = {}
     error_sq = total_sq = kept_sq = 0.0

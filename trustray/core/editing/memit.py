@@ -15,20 +15,28 @@ sees). For an unrelated key k' the change is Rᵀ(K(λC + KᵀK)⁻¹k'): relati
 like 1/√(kᵀC⁻¹k), so the rarer a key is under C, the more local its edit.
 
 The key position is the last token of the record's `subject` inside its prompt. A record without a subject
-(an API request that sends only a prompt) is keyed at its most distinctive prompt token: the rightmost user
-token whose Mahalanobis norm kᵀC⁻¹k at the bottom edited layer is at least `guess_ratio` of the prompt's largest
-(subject names are rare under C; template words are not). How many records were keyed by that guess is logged.
+(an API request that sends only a prompt) is keyed at its most distinctive token near a name: among the user
+tokens from the rightmost capitalised word on (all of them when there is none; punctuation never), the
+rightmost whose Mahalanobis norm kᵀC⁻¹k at the bottom edited layer is at least `guess_ratio` of the largest
+(subject names are rare under C; template words are not). Without the window, "What is the capital of
+France?" was keyed at " of", which every "capital of X" question shares. How many records were keyed by the
+guess is logged.
 
 Departures from the reference (kmeng01/memit), each measured on the embedded default: the target is learned
 without the end-of-turn token (`learn_end_of_turn`: the reply starts with the new answer and may go on, which
 needs a smaller δ); δ stops moving once its record's answer NLL is below `target_stop_nll` (the reference: 0.05
 for the whole batch); no random context prefixes and no essence KL. The model passed in is never changed: the
 layers are run with `torch.func.functional_call` on W + ΔW, and δ's gradient is taken with `torch.autograd.grad`.
+
+By default the change is scoped (`scope_threshold`, `trustray.core.editing.scope`): ΔW acts only at positions
+whose key is close to one of the edit keys, which is where MEMIT's targets were optimised (δ shifts the key
+position alone). The solve is the same; only where its result is applied changes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,6 +57,7 @@ from trustray.core.editing.locality import greedy_answers
 from trustray.core.editing.metrics import answer_window
 from trustray.core.editing.registry import register
 from trustray.core.editing.ridge import ridge_solve
+from trustray.core.editing.scope import EditScope
 from trustray.core.editing.tracing import KeyMoments, linear_modules
 from trustray.core.lm.batching import IGNORE_INDEX, collate
 from trustray.core.lm.prefix import decoder_layers, prefix_states, skipped_prefix, with_states
@@ -92,10 +101,16 @@ class MemitSettings(EditorSettings):
     learn_end_of_turn: bool = Field(
         False, description="Also learn the end-of-turn token after the target (the reply is then exactly the target)."
     )
+    scope_threshold: float | None = Field(
+        0.7, ge=-1, le=1,
+        description="ΔW acts only at token positions whose key has at least this cosine with one of the edit keys "
+        "(`trustray.core.editing.scope`; unrelated prompts are answered exactly as before); null: a plain weight "
+        "change that acts everywhere, as in the MEMIT paper, and can be exported as LoRA or run on vLLM.",
+    )
     guess_ratio: float = Field(
         0.5, gt=0, le=1,
-        description="For a record without a subject: the key is the rightmost user token whose Mahalanobis norm "
-        "is at least this fraction of the prompt's largest.",
+        description="For a record without a subject: the key is the rightmost token of the guess window "
+        "(`PromptPositions.guess_window`) whose Mahalanobis norm is at least this fraction of the window's largest.",
     )
 
 
@@ -129,6 +144,18 @@ class PromptPositions:
         first, last = self.user_start + start, self.user_start + end
         return [i for i, (a, b) in enumerate(self.offsets) if a < last and b > first]
 
+    def guess_window(self) -> list[int]:
+        """The user tokens a subject-less prompt's key is guessed among: from the rightmost capitalised word
+        (not the prompt's first) to the end, or all user tokens when there is none; punctuation-only tokens
+        excluded. Names are capitalised, and the words after one may complete it ("Vacuum cleaner")."""
+        words = list(re.finditer(r"\w[\w'-]*", self.prompt))
+        names = [word for word in words[1:] if word.group()[0].isupper() or word.group()[0].isdigit()]
+        start = names[-1].start() if names else 0
+        tokens = [t for t in self.tokens_within(start, len(self.prompt))
+                  if re.search(r"\w", self.prompt[max(0, self.offsets[t][0] - self.user_start):
+                                                    self.offsets[t][1] - self.user_start])]
+        return tokens or self.tokens_within(0, len(self.prompt))
+
     def subject_last(self, subject: str) -> int | None:
         """The last token of the last occurrence of `subject` in the prompt, or None when it does not occur."""
         found = self.prompt.rfind(subject) if subject else -1
@@ -156,12 +183,16 @@ class MemitEditor(Editor):
                              f"below the last decoder layer; got layers {self.settings.modules.layers}")
         self.device = next(model.parameters()).device
         self._moments: dict[str, Tensor] | None = None
+        self._scope: EditScope | None = None
         self.guessed_keys = 0  # records of the last call keyed at a guessed token (no subject found)
 
     # -- preserved keys -----------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
         self.moments()
+
+    def edit_scope(self) -> EditScope | None:
+        return self._scope
 
     def moments(self) -> dict[str, Tensor]:
         """C per edited module (float64), computed once from the settings' text and chats."""
@@ -215,9 +246,9 @@ class MemitEditor(Editor):
             for i in missing:
                 keys, _ = self.hidden_at([prompts[i]], None, {}, bottom)
                 mahalanobis = torch.einsum("ti,ij,tj->t", keys[0].double(), inverse, keys[0].double())
-                user = prompts[i].tokens_within(0, len(prompts[i].prompt))
-                largest = max(float(mahalanobis[t]) for t in user)
-                positions[i] = max(t for t in user if float(mahalanobis[t]) >= self.settings.guess_ratio * largest)
+                window = prompts[i].guess_window()
+                largest = max(float(mahalanobis[t]) for t in window)
+                positions[i] = max(t for t in window if float(mahalanobis[t]) >= self.settings.guess_ratio * largest)
             LOG.info("memit: %d of %d records had no subject in their prompt; keyed at their most distinctive token",
                      len(missing), len(prompts))
         return [int(p) for p in positions]
@@ -315,6 +346,8 @@ class MemitEditor(Editor):
         targets = self.targets(records, positions)
         moments = self.moments()
         deltas: dict[str, Tensor] = {}
+        edit_keys: dict[str, Tensor] = {}
+        self._scope = None
         for done, name in enumerate(self.module_names):
             keys, hidden = [], []
             for start in range(0, len(records), self.settings.batch_size):
@@ -324,6 +357,9 @@ class MemitEditor(Editor):
                 hidden.append(h)
             residuals = (targets - torch.cat(hidden)) / (len(self.module_names) - done)
             prior = self.settings.covariance_weight * moments[name]
-            shift = ridge_solve(torch.cat(keys).double(), residuals.double(), 0.0, prior)
+            edit_keys[name] = torch.cat(keys)
+            shift = ridge_solve(edit_keys[name].double(), residuals.double(), 0.0, prior)
             deltas[name] = shift.T.float().contiguous()
+        if self.settings.scope_threshold is not None:
+            self._scope = EditScope(edit_keys, self.settings.scope_threshold)
         return deltas
