@@ -304,19 +304,24 @@ def table_rag(summary: dict[str, Any]) -> str:
     return markdown_table(["condition"] + [name for name, _, _ in columns], rows)
 
 
+SERVED_EDIT_COLUMNS = ["edits", "ES", "GS", "probes kept", "neighbours kept"]
+
+
+def served_edit_scores(row: dict[str, Any]) -> list[str]:
+    return [fmt(row["n_edits"], None), fmt(row["es_generation"], "f2"), fmt(row["gs_generation"], "f2"),
+            fmt(row["locality_kept"], "f2"), fmt(row["neighbours_kept"], "f2")]
+
+
 def table_served_edit_locality(report: dict[str, Any]) -> str:
-    rows = [[r["editor"], fmt(r["n_edits"], None), fmt(r["es_generation"], "f2"), fmt(r["locality_kept"], "f2"),
-             fmt(r["prepare_seconds"], "f1"), fmt(r["edit_seconds"], "f1"), fmt(r["check_seconds"], "f1")]
-            for r in report["rows"]]
-    return markdown_table(["editor", "edits", "ES (generation)", "locality kept", "statistics s", "edit s",
-                           "check s"], rows)
+    rows = [[r["editor"], *served_edit_scores(r), fmt(r["prepare_seconds"], "f1"), fmt(r["edit_seconds"], "f1"),
+             fmt(r["check_seconds"], "f1")] for r in report["rows"]]
+    return markdown_table(["editor", *SERVED_EDIT_COLUMNS, "statistics s", "edit s", "check s"], rows)
 
 
 def table_served_edit_tuning(report: dict[str, Any]) -> str:
     rows = [[", ".join(f"{key}={value}" for key, value in r["settings"].items()) or "defaults",
-             fmt(r["n_edits"], None), fmt(r["es_generation"], "f2"), fmt(r["locality_kept"], "f2")]
-            for r in report["rows"]]
-    return markdown_table(["memit settings", "edits", "ES (generation)", "locality kept"], rows)
+             *served_edit_scores(r)] for r in report["rows"]]
+    return markdown_table(["memit settings", *SERVED_EDIT_COLUMNS], rows)
 
 
 def table_edit_scaling(report: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """Edits through the API on the embedded default, as a user sends them (prompt and new answer, nothing else): the
-served editor writes the new answer, keeps the unedited model's greedy answers to the 50 held-out probe
-questions, and an edit set below the locality threshold is refused, not served."""
+served editor (memit, scoped to its edit keys) writes the new answers, keeps the unedited model's greedy answers
+to the 50 held-out probe questions after one edit and after 16 in one request, and an edit set below the locality
+threshold is refused, not served."""
 
 from __future__ import annotations
 
@@ -74,24 +75,26 @@ def test_one_edit_is_served_and_keeps_unrelated_answers(client, http):
     assert http.get(f"/v1/edits/{made['id']}").json()["metrics"] == metrics
 
 
-def test_an_edit_set_below_the_threshold_is_refused_not_served(client, http, sixteen):
+def test_sixteen_edits_are_served_and_keep_95_percent_of_unrelated_answers(client, http, sixteen):
+    edits, made = sixteen
+    assert made["status"] == "succeeded", made
+    assert made["metrics"]["locality_probes"] == 50 and made["metrics"]["locality_kept"] >= 0.95
+    assert http.get(f"/v1/edits/{made['id']}").json()["metrics"] == made["metrics"]
+    replies = [_ask(client, made["model"], edit["prompt"]) for edit in edits]
+    # 15 of 16: one target stays short of memit's NLL stop (benchmarks/results/served_edit_locality.json)
+    assert sum(e["target_new"].lower() in r.lower() for e, r in zip(edits, replies, strict=True)) >= 15
+
+
+def test_an_edit_set_below_the_threshold_is_refused_not_served(client, http):
+    """Edits that rewrite probe questions themselves change their answers: the check sees it and refuses."""
     import openai
 
-    edits, made = sixteen
-    kept = made["metrics"]["locality_kept"]
-    assert made["metrics"]["locality_probes"] == 50
-    assert http.get(f"/v1/edits/{made['id']}").json()["metrics"] == made["metrics"]
-    if kept >= 0.95:
-        assert made["status"] == "succeeded"
-        replies = [_ask(client, made["model"], edit["prompt"]) for edit in edits]
-        assert sum(e["target_new"].lower() in r.lower() for e, r in zip(edits, replies, strict=True)) >= 15
-    else:
-        assert made["status"] == "rejected" and "min_locality_kept" in made["error"]
-        with pytest.raises(openai.NotFoundError):
-            _ask(client, made["model"], edits[0]["prompt"])
+    from trustray.data.edits import locality_probe_questions
 
-
-@pytest.mark.xfail(strict=True, reason="issue 15 is open: memit keeps 70% of the probe answers after these 16 edits "
-                   "(benchmarks/results/served_edit_locality.json)")
-def test_sixteen_edits_keep_95_percent_of_unrelated_answers(sixteen):
-    assert sixteen[1]["metrics"]["locality_kept"] >= 0.95
+    edits = [{"prompt": question, "target_new": "Lyon"} for question in locality_probe_questions(50)[:5]]
+    made = http.post("/v1/edits", json={"edits": edits}).json()
+    assert made["status"] == "rejected" and "min_locality_kept" in made["error"], made
+    assert made["metrics"]["locality_kept"] < 0.95
+    assert http.get(f"/v1/edits/{made['id']}").json()["status"] == "rejected"
+    with pytest.raises(openai.NotFoundError):
+        _ask(client, made["model"], edits[0]["prompt"])
