@@ -1,0 +1,195 @@
+"""Do the reward models know when they are unsure? Accuracy, calibration and OOD scores on the embedded default.
+
+For each preference task (`trustray.data.preferences`: factual, sentiment): `--prompts` prompts, and per prompt
+`SAMPLES` responses sampled from the chat model (temperature 1, `--max-tokens` tokens), paired two by two. The
+task's oracle (Bradley–Terry noise `ORACLE_TEMPERATURE`) labels each pair; ties and skips are dropped and
+counted. Prompts of the held-out topic `OOD_TOPIC` are kept out of training; the others are split by prompt into
+train / calibration / test (`SPLIT`). The features are the frozen chat model's (`trustray.core.align.features`).
+
+The L2 penalty of the heads (`L2_GRID`) and the feature pooling (`POOLINGS`) are chosen by the NLL on the
+calibration split, which then also fits the temperature; the test split is only reported. Sampled responses are
+cached under outputs/benchmarks/ (keyed by task, prompts and tokens), so a rerun does not generate them again.
+
+Reported per task: the reward ensemble's (`RewardEnsemble`, `HEADS` heads) pair accuracy on the test split
+against the oracle's labels and against the gold reward's order; ECE (15 bins), Brier and NLL before and after
+temperature scaling fitted on the calibration split; and how well three scores single out the held-out topic's
+responses among the test responses (AUROC): the Mahalanobis distance to the training responses' features, its
+relative variant against generic text (chat turns answered by the first sentence of Wikipedia intros outside
+the edit evaluation's pool), and the ensemble's disagreement on the pairs.
+Writes benchmarks/results/reward_uncertainty.json.
+Run: .venv/bin/python benchmarks/reward_uncertainty.py [--prompts 200] [--max-tokens 24] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from trustray.artifacts import atomic_write_text
+from trustray.core.align.calibration import (
+    brier_score,
+    expected_calibration_error,
+    negative_log_likelihood,
+)
+from trustray.core.align.features import response_features
+from trustray.core.align.reward import RewardEnsemble
+from trustray.core.align.uncertainty import MahalanobisOOD, auroc
+from trustray.core.rag.passages import split_sentences
+from trustray.data.corpus import edit_train_texts
+from trustray.data.preferences import build_oracle, load_prompts
+from trustray.models.engines import EngineConfig, SamplingParams
+from trustray.models.hf_engine import HFEngine
+from trustray.models.sources import DEFAULT_CHAT_MODEL
+from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SAMPLES = 4
+HEADS = 5
+ORACLE_TEMPERATURE = 0.1
+OOD_TOPIC = "Biology and health sciences"
+SPLIT = {"train": 0.6, "calibration": 0.2}  # the rest is the test split
+GENERIC_TEXTS = 200
+L2_GRID = [0.01, 0.1, 1.0, 10.0, 100.0]
+POOLINGS = ["last", "mean"]
+CACHE = ROOT / "outputs" / "benchmarks" / "reward_uncertainty"
+logger = logging.getLogger("reward_uncertainty")
+
+
+def split_of(prompt_id: str) -> str:
+    """A stable split by prompt id (the same prompt always lands in the same split)."""
+    fraction = int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if fraction < SPLIT["train"]:
+        return "train"
+    return "calibration" if fraction < SPLIT["train"] + SPLIT["calibration"] else "test"
+
+
+def sampled_pairs(engine: HFEngine, task: str, prompts: list, max_tokens: int) -> list[dict]:
+    """`SAMPLES` sampled responses per prompt, paired (0, 1), (2, 3), ... (cached)."""
+    cache = CACHE / f"{task}-{len(prompts)}-{max_tokens}-{SAMPLES}.json"
+    if cache.is_file():
+        responses = json.loads(cache.read_text())
+    else:
+        responses = []
+        for sample in range(SAMPLES):
+            sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=sample)
+            responses.append([c.text for c in engine.generate([p.messages() for p in prompts], sampling)])
+        atomic_write_text(cache, json.dumps(responses))
+    return [{"prompt": p, "a": responses[i][row], "b": responses[i + 1][row]}
+            for row, p in enumerate(prompts) for i in range(0, SAMPLES, 2)]
+
+
+def features_of(engine: HFEngine, pairs: list[dict], side: str, pooling: str) -> torch.Tensor:
+    return response_features(engine.model, engine.tokenizer, [pair["prompt"].messages() for pair in pairs],
+                             [pair[side] for pair in pairs], pooling=pooling)
+
+
+def generic_features(engine: HFEngine, pooling: str) -> torch.Tensor:
+    """Features of generic chat turns: "Tell me about <intro's subject>." answered by the intro's first sentence."""
+    texts = edit_train_texts(GENERIC_TEXTS)
+    prompts = [[{"role": "user", "content": f"Tell me about {text.split(' is ')[0][:60]}."}] for text in texts]
+    return response_features(engine.model, engine.tokenizer, prompts, [split_sentences(t)[0] for t in texts],
+                             pooling=pooling)
+
+
+def fitted(features: dict, outcomes: dict, l2: float) -> RewardEnsemble:
+    train_a, train_b = features["train"]
+    a_won = outcomes["train"].bool()[:, None]
+    return RewardEnsemble(heads=HEADS, l2=l2, seed=0).fit(torch.where(a_won, train_a, train_b),
+                                                          torch.where(a_won, train_b, train_a))
+
+
+def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dict:
+    began = time.perf_counter()
+    oracle = build_oracle(task, temperature=ORACLE_TEMPERATURE, seed=0)
+    pairs = sampled_pairs(engine, task, load_prompts(task, count), max_tokens)
+    generation_seconds = time.perf_counter() - began
+    for pair in pairs:
+        pair["label"] = oracle.label(pair["prompt"], pair["a"], pair["b"])
+        pair["gold_gap"] = oracle.reward(pair["prompt"], pair["a"]) - oracle.reward(pair["prompt"], pair["b"])
+        pair["split"] = "ood" if pair["prompt"].topic == OOD_TOPIC else split_of(pair["prompt"].id)
+    labelled = [pair for pair in pairs if pair["label"] in ("a", "b")]
+    splits = {name: [pair for pair in labelled if pair["split"] == name]
+              for name in ("train", "calibration", "test", "ood")}
+    outcomes = {name: torch.tensor([float(pair["label"] == "a") for pair in rows]) for name, rows in splits.items()}
+    choices = []
+    for pooling in POOLINGS:
+        features = {name: (features_of(engine, rows, "a", pooling), features_of(engine, rows, "b", pooling))
+                    for name, rows in splits.items()}
+        for l2 in L2_GRID:
+            model = fitted(features, outcomes, l2)
+            nll = negative_log_likelihood(model.compare(*features["calibration"]).probability, outcomes["calibration"])
+            choices.append({"pooling": pooling, "l2": l2, "calibration_nll": round(nll, 4)})
+            logger.info("%s %s", task, choices[-1])
+    best = min(choices, key=lambda choice: choice["calibration_nll"])
+    features = {name: (features_of(engine, rows, "a", best["pooling"]), features_of(engine, rows, "b", best["pooling"]))
+                for name, rows in splits.items()}
+    generic = generic_features(engine, best["pooling"])
+    model = fitted(features, outcomes, best["l2"])
+    before = model.compare(*features["test"])
+    temperature = model.calibrate(*features["calibration"], outcomes["calibration"])
+    after = model.compare(*features["test"])
+    test_outcome = outcomes["test"]
+    gold_order = torch.tensor([pair["gold_gap"] > 0 for pair in splits["test"]])
+
+    def calibration(probability: torch.Tensor) -> dict:
+        return {"ece": round(expected_calibration_error(probability, test_outcome), 4),
+                "brier": round(brier_score(probability, test_outcome), 4),
+                "nll": round(negative_log_likelihood(probability, test_outcome), 4)}
+
+    in_test = torch.cat(features["test"])
+    held_out = torch.cat(features["ood"])
+    is_ood = torch.cat([torch.zeros(len(in_test)), torch.ones(len(held_out))])
+    responses = torch.cat([in_test, held_out])
+    train_responses = torch.cat(features["train"])
+    disagreement = torch.cat([model.compare(*features["test"]).variance, model.compare(*features["ood"]).variance])
+    pair_is_ood = torch.cat([torch.zeros(len(splits["test"])), torch.ones(len(splits["ood"]))])
+    return {
+        "task": task, "prompts": count, "pairs": len(pairs), "ties_or_skips": len(pairs) - len(labelled),
+        "pairs_per_split": {name: len(rows) for name, rows in splits.items()},
+        "generation_seconds": round(generation_seconds, 1), "selection": choices,
+        "pooling": best["pooling"], "l2": best["l2"],
+        "accuracy_vs_labels": round(float(((after.probability > 0.5).double() == test_outcome).double().mean()), 4),
+        "accuracy_vs_gold": round(float(((after.probability > 0.5) == gold_order).double().mean()), 4),
+        "temperature": round(temperature, 3),
+        "calibration_before": calibration(before.probability),
+        "calibration_after": calibration(after.probability),
+        "ood_topic": OOD_TOPIC,
+        "ood_auroc": {
+            "mahalanobis": round(auroc(MahalanobisOOD(train_responses).score(responses), is_ood), 4),
+            "relative_mahalanobis": round(auroc(MahalanobisOOD(train_responses, relative_to=generic)
+                                                .score(responses), is_ood), 4),
+            "ensemble_disagreement": round(auroc(disagreement, pair_is_ood), 4),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=200, help="prompts per task")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    apply_offline_defaults()
+    setup_logging()
+    engine = HFEngine(EngineConfig(model=DEFAULT_CHAT_MODEL, engine="hf", torch_threads=args.threads), "cpu")
+    tasks = []
+    for task in ("factual", "sentiment"):
+        tasks.append(task_report(engine, task, args.prompts, args.max_tokens))
+        logger.info("%s", tasks[-1])
+    result = {"model": DEFAULT_CHAT_MODEL, "machine": machine_info(), "threads": args.threads,
+              "samples_per_prompt": SAMPLES, "heads": HEADS, "oracle_temperature": ORACLE_TEMPERATURE,
+              "tasks": tasks}
+    path = RESULTS / "reward_uncertainty.json"
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    logger.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()
