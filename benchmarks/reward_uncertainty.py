@@ -16,7 +16,8 @@ temperature scaling fitted on the calibration split; and how well three scores s
 responses among the test responses (AUROC): the Mahalanobis distance to the training responses' features, its
 relative variant against generic text (chat turns answered by the first sentence of Wikipedia intros outside
 the edit evaluation's pool), and the ensemble's disagreement on the pairs.
-Writes benchmarks/results/reward_uncertainty.json.
+Writes benchmarks/results/reward_uncertainty.json and reward_uncertainty.png (reliability diagrams of the test
+split, before and after temperature scaling).
 Run: .venv/bin/python benchmarks/reward_uncertainty.py [--prompts 200] [--max-tokens 24] [--threads 2]
 """
 
@@ -36,6 +37,7 @@ from trustray.core.align.calibration import (
     brier_score,
     expected_calibration_error,
     negative_log_likelihood,
+    reliability,
 )
 from trustray.core.align.features import response_features
 from trustray.core.align.reward import RewardEnsemble
@@ -70,19 +72,24 @@ def split_of(prompt_id: str) -> str:
     return "calibration" if fraction < SPLIT["train"] + SPLIT["calibration"] else "test"
 
 
-def sampled_pairs(engine: HFEngine, task: str, prompts: list, max_tokens: int) -> list[dict]:
-    """`SAMPLES` sampled responses per prompt, paired (0, 1), (2, 3), ... (cached)."""
+def sampled_pairs(engine: HFEngine, task: str, prompts: list, max_tokens: int) -> tuple[list[dict], float]:
+    """`SAMPLES` sampled responses per prompt, paired (0, 1), (2, 3), ..., and the seconds generating them took
+    (cached with them)."""
     cache = CACHE / f"{task}-{len(prompts)}-{max_tokens}-{SAMPLES}.json"
     if cache.is_file():
-        responses = json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        responses, seconds = cached["responses"], cached["generation_seconds"]
     else:
+        began = time.perf_counter()
         responses = []
         for sample in range(SAMPLES):
             sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=sample)
             responses.append([c.text for c in engine.generate([p.messages() for p in prompts], sampling)])
-        atomic_write_text(cache, json.dumps(responses))
-    return [{"prompt": p, "a": responses[i][row], "b": responses[i + 1][row]}
-            for row, p in enumerate(prompts) for i in range(0, SAMPLES, 2)]
+        seconds = round(time.perf_counter() - began, 1)
+        atomic_write_text(cache, json.dumps({"responses": responses, "generation_seconds": seconds}))
+    pairs = [{"prompt": p, "a": responses[i][row], "b": responses[i + 1][row]}
+             for row, p in enumerate(prompts) for i in range(0, SAMPLES, 2)]
+    return pairs, seconds
 
 
 def features_of(engine: HFEngine, pairs: list[dict], side: str, pooling: str) -> torch.Tensor:
@@ -106,10 +113,8 @@ def fitted(features: dict, outcomes: dict, l2: float) -> RewardEnsemble:
 
 
 def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dict:
-    began = time.perf_counter()
     oracle = build_oracle(task, temperature=ORACLE_TEMPERATURE, seed=0)
-    pairs = sampled_pairs(engine, task, load_prompts(task, count), max_tokens)
-    generation_seconds = time.perf_counter() - began
+    pairs, generation_seconds = sampled_pairs(engine, task, load_prompts(task, count), max_tokens)
     for pair in pairs:
         pair["label"] = oracle.label(pair["prompt"], pair["a"], pair["b"])
         pair["gold_gap"] = oracle.reward(pair["prompt"], pair["a"]) - oracle.reward(pair["prompt"], pair["b"])
@@ -153,13 +158,15 @@ def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dic
     return {
         "task": task, "prompts": count, "pairs": len(pairs), "ties_or_skips": len(pairs) - len(labelled),
         "pairs_per_split": {name: len(rows) for name, rows in splits.items()},
-        "generation_seconds": round(generation_seconds, 1), "selection": choices,
+        "generation_seconds": generation_seconds, "selection": choices,
         "pooling": best["pooling"], "l2": best["l2"],
         "accuracy_vs_labels": round(float(((after.probability > 0.5).double() == test_outcome).double().mean()), 4),
         "accuracy_vs_gold": round(float(((after.probability > 0.5) == gold_order).double().mean()), 4),
         "temperature": round(temperature, 3),
         "calibration_before": calibration(before.probability),
         "calibration_after": calibration(after.probability),
+        "reliability_before": reliability(before.probability, test_outcome),
+        "reliability_after": reliability(after.probability, test_outcome),
         "ood_topic": OOD_TOPIC,
         "ood_auroc": {
             "mahalanobis": round(auroc(MahalanobisOOD(train_responses).score(responses), is_ood), 4),
@@ -168,6 +175,28 @@ def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dic
             "ensemble_disagreement": round(auroc(disagreement, pair_is_ood), 4),
         },
     }
+
+
+def plot_reliability(tasks: list[dict], path: Path) -> None:
+    """Per task, accuracy against confidence per bin (marker area ∝ pairs), before and after scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        axis.plot([0.5, 1], [0.5, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        for key, label in (("reliability_before", "before"), ("reliability_after", "after temperature scaling")):
+            rows = task[key]
+            axis.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        axis.set(title=f"{task['task']} (test pairs)", xlabel="confidence", ylabel="accuracy", xlim=(0.45, 1.02),
+                 ylim=(0, 1.02))
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
@@ -188,7 +217,8 @@ def main() -> None:
               "tasks": tasks}
     path = RESULTS / "reward_uncertainty.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    logger.info("wrote %s", path)
+    plot_reliability(tasks, RESULTS / "reward_uncertainty.png")
+    logger.info("wrote %s and its reliability diagrams", path)
 
 
 if __name__ == "__main__":
