@@ -21,7 +21,7 @@ from trustray.core.align.calibration import (
     scaled_probabilities,
 )
 from trustray.core.align.reward import RewardEnsemble
-from trustray.core.align.uncertainty import MahalanobisOOD, auroc, implicit_reward_margin
+from trustray.core.align.uncertainty import MahalanobisOOD, auroc, implicit_reward_margin, predictive_entropy
 
 DIM = 8
 
@@ -126,6 +126,19 @@ def test_auroc_and_the_implicit_margin():
     assert float(margin) == pytest.approx(0.1 * (1.0 - (-0.5)))
     with pytest.raises(ValueError, match="beta"):
         implicit_reward_margin(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0)
+
+
+def test_predictive_entropy_estimates_the_entropy_of_a_known_distribution():
+    """Samples of one token from a categorical distribution: the estimate converges to its entropy."""
+    probabilities = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    draws = torch.multinomial(probabilities, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    samples = [[math.log(float(probabilities[d]))] for d in draws]
+    exact = float(-(probabilities * probabilities.log()).sum())
+    assert predictive_entropy(samples) == pytest.approx(exact, rel=0.02)
+    assert predictive_entropy([[-1.0, -3.0]], per_token=False) == 4.0
+    assert predictive_entropy([[-1.0, -3.0]]) == 2.0
+    with pytest.raises(ValueError, match="at least one"):
+        predictive_entropy([[]])
 
 
 POOL = CandidatePool(

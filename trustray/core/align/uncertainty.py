@@ -6,6 +6,9 @@
   generic text, so what is merely unusual text is not counted as unusual for the task.
 - **DPO's implicit reward margin** (Rafailov et al. 2023; the certainty of Muldrew et al. 2024):
   β[(log π(a|x) − log π_ref(a|x)) − (log π(b|x) − log π_ref(b|x))], from summed response log-probabilities.
+- **The policy's predictive entropy of a prompt** (Muldrew et al. 2024's prompt-level acquisition): the Monte
+  Carlo estimate −(1/S) Σₛ log π(yₛ|x) from S completions sampled from π, optionally per token (dividing each
+  completion's log-probability by its length, so long answers are not counted as uncertain for being long).
 - **AUROC**, to check an OOD score separates held-out data from training data.
 """
 
@@ -56,6 +59,14 @@ def implicit_reward_margin(policy_a: Tensor, reference_a: Tensor, policy_b: Tens
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
     return beta * ((policy_a - reference_a) - (policy_b - reference_b))
+
+
+def predictive_entropy(sampled_token_logprobs: list[list[float]], per_token: bool = True) -> float:
+    """Entropy estimate of π(·|x) from the token log-probabilities of completions sampled from π (see above)."""
+    if not sampled_token_logprobs or any(not completion for completion in sampled_token_logprobs):
+        raise ValueError("need at least one sampled completion, each with at least one token log-probability")
+    totals = [sum(completion) / (len(completion) if per_token else 1) for completion in sampled_token_logprobs]
+    return -sum(totals) / len(totals)
 
 
 def auroc(scores: Tensor, positives: Tensor) -> float:
