@@ -123,18 +123,18 @@ def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dic
     splits = {name: [pair for pair in labelled if pair["split"] == name]
               for name in ("train", "calibration", "test", "ood")}
     outcomes = {name: torch.tensor([float(pair["label"] == "a") for pair in rows]) for name, rows in splits.items()}
-    choices = []
+    choices, pooled = [], {}
     for pooling in POOLINGS:
-        features = {name: (features_of(engine, rows, "a", pooling), features_of(engine, rows, "b", pooling))
-                    for name, rows in splits.items()}
+        pooled[pooling] = {name: (features_of(engine, rows, "a", pooling), features_of(engine, rows, "b", pooling))
+                           for name, rows in splits.items()}
         for l2 in L2_GRID:
-            model = fitted(features, outcomes, l2)
-            nll = negative_log_likelihood(model.compare(*features["calibration"]).probability, outcomes["calibration"])
-            choices.append({"pooling": pooling, "l2": l2, "calibration_nll": round(nll, 4)})
+            model = fitted(pooled[pooling], outcomes, l2)
+            probability = model.compare(*pooled[pooling]["calibration"]).probability
+            choices.append({"pooling": pooling, "l2": l2,
+                            "calibration_nll": round(negative_log_likelihood(probability, outcomes["calibration"]), 4)})
             logger.info("%s %s", task, choices[-1])
     best = min(choices, key=lambda choice: choice["calibration_nll"])
-    features = {name: (features_of(engine, rows, "a", best["pooling"]), features_of(engine, rows, "b", best["pooling"]))
-                for name, rows in splits.items()}
+    features = pooled[best["pooling"]]
     generic = generic_features(engine, best["pooling"])
     model = fitted(features, outcomes, best["l2"])
     before = model.compare(*features["test"])
@@ -177,8 +177,8 @@ def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dic
     }
 
 
-def plot_reliability(tasks: list[dict], path: Path) -> None:
-    """Per task, accuracy against confidence per bin (marker area ∝ pairs), before and after scaling."""
+def plot_reliability(tasks: list[dict], machine: dict, path: Path) -> None:
+    """Per task, accuracy against confidence per bin, before and after scaling; the title names the machine."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -193,6 +193,8 @@ def plot_reliability(tasks: list[dict], path: Path) -> None:
         axis.set(title=f"{task['task']} (test pairs)", xlabel="confidence", ylabel="accuracy", xlim=(0.45, 1.02),
                  ylim=(0, 1.02))
         axis.legend(fontsize=8)
+    figure.suptitle(f"{DEFAULT_CHAT_MODEL} frozen-feature reward ensemble; measured on {machine['platform']}, "
+                    f"{machine['cpu_count']} CPU cores, GPU {machine['gpu']}, torch {machine['torch']}", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -217,7 +219,7 @@ def main() -> None:
               "tasks": tasks}
     path = RESULTS / "reward_uncertainty.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    plot_reliability(tasks, RESULTS / "reward_uncertainty.png")
+    plot_reliability(tasks, result["machine"], RESULTS / "reward_uncertainty.png")
     logger.info("wrote %s and its reliability diagrams", path)
 
 

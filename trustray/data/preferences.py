@@ -37,6 +37,7 @@ import hashlib
 import math
 import os
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def load_prompts(task: str, count: int, seed: int = 0) -> list[PreferencePrompt]
 
 
 @dataclass
-class Oracle:
+class Oracle(ABC):
     """A programmatic annotator: `reward` is the gold reward r*, `label` a noisy comparison (module docstring)."""
 
     temperature: float = 0.0
@@ -142,8 +143,9 @@ class Oracle:
             raise ValueError("an oracle needs temperature >= 0, tie_margin >= 0 and 0 <= skip_rate < 1; got "
                              f"{self.temperature}, {self.tie_margin}, {self.skip_rate}")
 
+    @abstractmethod
     def reward(self, prompt: PreferencePrompt, response: str) -> float:
-        raise NotImplementedError
+        """The gold reward r* of `response` to `prompt`."""
 
     def preference_probability(self, prompt: PreferencePrompt, a: str, b: str) -> float:
         """P(a ≻ b) under the oracle's Bradley–Terry noise (0, 0.5 or 1 when τ = 0)."""

@@ -158,15 +158,13 @@ class HFEngine:
             self._saved_weights[name] = saved
 
     def _hook_scoped(self, delta: Mapping[str, torch.Tensor], scope: EditScope) -> list[RemovableHandle]:
-        modules = {hf_parameter_name(f"{module_name}.weight"): module
+        """The scope's hooks on the modules owning `delta`'s weights, found by their HF names under any peft
+        wrapping."""
+        modules = {hf_parameter_name(f"{module_name}.weight").removesuffix(".weight"): module
                    for module_name, module in self.model.named_modules()
                    if "lora_" not in module_name and isinstance(getattr(module, "weight", None), torch.nn.Parameter)}
-        missing = sorted({key.removesuffix(".weight") for key in delta} - set(scope.keys))
-        if missing:
-            raise ValueError(f"the edit set's scope has no keys for the edited modules {missing}")
         device = next(self.model.parameters()).device
-        return [modules[key].register_forward_hook(scope.output_hook(key.removesuffix(".weight"), change.to(device)))
-                for key, change in delta.items()]
+        return scope.attach(modules, {key.removesuffix(".weight"): change.to(device) for key, change in delta.items()})
 
     def revert_delta(self, name: str) -> None:
         with self._lock:

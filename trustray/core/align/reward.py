@@ -1,13 +1,14 @@
 """Bradley–Terry reward models on frozen features, as an ensemble that knows when it disagrees.
 
-A response's reward is a linear head on a fixed feature vector (the frozen chat model's last hidden state at the
-response's last token, computed once and cached by the caller): r(x) = wᵀ(x − μ)/σ + b, with μ, σ the feature
+A response's reward is a linear head on a fixed feature vector (the frozen chat model's final hidden states,
+`trustray.core.align.features`, computed once and cached by the caller): r(x) = wᵀ(x − μ)/σ + b, with μ, σ the feature
 means and scales of the training responses. The preference model is Bradley–Terry:
 P(a ≻ b) = σ((r(a) − r(b)) / T), T a temperature fitted afterwards on a calibration split
 (`trustray.core.align.calibration.fit_temperature`); the bias cancels in every comparison and is not learned.
 
-`RewardEnsemble` trains K heads, each on a bootstrap resample of the labelled pairs with its own seed (Lakshminarayanan
-et al. 2017's deep ensembles, here on a linear head), and predicts with their mean; the heads' disagreement
+`RewardEnsemble` trains K heads, each on its own bootstrap resample of the labelled pairs (drawn from `seed`;
+Lakshminarayanan et al. 2017's deep ensembles, here on a linear head; the heads start from zero, so the resample
+is what makes them differ), and predicts with their mean; the heads' disagreement
 (variance of P(a ≻ b) across heads) is the epistemic uncertainty an acquisition function can ask about. Training is
 full-batch L-BFGS on the logistic loss with an L2 penalty: deterministic for a seed, seconds for thousands of pairs.
 """
@@ -43,10 +44,6 @@ class RewardEnsemble:
         self.scale: Tensor | None = None
         self.temperature = 1.0
 
-    @property
-    def fitted(self) -> bool:
-        return self.weights is not None
-
     def fit(self, chosen: Tensor, rejected: Tensor) -> RewardEnsemble:
         """Train every head on (chosen ≻ rejected) feature pairs, [n, d] each; resets the temperature to 1."""
         if chosen.shape != rejected.shape or chosen.dim() != 2 or len(chosen) == 0:
@@ -58,16 +55,15 @@ class RewardEnsemble:
         differences = self._standardise(chosen) - self._standardise(rejected)
         generator = torch.Generator().manual_seed(self.seed)
         weights = []
-        for head in range(self.heads):
+        for _ in range(self.heads):
             rows = (torch.randint(len(differences), (len(differences),), generator=generator)
                     if self.bootstrap and self.heads > 1 else torch.arange(len(differences)))
-            weights.append(self._fit_head(differences[rows], seed=self.seed + head))
+            weights.append(self._fit_head(differences[rows]))
         self.weights = torch.stack(weights)
         self.temperature = 1.0
         return self
 
-    def _fit_head(self, differences: Tensor, seed: int) -> Tensor:
-        torch.manual_seed(seed)
+    def _fit_head(self, differences: Tensor) -> Tensor:
         weight = torch.zeros(differences.shape[1], dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight], max_iter=self.max_iterations, line_search_fn="strong_wolfe")
 

@@ -80,9 +80,7 @@ class EditSet:
         if reserved:
             raise ValueError(f"edit set metadata keys {reserved} are reserved for what `save` records itself")
         if self.scope is not None:
-            missing = sorted(set(self.deltas) - set(self.scope.keys))
-            if missing:
-                raise ValueError(f"the edit set's scope has no keys for the edited modules {missing}")
+            self.scope.check_covers(self.deltas)
 
     @property
     def fingerprint(self) -> str | None:

@@ -16,7 +16,7 @@ adapter, or composed with another set by addition. Those paths refuse a scoped s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +61,15 @@ class EditScope:
 
         return add_in_scope
 
-    def attach(self, modules: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]) -> list[RemovableHandle]:
-        """Hook every module of `deltas` (found in `modules` by name); remove the handles to undo it."""
-        missing = sorted(set(deltas) - set(self.keys))
+    def check_covers(self, names: Iterable[str]) -> None:
+        """Refuse edited modules the scope has no keys for."""
+        missing = sorted(set(names) - set(self.keys))
         if missing:
             raise ValueError(f"the scope has no keys for the edited modules {missing}")
+
+    def attach(self, modules: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]) -> list[RemovableHandle]:
+        """Hook every module of `deltas` (found in `modules` by name); remove the handles to undo it."""
+        self.check_covers(deltas)
         return [modules[name].register_forward_hook(self.output_hook(name, delta)) for name, delta in deltas.items()]
 
 
