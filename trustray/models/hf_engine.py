@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -107,6 +108,13 @@ class HFEngine:
             raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters)})")
         self.model.set_adapter(adapter)
         return nullcontext()
+
+    @contextmanager
+    def running(self, adapter: str | None) -> Iterator[torch.nn.Module]:
+        """The model, held for the block by this caller alone, with `adapter` active (None: the base model): for
+        callers that run the model themselves (the preference loop scores through its frozen-prefix cache)."""
+        with self._lock, self._use_adapter(adapter):
+            yield self.model
 
     def load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel

@@ -9,7 +9,8 @@ number, never from state it does not checkpoint).
 A pipeline supplies a `TrainingTask` — what one step does, what a checkpoint holds, what is recorded at a
 checkpoint — built inside each worker by a module-level builder (a class taking `(data, context)` will do), and
 calls `run_training`. This module owns the rest: the TorchTrainer, thread pinning, logging on rank 0, the device,
-the loop, checkpoint I/O, resume, pruning and reporting to Ray Train. `run_loop` is the loop without Ray.
+the loop, checkpoint I/O, resume, pruning and reporting to Ray Train. `run_loop` is the loop without Ray, and
+`run_in_process` the whole of `run_training` without it.
 """
 
 from __future__ import annotations
@@ -209,6 +210,26 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     run_loop(loop_config["build_task"](loop_config["data"], context), context, _report_to_ray)
 
 
+def _check_resumable(plan: TrainingPlan) -> None:
+    newest = latest_checkpoint(plan.checkpoint_dir)
+    if newest is not None and step_number(newest) > plan.total_steps:
+        raise FileNotFoundError(f"{plan.final_checkpoint()} is missing and the checkpoints already go past step "
+                                f"{plan.total_steps} (newest: {newest.name}): train to one of the finished steps or "
+                                "beyond the newest")
+
+
+def run_in_process(build_task: TaskBuilder, data: Any, plan: TrainingPlan, device: torch.device) -> Path:
+    """`run_training` without Ray: the same task, checkpoints and resume, in this process on `device` (for many
+    short trainings, where starting a Ray Train run would cost more than the training)."""
+    final = plan.final_checkpoint()
+    if is_finished(final):
+        return final
+    _check_resumable(plan)
+    context = WorkerContext(plan=plan, device=device)
+    run_loop(build_task(data, context), context, lambda _entry, _folder: None)
+    return final
+
+
 def run_training(build_task: TaskBuilder, data: Any, plan: TrainingPlan, resources: TrainWorkerResources,
                  storage_dir: Path, data_parallel: bool = False) -> Path:
     """Train on Ray Train up to `plan.total_steps` and return that step's finished checkpoint.
@@ -230,10 +251,7 @@ def run_training(build_task: TaskBuilder, data: Any, plan: TrainingPlan, resourc
     final = plan.final_checkpoint()
     if is_finished(final):
         return final
-    newest = latest_checkpoint(plan.checkpoint_dir)
-    if newest is not None and step_number(newest) > plan.total_steps:
-        raise FileNotFoundError(f"{final} is missing and the checkpoints already go past step {plan.total_steps} "
-                                f"(newest: {newest.name}): train to one of the finished steps or beyond the newest")
+    _check_resumable(plan)
     init_ray()
     TorchTrainer(
         _train_worker,

@@ -1,0 +1,169 @@
+"""Label efficiency of active preference learning: every acquisition function against `random`, both tasks.
+
+Runs the `active_preference` pipeline (`configs/active_preference/cpu.yaml`, in process: `resources.in_process`)
+for each task × acquisition function × seed, and collects the per-round metrics: win rate of the trained policy
+against the initial policy (the oracle's gold reward judges, greedy and T = 0.7), mean gold reward, the reward
+ensemble's accuracy on held-out pairs, ECE before and after temperature scaling, and generated tokens.
+
+The runs of one (task, seed) share their initial policy's samples: the pool and the evaluation fixtures depend
+only on the task, the seed, the prompts and the model, so the first run writes them and the others start from a
+copy (`pool.json`, `fixtures.json`), exactly as if they had sampled them again.
+
+Each run resumes where it stopped, and finished runs are read back, so a killed grid continues; the results
+file is rewritten after every run (`"complete": false` until the grid is done).
+Writes benchmarks/results/active_preference.json and active_preference.png (win rate against labels).
+Run: .venv/bin/python benchmarks/active_preference.py [--tasks sentiment factual] [--seeds 0 1 2]
+     [--acquisitions random entropy ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+from trustray.artifacts import atomic_write_text
+from trustray.config import load_config
+from trustray.core.align.acquisition import get_acquisition
+from trustray.pipelines.active_preference import ActivePreferenceConfig, run
+from trustray.runtime import apply_offline_defaults, machine_info, machine_label, setup_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIG = ROOT / "configs" / "active_preference" / "cpu.yaml"
+RUNS = ROOT / "outputs" / "benchmarks" / "active_preference"
+ACQUISITIONS = ["random", "entropy", "certainty", "uncertainty", "hybrid", "ensemble", "ood"]
+SHARED = ("pool.json", "fixtures.json")
+logger = logging.getLogger("active_preference")
+
+
+def run_one(task: str, acquisition: str, seed: int) -> tuple[dict, float]:
+    """One pipeline run (resumed or read back); its summary and the seconds this call spent."""
+    folder = RUNS / f"{task}-seed{seed}" / acquisition
+    config = load_config(ActivePreferenceConfig, CONFIG, [
+        f"task={task}", f"acquisition={acquisition}", f"seed={seed}", f"output_dir={folder}",
+        "resources.in_process=true"])
+    shared_from = RUNS / f"{task}-seed{seed}" / "random"
+    if acquisition != "random":
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in SHARED:
+            if not (folder / name).is_file():
+                shutil.copy(shared_from / name, folder / name)
+    began = time.perf_counter()
+    summary = json.loads(Path(run(config)).read_text())
+    return summary, time.perf_counter() - began
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def aggregate(curves: list[dict]) -> list[dict]:
+    """Mean ± standard error over seeds, per (task, acquisition, labels)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in curves:
+        groups.setdefault((row["task"], row["acquisition"], row["labels"]), []).append(row)
+    table = []
+    for (task, acquisition, labels), rows in sorted(groups.items()):
+        entry = {"task": task, "acquisition": acquisition, "labels": labels, "seeds": len(rows)}
+        for key in ("win_rate", "win_rate_sampled", "gold_reward", "rm_accuracy", "ece_before", "ece_after"):
+            mean, se = mean_se([row[key] for row in rows])
+            entry[key], entry[f"{key}_se"] = round(mean, 4), round(se, 4)
+        table.append(entry)
+    return table
+
+
+def labels_to_match(table: list[dict], task: str) -> list[dict]:
+    """Per acquisition function: the fewest labels at which its mean greedy win rate reaches random's at the
+    largest budget, as a share of that budget (None: never within the grid)."""
+    rows = [row for row in table if row["task"] == task]
+    final = max(row["labels"] for row in rows)
+    target = next(row["win_rate"] for row in rows if row["acquisition"] == "random" and row["labels"] == final)
+    matches = []
+    for acquisition in sorted({row["acquisition"] for row in rows}):
+        reached = [row["labels"] for row in rows if row["acquisition"] == acquisition and row["win_rate"] >= target]
+        matches.append({"task": task, "acquisition": acquisition, "random_final_win_rate": target,
+                        "labels_fraction": round(min(reached) / final, 4) if reached else None})
+    return matches
+
+
+def plot(table: list[dict], machine: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({row["task"] for row in table})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for acquisition in ACQUISITIONS:
+            rows = sorted((r for r in table if r["task"] == task and r["acquisition"] == acquisition),
+                          key=lambda r: r["labels"])
+            if rows:
+                axis.errorbar([r["labels"] for r in rows], [r["win_rate"] for r in rows],
+                              yerr=[0 if math.isnan(r["win_rate_se"]) else r["win_rate_se"] for r in rows],
+                              marker="o", capsize=3, label=acquisition,
+                              linewidth=2.5 if acquisition == "random" else 1.2)
+        axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        axis.set(title=f"{task}: greedy win rate vs the initial policy", xlabel="labels", ylabel="win rate")
+        axis.set_xscale("log", base=2)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"active preference learning (mean ± s.e. over seeds); {machine_label(machine)}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["sentiment", "factual"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--acquisitions", nargs="+", default=ACQUISITIONS)
+    args = parser.parse_args()
+    apply_offline_defaults()
+    setup_logging()
+    for name in args.acquisitions:
+        get_acquisition(name)
+    acquisitions = ["random"] + [name for name in args.acquisitions if name != "random"]  # random writes the pool
+    machine = machine_info()
+    config = load_config(ActivePreferenceConfig, CONFIG)
+    curves, calibration, seconds = [], [], 0.0
+    runs = [(task, seed, acquisition) for seed in args.seeds for task in args.tasks for acquisition in acquisitions]
+    for done, (task, seed, acquisition) in enumerate(runs, start=1):
+        summary, spent = run_one(task, acquisition, seed)
+        seconds += spent
+        for metrics in summary["rounds"]:
+            curves.append({"task": task, "acquisition": acquisition, "labels": metrics["labels"], "seed": seed,
+                           "win_rate": metrics["win_rate_greedy"], "win_rate_sampled": metrics["win_rate_sampled"],
+                           "gold_reward": metrics["gold_reward_greedy"],
+                           "initial_gold_reward": metrics["initial_gold_reward_greedy"],
+                           "rm_accuracy": metrics["rm_accuracy"], "ece_before": metrics["ece_before"],
+                           "ece_after": metrics["ece_after"], "generated_tokens": metrics["generated_tokens"],
+                           "acquired_by": metrics["acquired_by"], "round_seconds": metrics["seconds"]})
+        final = summary["rounds"][-1]
+        calibration.append({"task": task, "acquisition": acquisition, "seed": seed, "labels": final["labels"],
+                            "ece_before": final["ece_before"], "ece_after": final["ece_after"]})
+        table = aggregate(curves)
+        result = {
+            "machine": machine, "complete": done == len(runs), "config": str(CONFIG.relative_to(ROOT)),
+            "settings": config.model_dump(mode="json", include={"prompts", "samples_per_prompt", "max_tokens",
+                                                                "budgets", "oracle", "reward_model", "dpo"}),
+            "seeds": args.seeds, "runs": done, "seconds_this_invocation": round(seconds, 1),
+            "curves": curves, "table": table, "calibration": calibration,
+            "labels_to_match_random": [m for task_name in args.tasks if any(r["task"] == task_name for r in table)
+                                       for m in labels_to_match(table, task_name)],
+        }
+        atomic_write_text(RESULTS / "active_preference.json", json.dumps(result, indent=2) + "\n")
+        logger.info("run %d/%d done (%s, %s, seed %d) in %.0f s", done, len(runs), task, acquisition, seed, spent)
+    plot(aggregate(curves), machine, RESULTS / "active_preference.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The active preference loop on the tiny model: every round trains and evaluates, a killed run resumes without
+asking for a label twice, Ray mode (actor + Ray Train) runs from the command line, bad settings are refused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from trustray import cli
+from trustray.config import load_config
+from trustray.data import preferences
+from trustray.pipelines import active_preference
+from trustray.pipelines.active_preference import ActivePreferenceConfig
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "active_preference" / "tiny.yaml"
+
+
+@dataclass
+class LengthOracle(preferences.Oracle):
+    """A test labeler whose gold reward is the response's length: the tiny random model's answers are noise, which
+    the packaged oracles score as ties, while lengths differ. Counts the questions it is asked."""
+
+    task: ClassVar[str] = "factual"
+    asked: ClassVar[list[str]] = []
+
+    def reward(self, prompt, response: str) -> float:
+        return float(len(response))
+
+    def label(self, prompt, a: str, b: str):
+        LengthOracle.asked.append(prompt.id)
+        return super().label(prompt, a, b)
+
+
+@pytest.fixture(autouse=True)
+def length_oracle(monkeypatch):
+    LengthOracle.asked = []
+    monkeypatch.setitem(preferences.ORACLES, "factual", LengthOracle)
+
+
+def _config(tiny_llama_dir: str, folder: Path, *overrides: str) -> ActivePreferenceConfig:
+    return load_config(ActivePreferenceConfig, CONFIG, [f"chat.model={tiny_llama_dir}", f"output_dir={folder}",
+                                                        "resources.in_process=true", *overrides])
+
+
+@pytest.mark.parametrize("acquisition", ["hybrid", "ensemble", "ood"])
+def test_every_round_trains_evaluates_and_records(tiny_llama_dir, tmp_path, acquisition):
+    summary = json.loads(active_preference.run(_config(tiny_llama_dir, tmp_path, f"acquisition={acquisition}"))
+                         .read_text())
+    rounds = summary["rounds"]
+    assert [r["labels"] for r in rounds] == [3, 6]
+    # The reward-model statistics do not exist before the first preference: that round says it went random.
+    expected_first = ["random"] if acquisition in ("ensemble", "ood") else [acquisition]
+    assert rounds[0]["acquired_by"] == expected_first and rounds[1]["acquired_by"] == [acquisition]
+    for metrics in rounds:
+        assert 0 <= metrics["win_rate_greedy"] <= 1 and 0 <= metrics["rm_accuracy"] <= 1
+        assert metrics["dpo_steps"] >= 1 and metrics["generated_tokens"] > 0
+    # 6 labels asked in all, each pair once; 6 held-out pairs labelled once for the evaluation.
+    labels = [json.loads(line) for budget in (3, 6)
+              for line in (tmp_path / "rounds" / f"labels-{budget}" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 6 and len({row["pair_key"] for row in labels}) == 6
+    assert len(LengthOracle.asked) == 6 + 6
+    exported = preferences.read_preferences(tmp_path / "preferences.jsonl")
+    assert len(exported) == sum(row["label"] in ("a", "b") for row in labels)
+    # The trained adapter loads as a plain peft adapter.
+    assert (Path(summary["adapter"]) / "adapter_config.json").is_file()
+
+
+def test_a_killed_run_resumes_without_asking_again(tiny_llama_dir, tmp_path, monkeypatch):
+    def crash(self, round_dir):
+        raise KeyboardInterrupt("killed during DPO")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(active_preference.Loop, "train_policy", crash)
+        with pytest.raises(KeyboardInterrupt):
+            active_preference.run(_config(tiny_llama_dir, tmp_path))
+    asked_before = len(LengthOracle.asked)
+    assert (tmp_path / "rounds" / "labels-3" / "labels.jsonl").is_file()
+    first = json.loads(active_preference.run(_config(tiny_llama_dir, tmp_path, "budgets=[3]")).read_text())
+    assert len(LengthOracle.asked) == asked_before  # round 1's labels were reused
+    extended = json.loads(active_preference.run(_config(tiny_llama_dir, tmp_path)).read_text())
+    assert extended["rounds"][0] == first["rounds"][0]  # the finished round is read back, not redone
+    assert len(LengthOracle.asked) == asked_before + 3  # only round 2's new pairs
+    with pytest.raises(Exception, match="metadata|differ|settings"):
+        active_preference.run(_config(tiny_llama_dir, tmp_path, "dpo.beta=0.5"))
+
+
+def test_ray_mode_from_the_command_line(tiny_llama_dir, tmp_path, ray_local):
+    assert cli.main(["run", "active_preference", "--config", str(CONFIG), f"chat.model={tiny_llama_dir}",
+                     f"output_dir={tmp_path}", "acquisition=certainty", "budgets=[3]"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"][0]["labels"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("acquisition=nope", "unknown acquisition"),
+    ("budgets=[4,4]", "increasing"),
+    ("samples_per_prompt=3", "even"),
+])
+def test_bad_settings_are_refused(tiny_llama_dir, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tiny_llama_dir, tmp_path, override)
