@@ -9,6 +9,17 @@ PYTHON=${PYTHON:-python3}
 UV_VERSION=0.13.9
 stamp=$(cat pyproject.toml requirements/cpu.lock requirements/assets.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# The labeling page's browser test drives Debian's chromium through its driver (nothing is downloaded by the test).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium and chromium-driver"
+    apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }
+  else
+    echo "setup: chromium and chromium-driver are missing; the browser test needs them (apt-get install chromium chromium-driver)" >&2
+  fi
+fi
+
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ]; then
   echo "setup: $VENV is up to date"
   exit 0

@@ -103,3 +103,49 @@ def test_ray_mode_from_the_command_line(tiny_llama_dir, tmp_path, ray_local):
 def test_bad_settings_are_refused(tiny_llama_dir, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         _config(tiny_llama_dir, tmp_path, override)
+
+
+def test_people_label_through_the_service_database(tiny_llama_dir, tmp_path):
+    """A person (a thread answering through the store, as the labeling page does) labels each round's pairs."""
+    import threading
+
+    from trustray.data.label_store import LabelStore
+
+    db = tmp_path / "labels.sqlite"
+    done = threading.Event()
+
+    def person() -> None:
+        store = LabelStore(db)
+        answered = 0
+        while not done.is_set():
+            shown = store.next_item("ann")
+            if shown is None:
+                done.wait(0.2)
+                continue
+            choice = "first" if len(shown.first) >= len(shown.second) else "second"
+            store.submit(shown.item_id, "ann", choice, f"key-{answered:04d}")
+            answered += 1
+
+    thread = threading.Thread(target=person, daemon=True)
+    thread.start()
+    try:
+        summary = json.loads(active_preference.run(_config(
+            tiny_llama_dir, tmp_path / "run", "labeler=service", f"service.db={db}", "service.poll_s=0.2"))
+            .read_text())
+    finally:
+        done.set()
+        thread.join()
+    assert [r["labels"] for r in summary["rounds"]] == [3, 6]
+    assert LabelStore(db).counts()["labelled"] == 6
+    asked_of_oracle = len(LengthOracle.asked)
+    assert asked_of_oracle == 6  # only the held-out evaluation pairs: the loop's labels came from the person
+
+
+def test_unanswered_pairs_time_out_as_skips(tiny_llama_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="no preference"):
+        active_preference.run(_config(tiny_llama_dir, tmp_path / "run", "labeler=service",
+                                      f"service.db={tmp_path / 'labels.sqlite'}", "service.timeout_s=0.5",
+                                      "service.poll_s=0.1"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds" / "labels-3" / "labels.jsonl").read_text()
+            .splitlines()]
+    assert [row["label"] for row in rows] == ["skip"] * 3 and all(row["timed_out"] for row in rows)

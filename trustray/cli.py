@@ -63,6 +63,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from trustray.config import load_config
+    from trustray.serve_apps.labeling import LabelingConfig, run_app, shutdown
+
+    url = run_app(load_config(LabelingConfig, args.config, args.overrides))
+    print(f"labeling page at {url} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+    return 0
+
+
 def serve_until_interrupted(url: str) -> None:
     print(f"serving the OpenAI-compatible API at {url}/v1 (Ctrl-C stops)", flush=True)
     try:
@@ -156,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="Serve config YAML, e.g. configs/serve/cpu.yaml")
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. port=8001")
     serve.set_defaults(func=cmd_serve)
+
+    label = commands.add_parser("label", help="run the labeling service (web page and API) until Ctrl-C")
+    label.add_argument("--config", help="labeling config YAML, e.g. configs/labeling/local.yaml")
+    label.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. port=8001")
+    label.set_defaults(func=cmd_label)
 
     run = commands.add_parser("run", help="run a pipeline")
     run.add_argument("pipeline", help="a job of trustray.pipelines.JOBS, e.g. build_index")

@@ -20,8 +20,10 @@ One round per entry of `budgets` (the number of labels asked for so far; ties an
    log-probabilities under the current policy), DPO's implicit reward margin, the reward ensemble's disagreement,
    the Mahalanobis OOD score. Before any preference is known there is no reward model: a first round that needs
    one picks at random, and says so in the log and in its metrics (`acquired_by`);
-3. the oracle labels the acquired pairs (`trustray.data.preferences`), written to `labels.jsonl` before anything
-   is trained on them, so a killed run never asks for a label twice;
+3. the acquired pairs are labelled — by the oracle (`trustray.data.preferences`), or by people: the pairs go into
+   the labeling service's database (`labeler: service`, `trustray label` serves them) and the round waits for
+   their labels up to `service.timeout_s` — and written to `labels.jsonl` before anything is trained on them, so a
+   killed run never asks for a label twice;
 4. the reward ensemble is refitted on every preference so far (frozen features, `trustray.core.align.reward`);
 5. DPO trains fresh LoRA adapters on every preference so far (`trustray.core.align.dpo`), on Ray Train, one
    worker (or in this process with `resources.in_process`: many short runs, as the benchmark grid makes, would
@@ -76,6 +78,15 @@ class OracleSettings(BaseConfig):
     seed: int = Field(0, description="Seeds the labels' noise.")
 
 
+class ServiceLabelerSettings(BaseConfig):
+    """People labeling through the labeling service (`trustray label`), which shares this SQLite file."""
+
+    db: str = Field("outputs/labels/labels.sqlite", description="The labeling service's database file.")
+    timeout_s: float = Field(3600.0, gt=0, description="How long a round waits for its labels; pairs still "
+                             "unlabelled then count as skipped (asked, no answer) and are logged.")
+    poll_s: float = Field(2.0, gt=0, description="Seconds between looks at the database.")
+
+
 class RewardModelSettings(BaseConfig):
     """The reward ensemble on frozen features (`trustray.core.align.reward`)."""
 
@@ -106,7 +117,11 @@ class ActivePreferenceConfig(PipelineConfig):
                                description="Labels asked for by the end of each round (increasing).")
     regenerate: bool = Field(False, description="Sample the pool again from the current policy every round.")
     eval_temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of the second win rate.")
-    oracle: OracleSettings = Field(default_factory=OracleSettings, description="The labeler.")
+    labeler: Literal["oracle", "service"] = Field("oracle", description="Who labels: the task's programmatic "
+                                                  "oracle, or people through the labeling service.")
+    oracle: OracleSettings = Field(default_factory=OracleSettings, description="The oracle (it also judges the "
+                                   "evaluation's win rates and labels its held-out pairs either way).")
+    service: ServiceLabelerSettings = Field(default_factory=ServiceLabelerSettings, description="labeler: service.")
     reward_model: RewardModelSettings = Field(default_factory=RewardModelSettings, description="The reward model.")
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO updates of the policy.")
     chat: EngineConfig = Field(default_factory=EngineConfig, description="The chat model (the initial policy).")
@@ -321,9 +336,33 @@ class Loop:
             pair = candidates[index]
             prompt = self.prompts["pool"][pair["prompt_index"]]
             rows.append({"pair_key": pair_key(pair), "prompt_index": pair["prompt_index"], "prompt_id": prompt.id,
-                         "a": pair["a"], "b": pair["b"], "label": self.oracle.label(prompt, pair["a"], pair["b"]),
-                         "budget": budget})
+                         "a": pair["a"], "b": pair["b"], "budget": budget})
+        self.label(rows)
         return rows, name
+
+    def label(self, rows: list[dict[str, Any]]) -> None:
+        """Step 3: each row's `label`, from the oracle or from people through the labeling service's database
+        (rows already there from a killed run are not added again; their labels are read back)."""
+        prompts = self.prompts["pool"]
+        if self.config.labeler == "oracle":
+            for row in rows:
+                row["label"] = self.oracle.label(prompts[row["prompt_index"]], row["a"], row["b"])
+            return
+        from trustray.data.label_store import LabelStore
+
+        settings = self.config.service
+        store = LabelStore(settings.db)
+        store.add_items({"id": row["pair_key"], "prompt": prompts[row["prompt_index"]].messages(), "a": row["a"],
+                         "b": row["b"], "prompt_id": row["prompt_id"], "budget": row["budget"]} for row in rows)
+        logger.info("waiting up to %.0f s for %d labels in %s", settings.timeout_s, len(rows), settings.db)
+        labels = store.wait_for_labels([row["pair_key"] for row in rows], settings.timeout_s, settings.poll_s)
+        for row in rows:
+            row["label"] = labels.get(row["pair_key"], "skip")
+            row["timed_out"] = row["pair_key"] not in labels
+        timed_out = sum(row["timed_out"] for row in rows)
+        if timed_out:
+            logger.warning("%d of %d pairs got no label within %.0f s: counted as skipped", timed_out, len(rows),
+                           settings.timeout_s)
 
     def train_policy(self, round_dir: Path) -> Path:
         """Step 5: DPO of fresh adapters on every preference so far; returns the adapter folder."""
@@ -410,7 +449,8 @@ class DPOTraining:
 
 def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:
     """What a resumed run must agree on: every setting but the budgets (a run may be extended) and resources."""
-    settings = config.model_dump(mode="json", exclude={"budgets", "resources", "force", "name", "output_dir"})
+    settings = config.model_dump(mode="json", exclude={"budgets", "resources", "force", "name", "output_dir",
+                                                        "service"})
     return {"kind": "active_preference", "model_fingerprint": model_fingerprint(config.chat.model), **settings}
 
 
