@@ -65,8 +65,15 @@ def test_every_round_trains_evaluates_and_records(tiny_llama_dir, tmp_path, acqu
     assert len(LengthOracle.asked) == 6 + 6
     exported = preferences.read_preferences(tmp_path / "preferences.jsonl")
     assert len(exported) == sum(row["label"] in ("a", "b") for row in labels)
-    # The trained adapter loads as a plain peft adapter.
+    # The trained adapter loads as a plain peft adapter; each round's reward model is saved servable.
     assert (Path(summary["adapter"]) / "adapter_config.json").is_file()
+    from trustray.core.align.reward import load_reward_model
+
+    ensemble, gaussian, metadata = load_reward_model(tmp_path / "rounds" / "labels-6" / "reward_model")
+    assert metadata["preferences"] == rounds[-1]["preferences"] and metadata["temperature"] == pytest.approx(
+        rounds[-1]["rm_temperature"])
+    assert metadata["selective"]["table"] and metadata["ood_threshold"] > 0
+    assert 0 <= rounds[-1]["selective"]["aurc"] <= 1
 
 
 def test_a_killed_run_resumes_without_asking_again(tiny_llama_dir, tmp_path, monkeypatch):

@@ -207,3 +207,20 @@ def test_response_features_are_the_last_tokens_final_state_whatever_the_batch(ti
         response_features(model, tokenizer, prompts, responses, pooling="max")
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         response_features(model, tokenizer, prompts, responses[:1])
+
+
+def test_risk_coverage_aurc_and_calibrated_thresholds():
+    import math
+
+    from trustray.core.align.selective import aurc, risk_coverage, threshold_for_risk
+
+    scores = [0.9, 0.8, 0.8, 0.3, 0.1]
+    acceptable = [True, True, False, True, False]
+    table = risk_coverage(scores, acceptable)
+    assert [(row["threshold"], row["coverage"], round(row["risk"], 4)) for row in table] == [
+        (0.9, 0.2, 0.0), (0.8, 0.6, round(1 / 3, 4)), (0.3, 0.8, 0.25), (0.1, 1.0, 0.4)]
+    assert threshold_for_risk(table, 0.25) == 0.3 and threshold_for_risk(table, 0.0) == 0.9
+    assert threshold_for_risk(risk_coverage([0.5], [False]), 0.1) == math.inf
+    # A perfect ranking has the smallest AURC; the reversed one the largest.
+    assert aurc([3, 2, 1], [True, True, False]) < aurc([1, 2, 3], [True, True, False])
+    assert aurc([0.9, 0.8, 0.7, 0.3, 0.1], acceptable) == pytest.approx((0 + 0 + 1 / 3 + 1 / 4 + 2 / 5) / 5)

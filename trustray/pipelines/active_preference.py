@@ -28,12 +28,16 @@ One round per entry of `budgets` (the number of labels asked for so far; ties an
 5. DPO trains fresh LoRA adapters on every preference so far (`trustray.core.align.dpo`), on Ray Train, one
    worker (or in this process with `resources.in_process`: many short runs, as the benchmark grid makes, would
    otherwise spend more time starting Ray Train than training); checkpoints are resumable;
-6. the new adapter is swapped into the policy worker in place, and the round is evaluated; `metrics.json` is
-   written last: a round without it is redone from the first step it has not finished.
+6. the new adapter is swapped into the policy worker in place, and the round is evaluated: win rates, the reward
+   model's held-out accuracy and calibration, and selective generation (the greedy answers' rewards as a filter:
+   risk–coverage and AURC against the oracle's `acceptable_reward` bar, thresholds calibrated on half the eval
+   prompts and reported on the other half). The round's reward model is saved servable (`reward_model/`: the
+   ensemble with its calibrated temperature, the OOD Gaussian and threshold, the risk table), and `metrics.json`
+   is written last: a round without it is redone from the first step it has not finished.
 
 Output folder: `metadata.json` (the settings a resume must agree with; budgets may grow), `pool.json`,
 `fixtures.json` (eval and held-out responses of the initial policy), `rounds/labels-<n>/{labels.jsonl, dpo/,
-reward_model.pt, metrics.json}`, and at the end `preferences.jsonl` (every preference, TRL's conversational
+reward_model/, metrics.json}`, and at the end `preferences.jsonl` (every preference, TRL's conversational
 format) and `summary.json` (settings and per-round metrics).
 """
 
@@ -65,7 +69,8 @@ class PromptCounts(BaseConfig):
     """How many of the task's prompts go to each disjoint set."""
 
     pool: int = Field(192, ge=1, description="Prompts whose response pairs the loop may ask about.")
-    eval: int = Field(48, ge=1, description="Prompts the trained policy answers for the win rate.")
+    eval: int = Field(48, ge=2, description="Prompts the trained policy answers for the win rate "
+                      "(half of them also calibrate selective generation, the other half report it).")
     heldout: int = Field(48, ge=2, description="Prompts whose oracle-labelled pairs measure the reward model.")
 
 
@@ -117,6 +122,9 @@ class ActivePreferenceConfig(PipelineConfig):
                                description="Labels asked for by the end of each round (increasing).")
     regenerate: bool = Field(False, description="Sample the pool again from the current policy every round.")
     eval_temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of the second win rate.")
+    acceptable_reward: float = Field(0.5, description="Selective generation: an answer whose gold reward is at least "
+                                     "this is acceptable (factual: the gold answer is in it; sentiment: clearly "
+                                     "positive).")
     labeler: Literal["oracle", "service"] = Field("oracle", description="Who labels: the task's programmatic "
                                                   "oracle, or people through the labeling service.")
     oracle: OracleSettings = Field(default_factory=OracleSettings, description="The oracle (it also judges the "
@@ -382,16 +390,22 @@ class Loop:
             return run_in_process(DPOTraining, data, plan, gpu_or_cpu(config.resources.train.use_gpu))
         return run_training(DPOTraining, data, plan, config.resources.train, round_dir)
 
-    def evaluate(self, fixtures: dict[str, Any], reward_model) -> dict[str, Any]:
-        """Step 6: win rates and gold rewards on the eval prompts; the reward model on the held-out pairs."""
+    def evaluate(self, fixtures: dict[str, Any], reward_model) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Step 6: win rates and gold rewards on the eval prompts; the reward model on the held-out pairs (accuracy,
+        calibration, the OOD threshold) and as a selective-generation filter on the greedy answers. Returns the
+        metrics and what the saved reward model carries (OOD threshold, risk table)."""
         import torch
 
         from trustray.core.align.calibration import expected_calibration_error
+        from trustray.core.align.selective import aurc, risk_coverage, threshold_for_risk
+        from trustray.core.align.uncertainty import GaussianFeatures
 
         config, prompts = self.config, self.prompts["eval"]
         metrics: dict[str, Any] = {}
+        greedy: list[str] = []
         for mode, temperature, seed in (("greedy", 0.0, 0), ("sampled", config.eval_temperature, 7)):
             answers = [rows[0]["text"] for rows in self.sample(prompts, 1, temperature, seed)]
+            greedy = greedy or answers
             ours = [self.oracle.reward(p, text) for p, text in zip(prompts, answers, strict=True)]
             initial = [self.oracle.reward(p, text) for p, text in zip(prompts, fixtures[f"eval_{mode}"], strict=True)]
             metrics[f"win_rate_{mode}"] = float(np.mean([1.0 if x > y else 0.5 if x == y else 0.0
@@ -399,8 +413,6 @@ class Loop:
             metrics[f"gold_reward_{mode}"] = float(np.mean(ours))
             metrics[f"initial_gold_reward_{mode}"] = float(np.mean(initial))
         heldout = [pair for pair in fixtures["heldout"] if pair["label"] in ("a", "b")]
-        if reward_model is None or not heldout:
-            return metrics
         heldout_prompts = self.prompts["heldout"]
         a, b = (self.call("features", self.conversations(heldout, heldout_prompts, side)) for side in ("a", "b"))
         outcome = torch.tensor([float(pair["label"] == "a") for pair in heldout])
@@ -412,7 +424,32 @@ class Loop:
         metrics["rm_temperature"] = reward_model.calibrate(a[calibration], b[calibration], outcome[calibration])
         after = reward_model.compare(a[test], b[test]).probability
         metrics["ece_after"] = expected_calibration_error(after, outcome[test])
-        return metrics
+        # OOD: the Gaussian of the responses the reward model was trained on; held-out responses set the threshold.
+        trained = torch.cat([self.call("features", self.conversations(self.preferences(), self.prompts["pool"], side))
+                             for side in ("a", "b")])
+        in_distribution = GaussianFeatures(trained)
+        ood_threshold = float(torch.quantile(in_distribution.distance(torch.cat([a, b])), 0.95))
+        # Selective generation: the greedy answers' rewards against the oracle's bar, calibrated on even prompts.
+        rewards = reward_model.rewards(self.call("features", [(p.messages(), text) for p, text
+                                                              in zip(prompts, greedy, strict=True)])).tolist()
+        acceptable = [self.oracle.reward(p, text) >= config.acceptable_reward for p, text
+                      in zip(prompts, greedy, strict=True)]
+        halves = {name: [i for i in range(len(prompts)) if i % 2 == parity] for parity, name in
+                  ((0, "calibration"), (1, "report"))}
+        table = risk_coverage([rewards[i] for i in halves["calibration"]], [acceptable[i] for i in halves["calibration"]])
+        report_scores = [rewards[i] for i in halves["report"]]
+        report_ok = [acceptable[i] for i in halves["report"]]
+        at_risk = []
+        for max_risk in (0.1, 0.2, 0.3):
+            threshold = threshold_for_risk(table, max_risk)
+            kept = [ok for score, ok in zip(report_scores, report_ok, strict=True) if score >= threshold]
+            at_risk.append({"max_risk": max_risk, "coverage": len(kept) / len(report_ok),
+                            "risk": (1 - sum(kept) / len(kept)) if kept else None})
+        metrics["selective"] = {"acceptable_share": float(np.mean(report_ok)),
+                                "aurc": aurc(report_scores, report_ok), "at_risk": at_risk}
+        return metrics, {"ood_threshold": ood_threshold, "in_distribution": in_distribution,
+                         "selective": {"table": table, "acceptable_reward": config.acceptable_reward,
+                                       "answers": len(halves["calibration"])}}
 
 
 class DPOTraining:
@@ -456,6 +493,7 @@ def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:
 
 def run(config: ActivePreferenceConfig) -> Path:
     """Run (or resume) the loop up to the last budget; returns the run's `summary.json`."""
+    from trustray.core.align.reward import save_reward_model
     from trustray.data.preferences import labelled_row, write_preferences
 
     out = prepare_output(config).resolve()
@@ -490,12 +528,17 @@ def run(config: ActivePreferenceConfig) -> Path:
         loop.adapter = loop.train_policy(round_dir)
         swap_seconds = loop.call("load_policy", str(loop.adapter))
         loop.loaded = loop.adapter
+        evaluation, saved = loop.evaluate(fixtures, reward_model)
+        save_reward_model(round_dir / "reward_model", reward_model, saved.pop("in_distribution"), {
+            "task": config.task, "base_model": config.chat.model,
+            "base_model_fingerprint": model_fingerprint(config.chat.model),
+            "pooling": config.reward_model.pooling, "max_length": config.dpo.max_length,
+            "preferences": len(loop.preferences()), **saved})
         metrics = {"labels": len(loop.labels), "preferences": len(loop.preferences()),
                    "acquired_by": sorted({row["acquired_by"] for row in new_labels}),
                    "generated_tokens": loop.generated_tokens(budget), "swap_seconds": round(swap_seconds, 3),
                    "dpo_steps": int(loop.adapter.name.split("-")[1]),
-                   "dpo": json.loads((loop.adapter / STEP_FILE).read_text())["history"][-1],
-                   **loop.evaluate(fixtures, reward_model)}
+                   "dpo": json.loads((loop.adapter / STEP_FILE).read_text())["history"][-1], **evaluation}
         metrics["seconds"] = round(time.perf_counter() - began, 1)
         atomic_write_text(metrics_file, json.dumps(metrics, indent=2))
         logger.info("round with %d labels: %s", budget, {k: v for k, v in metrics.items() if k != "dpo"})

@@ -84,6 +84,10 @@ class DeploymentsConfig(BaseConfig):
         default_factory=lambda: DeploymentOptions(resources=ActorResources(num_cpus=0.25), max_ongoing_requests=4),
         description="The replicas running the editor for POST /v1/edits (each holds a copy of the base model).",
     )
+    reward: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(resources=ActorResources(num_cpus=0.25), max_ongoing_requests=16),
+        description="The replicas hosting the reward model (each holds a copy of its frozen backbone).",
+    )
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=128),
         description="The FastAPI replicas parsing and validating HTTP requests.",
@@ -162,6 +166,16 @@ class EditServeConfig(BaseConfig):
         return self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
 
 
+class RewardServeConfig(BaseConfig):
+    """A reward model (`trustray run active_preference` writes one per round) behind /v1/rewards and selective
+    answers."""
+
+    model_dir: str = Field(..., description="A reward model folder, e.g. outputs/active_preference/cpu/rounds/"
+                           "labels-64/reward_model.")
+    refusal: str = Field("I am not confident enough in an answer to this.", min_length=1,
+                         description="What a selective request gets instead of an answer scored below the threshold.")
+
+
 class LimitsConfig(BaseConfig):
     """Bounds on what one HTTP request may ask for; beyond them the request gets a 4xx error."""
 
@@ -191,6 +205,8 @@ class ServeConfig(BaseConfig):
     chat: EngineConfig = Field(default_factory=EngineConfig, description="The chat model served and its engine.")
     rag: RagServeConfig | None = Field(None, description="Retrieval-augmented model; None serves chat only.")
     edits: EditServeConfig | None = Field(None, description="Edit sets and the /v1/edits API; None: disabled.")
+    reward: RewardServeConfig | None = Field(None, description="Reward model for /v1/rewards and `selective`; None: "
+                                             "disabled.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     batch_max_size: int = Field(
         8, ge=1, description="Most concurrent non-streaming requests the chat deployment generates in one call."

@@ -1,8 +1,8 @@
 """The Serve deployments hosting models, each a thin wrapper around a plain worker class of `trustray.actors`.
 
 `ChatDeployment` (an engine; concurrent non-streaming requests are batched), `RetrieverDeployment` (embedder +
-passage index), `CompressorDeployment` (the passage compressor) and `EditorDeployment` (makes edit sets for
-POST /v1/edits). Every call that touches a model runs on the deployment's one executor thread. Errors a request
+passage index), `CompressorDeployment` (the passage compressor), `EditorDeployment` (makes edit sets for
+POST /v1/edits) and `RewardDeployment` (a reward model for /v1/rewards and selective answers). Every call that touches a model runs on the deployment's one executor thread. Errors a request
 causes come back as `APIError` values rather than raised, so they cross the Ray boundary unchanged.
 """
 
@@ -23,6 +23,7 @@ from trustray.actors.chat import ChatModel, EditWeights, PromptRejected
 from trustray.actors.compressor import CompressorConfig, PassageCompressor
 from trustray.actors.editor import EditSetMaker
 from trustray.actors.retriever import Retriever
+from trustray.actors.reward import RewardScorer
 from trustray.core.rag.index import Passage
 from trustray.data.corpus import edit_train_texts
 from trustray.data.edits import default_locality_anchors, locality_probe_questions
@@ -243,3 +244,25 @@ class EditorDeployment:
             "metrics": metrics, "accepted_locality_loss": kept < threshold,
         }
         return self.store.finish(edit_id, EditSet(made.edit_set.deltas, metadata, scope=made.edit_set.scope))
+
+
+@serve.deployment
+class RewardDeployment:
+    """Hosts one `RewardScorer` (its own copy of the frozen backbone) for /v1/rewards and selective answers."""
+
+    def __init__(self, model_dir: str, torch_threads: int | None = None):
+        pin_torch_threads(torch_threads)
+        self.scorer = RewardScorer(model_dir)
+        self._executor = SerialExecutor("reward")
+
+    async def score(self, prompt: list[dict[str, str]], responses: list[str]) -> list[dict[str, Any]]:
+        return await self._executor.run(self.scorer.score, prompt, responses)
+
+    async def threshold(self, max_risk: float | None, threshold: float | None) -> float | APIError:
+        try:
+            return self.scorer.threshold(max_risk, threshold)
+        except ValueError as error:
+            return APIError(400, str(error), param="selective")
+
+    async def info(self) -> dict[str, Any]:
+        return {key: self.scorer.metadata.get(key) for key in ("task", "base_model", "pooling", "ood_threshold")}

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +32,13 @@ from trustray.models.engines import Completion, SamplingParams
 from trustray.models.engines import Request as EngineRequest
 from trustray.serve_apps.config import RagServeConfig, ServeConfig
 from trustray.serve_apps.edit_store import EditStore
-from trustray.serve_apps.schemas import APIError, ChatCompletionRequest, CompletionRequest, EditsRequest
+from trustray.serve_apps.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EditsRequest,
+    RewardsRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +90,7 @@ class _Reply:
         self.context_text: str | None = None
         self.compression: dict[str, Any] | None = None
         self.edit_id: str | None = None
+        self.selective: dict[str, Any] | None = None
 
     def choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
         if self.chat:
@@ -118,6 +126,8 @@ class _Reply:
             payload["sources"] = self.sources
         if self.compression is not None:
             payload["compression"] = self.compression
+        if self.selective is not None:
+            payload["selective"] = self.selective
         return payload
 
 
@@ -143,13 +153,15 @@ class OpenAIIngress:
     """HTTP front: validates requests, adds retrieved passages for the RAG model, calls the chat deployment."""
 
     def __init__(self, config: dict[str, Any], chat: DeploymentHandle, retriever: DeploymentHandle | None,
-                 editor: DeploymentHandle | None = None, compressor: DeploymentHandle | None = None):
+                 editor: DeploymentHandle | None = None, compressor: DeploymentHandle | None = None,
+                 reward: DeploymentHandle | None = None):
         self.config = ServeConfig.model_validate(config)
         self.limits = self.config.limits
         self.chat = chat
         self.retriever = retriever
         self.editor = editor
         self.compressor = compressor
+        self.reward = reward
         self.edit_store = EditStore(self.config.edits) if self.config.edits is not None else None
         self.created = int(time.time())
 
@@ -207,11 +219,27 @@ class OpenAIIngress:
             raise APIError(400, "messages must hold at least one message", param="messages")
         if len(body.messages) > self.limits.max_messages:
             raise APIError(400, f"at most {self.limits.max_messages} messages are accepted", param="messages")
+        if body.selective is not None:
+            if self.reward is None:
+                raise APIError(400, "selective answers need a reward model, and this server has none",
+                               param="selective")
+            if body.stream:
+                raise APIError(400, "selective answers cannot stream: the answer is scored before it is sent",
+                               param="selective")
         reply = _Reply(body, chat=True, model=body.model)
         reply.edit_id = edit_id
         messages = [message.as_engine_message() for message in body.messages]
         reply.engine_request = await self._augment(reply, messages) if rag else messages
         return await self._answer(reply)
+
+    @app.post("/v1/rewards")
+    async def rewards(self, request: Request) -> Any:
+        if self.reward is None:
+            raise APIError(404, "no reward model is configured on this server (ServeConfig.reward)", code="not_found")
+        body = await self._read(request, RewardsRequest)
+        scores = await self._await(self.reward.score.remote(body.messages(), body.responses))
+        return {"object": "list", "data": [{"object": "reward", "index": index, **score}
+                                           for index, score in enumerate(scores)]}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -338,7 +366,23 @@ class OpenAIIngress:
             self._context_tokens(reply),
         )
         usage = _usage(completion.prompt_tokens, completion.completion_tokens, context_tokens)
+        if getattr(reply.body, "selective", None) is not None:
+            completion = await self._select(reply, completion)
         return JSONResponse(reply.response(completion, usage))
+
+    async def _select(self, reply: _Reply, completion: Completion) -> Completion:
+        """Score the answer; below the threshold, the configured refusal replaces it (the scores say why)."""
+        options = reply.body.selective
+        threshold = await self._await(self.reward.threshold.remote(options.max_risk, options.threshold))
+        prompt = [message.as_engine_message() for message in reply.body.messages]
+        score = (await self._await(self.reward.score.remote(prompt, [completion.text])))[0]
+        abstained = not score["reward"] >= threshold
+        reply.selective = {"abstained": abstained, "threshold": threshold if math.isfinite(threshold) else None,
+                           **score, **({"max_risk": options.max_risk} if options.max_risk is not None else {})}
+        if not abstained:
+            return completion
+        return Completion(text=self.config.reward.refusal, prompt_tokens=completion.prompt_tokens,
+                          completion_tokens=completion.completion_tokens, finish_reason="stop")
 
     async def _answer_stream(self, reply: _Reply, sampling: SamplingParams) -> StreamingResponse:
         pieces = self._chat_handle(reply).options(stream=True).stream.remote(reply.engine_request, sampling, reply.edit_id)

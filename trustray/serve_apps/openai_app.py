@@ -1,8 +1,8 @@
 """OpenAI-compatible chat and RAG service on Ray Serve: building, starting and stopping the application.
 
 `build_app` binds the deployments of a `ServeConfig` into one application: the HTTP front (`ingress`), the chat
-model, and, when configured, the retriever, the passage compressor and the editor of `/v1/edits`
-(`deployments`). `run_app` starts it; `app_builder` is the entry point of Serve config files.
+model, and, when configured, the retriever, the passage compressor, the editor of `/v1/edits` and the reward model
+of `/v1/rewards` (`deployments`). `run_app` starts it; `app_builder` is the entry point of Serve config files.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from trustray.serve_apps.deployments import (
     CompressorDeployment,
     EditorDeployment,
     RetrieverDeployment,
+    RewardDeployment,
 )
 from trustray.serve_apps.ingress import OpenAIIngress
 
@@ -75,8 +76,14 @@ def build_app(config: ServeConfig) -> serve.Application:
             compressor = CompressorDeployment.options(**options.compressor.serve_options()).bind(
                 compressor_config.model_dump(), chat_config.model, options.compressor.resources.torch_threads
             )
+    reward = None
+    if config.reward is not None:
+        reward_dir = _local_path(config.reward.model_dir)
+        config = config.model_copy(update={"reward": config.reward.model_copy(update={"model_dir": reward_dir})})
+        reward = RewardDeployment.options(**options.reward.serve_options()).bind(
+            reward_dir, options.reward.resources.torch_threads)
     return OpenAIIngress.options(**options.ingress.serve_options()).bind(
-        config.model_dump(), chat, retriever, editor, compressor
+        config.model_dump(), chat, retriever, editor, compressor, reward
     )
 
 

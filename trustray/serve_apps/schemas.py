@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -104,8 +104,39 @@ class _SamplingRequest(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class SelectiveOptions(BaseModel):
+    """Ask for an abstention instead of a doubtful answer (needs the server's reward model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_risk: float | None = Field(None, ge=0, le=1, description="Largest acceptable share of bad answers among "
+                                   "those given; the reward threshold comes from the reward model's calibration.")
+    threshold: float | None = Field(None, description="Answer only when the reward model scores at least this.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SelectiveOptions:
+        if (self.max_risk is None) == (self.threshold is None):
+            raise ValueError("give exactly one of max_risk and threshold")
+        return self
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., description="The conversation so far.")
+    selective: SelectiveOptions | None = Field(None, description="trustray extension: abstain below a reward.")
+
+
+class RewardsRequest(BaseModel):
+    """Body of POST /v1/rewards: a prompt (text or chat messages) and the responses to score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[ChatMessage] = Field(..., description="The prompt the responses answer.")
+    responses: list[str] = Field(..., min_length=1, max_length=32, description="Responses to score.")
+
+    def messages(self) -> list[dict[str, str]]:
+        if isinstance(self.prompt, str):
+            return [{"role": "user", "content": self.prompt}]
+        return [message.as_engine_message() for message in self.prompt]
 
 
 class CompletionRequest(_SamplingRequest):

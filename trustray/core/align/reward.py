@@ -16,9 +16,13 @@ full-batch L-BFGS on the logistic loss with an L2 penalty: deterministic for a s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from trustray.core.align.uncertainty import GaussianFeatures
 
 
 @dataclass
@@ -118,3 +122,32 @@ class RewardEnsemble:
         self.temperature = float(state["temperature"])
         self.heads = int(self.weights.shape[0])
         return self
+
+
+REWARD_MODEL_KIND = "reward_model"
+STATE_FILE = "reward_model.pt"
+
+
+def save_reward_model(folder: str | Path, ensemble: RewardEnsemble, in_distribution: GaussianFeatures,
+                      metadata: dict[str, Any]) -> Path:
+    """A servable reward model: the ensemble, the Gaussian of its training features (the OOD score) and
+    `metadata.json` (base model and its fingerprint, pooling, OOD threshold, selective-generation table...),
+    written atomically."""
+    from trustray.artifacts import atomic_folder, write_metadata
+
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        torch.save({"ensemble": ensemble.state_dict(), "ood": in_distribution.state_dict()}, tmp / STATE_FILE)
+        write_metadata(tmp, {"kind": REWARD_MODEL_KIND, "heads": ensemble.heads,
+                             "temperature": ensemble.temperature, **metadata})
+    return folder
+
+
+def load_reward_model(folder: str | Path) -> tuple[RewardEnsemble, GaussianFeatures, dict[str, Any]]:
+    """What `save_reward_model` wrote: (ensemble, training-feature Gaussian, metadata)."""
+    from trustray.artifacts import read_artifact
+
+    metadata = read_artifact(folder, REWARD_MODEL_KIND, "reward model", ": run trustray run active_preference")
+    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    ensemble = RewardEnsemble(heads=metadata["heads"]).load_state_dict(state["ensemble"])
+    return ensemble, GaussianFeatures.from_state(state["ood"]), metadata

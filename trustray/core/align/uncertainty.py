@@ -38,6 +38,15 @@ class GaussianFeatures:
         centred = features.double() - self.mean
         return torch.einsum("nd,de,ne->n", centred, self.precision, centred)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "precision": self.precision}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> GaussianFeatures:
+        gaussian = cls.__new__(cls)
+        gaussian.mean, gaussian.precision = state["mean"], state["precision"]
+        return gaussian
+
 
 class MahalanobisOOD:
     """OOD score of features against a task's training features; `relative_to` generic-text features makes it

@@ -1,0 +1,91 @@
+"""/v1/rewards and selective answers, served from a reward model the preference loop saved (tiny model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pytest
+
+from trustray.config import load_config
+from trustray.data import preferences
+from trustray.serve_apps.config import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LengthOracle(preferences.Oracle):
+    """Gold reward = response length (the tiny model's answers are noise to the packaged oracles)."""
+
+    task: ClassVar[str] = "factual"
+
+    def reward(self, prompt, response: str) -> float:
+        return float(len(response))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    from trustray.pipelines.active_preference import ActivePreferenceConfig, run
+
+    folder = tmp_path_factory.mktemp("loop")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(preferences.ORACLES, "factual", LengthOracle)
+        config = load_config(ActivePreferenceConfig, ROOT / "configs/active_preference/tiny.yaml", [
+            f"chat.model={tiny_llama_dir}", f"output_dir={folder}", "resources.in_process=true", "budgets=[4]",
+            "acceptable_reward=10"])
+        run(config)
+    return folder / "rounds" / "labels-4" / "reward_model"
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tiny_llama_dir, reward_dir, free_port):
+    from trustray.serve_apps.openai_app import run_app, shutdown
+
+    config = load_config(ServeConfig, ROOT / "configs/serve/tiny.yaml", [
+        f"port={free_port}", f"chat.model={tiny_llama_dir}", "rag=null", f"reward={{model_dir: '{reward_dir}'}}",
+        "deployments.reward.resources.num_cpus=0.1"])
+    base = run_app(config)
+    yield base, config.model_name
+    shutdown()
+
+
+def test_rewards_endpoint_scores_like_the_scorer(url, reward_dir):
+    from trustray.actors.reward import RewardScorer
+
+    base, _ = url
+    responses = ["Paris.", "It is Paris, the capital of France, on the Seine."]
+    reply = httpx.post(f"{base}/v1/rewards", json={"prompt": "What is the capital of France?",
+                                                   "responses": responses}, timeout=60)
+    assert reply.status_code == 200
+    data = reply.json()["data"]
+    expected = RewardScorer(str(reward_dir)).score([{"role": "user", "content": "What is the capital of France?"}],
+                                                   responses)
+    for row, want in zip(data, expected, strict=True):
+        assert row["reward"] == pytest.approx(want["reward"], abs=1e-4)
+        assert row["uncertainty"] >= 0 and row["ood_score"] == pytest.approx(want["ood_score"], rel=1e-4)
+    bad = httpx.post(f"{base}/v1/rewards", json={"prompt": "x", "responses": []}, timeout=30)
+    assert bad.status_code == 400
+
+
+def test_selective_answers_abstain_below_the_threshold(url):
+    base, model = url
+    body = {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8, "temperature": 0}
+    answered = httpx.post(f"{base}/v1/chat/completions", json={**body, "selective": {"threshold": -1e9}}, timeout=60)
+    assert answered.status_code == 200 and answered.json()["selective"]["abstained"] is False
+    plain = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+    assert answered.json()["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "selective": {"threshold": 1e9}}, timeout=60)
+    payload = refused.json()
+    assert payload["selective"]["abstained"] is True and payload["selective"]["reward"] < 1e9
+    assert payload["choices"][0]["message"]["content"] == "I am not confident enough in an answer to this."
+    calibrated = httpx.post(f"{base}/v1/chat/completions", json={**body, "selective": {"max_risk": 0.5}}, timeout=60)
+    assert calibrated.status_code == 200 and calibrated.json()["selective"]["max_risk"] == 0.5
+    for wrong in ({"max_risk": 0.1, "threshold": 1.0}, {}, {"max_risk": 2}):
+        assert httpx.post(f"{base}/v1/chat/completions", json={**body, "selective": wrong}, timeout=30).status_code == 400
+    streamed = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": True, "selective": {"max_risk": 0.1}},
+                          timeout=30)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "selective"
