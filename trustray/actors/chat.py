@@ -106,28 +106,31 @@ class ChatModel:
             self.engine.revert_delta(edit[0])
 
     def generate_each(
-        self, requests: Sequence[Request], samplings: Sequence[SamplingParams], edits: Sequence[EditWeights | None]
+        self, requests: Sequence[Request], samplings: Sequence[SamplingParams], edits: Sequence[EditWeights | None],
+        adapters: Sequence[str | None] | None = None,
     ) -> list[Completion | PromptRejected]:
-        """Completions of requests that each bring their own sampling settings and edit set (one engine call per
-        distinct pair); a rejected prompt gets its `PromptRejected` in its place."""
+        """Completions of requests that each bring their own sampling settings, edit set and LoRA adapter (one
+        engine call per distinct triple); a rejected prompt gets its `PromptRejected` in its place."""
+        adapters = adapters or [None] * len(requests)
         results: list[Completion | PromptRejected | None] = [None] * len(requests)
-        groups: dict[tuple[str, str | None], list[int]] = {}
-        for row, (request, sampling, edit) in enumerate(zip(requests, samplings, edits, strict=True)):
+        groups: dict[tuple[str, str | None, str | None], list[int]] = {}
+        for row, (request, sampling, edit, adapter) in enumerate(zip(requests, samplings, edits, adapters,
+                                                                     strict=True)):
             try:
                 self.prompt_tokens(request)
             except PromptRejected as rejected:
                 results[row] = rejected
                 continue
-            groups.setdefault((sampling.model_dump_json(), edit[0] if edit else None), []).append(row)
-        for rows in groups.values():
+            groups.setdefault((sampling.model_dump_json(), edit[0] if edit else None, adapter), []).append(row)
+        for (_, _, adapter), rows in groups.items():
             with self.edited(edits[rows[0]]):
-                completions = self.engine.generate([requests[row] for row in rows], samplings[rows[0]])
+                completions = self.engine.generate([requests[row] for row in rows], samplings[rows[0]], adapter)
             for row, completion in zip(rows, completions, strict=True):
                 results[row] = completion
         return results
 
-    def stream_events(self, request: Request, sampling: SamplingParams,
-                      edit: EditWeights | None = None) -> Iterator[dict[str, Any] | str]:
+    def stream_events(self, request: Request, sampling: SamplingParams, edit: EditWeights | None = None,
+                      adapter: str | None = None) -> Iterator[dict[str, Any] | str]:
         """`{"prompt_tokens"}` first (or `PromptRejected`, raised before anything is yielded), then text pieces, then
         `{"completion_tokens", "finish_reason"}`. Read it to the end: the engine's generation thread uses the
         tokenizer until it finishes."""
@@ -135,7 +138,7 @@ class ChatModel:
         yield {"prompt_tokens": prompt_tokens}
         text = ""
         with self.edited(edit):
-            for piece in self.engine.stream(request, sampling):
+            for piece in self.engine.stream(request, sampling, adapter):
                 text += piece
                 yield piece
         completion_tokens = self.engine.count_tokens(text)

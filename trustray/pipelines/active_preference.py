@@ -100,6 +100,13 @@ class RewardModelSettings(BaseConfig):
     pooling: Literal["last", "mean"] = Field("mean", description="Feature pooling over the response.")
 
 
+class PublishSettings(BaseConfig):
+    """Where each round's policy adapter is published for the serving chat deployment (its `adapters.store_dir`)."""
+
+    store_dir: str = Field(..., description="The adapter store folder the Serve app reads.")
+    name: str = Field("aligned", description="The public model name the policy is served as.")
+
+
 class LoopResources(BaseConfig):
     """Where the loop's models run."""
 
@@ -133,6 +140,8 @@ class ActivePreferenceConfig(PipelineConfig):
     reward_model: RewardModelSettings = Field(default_factory=RewardModelSettings, description="The reward model.")
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO updates of the policy.")
     chat: EngineConfig = Field(default_factory=EngineConfig, description="The chat model (the initial policy).")
+    publish: PublishSettings | None = Field(None, description="Publish each round's policy to a serving app's "
+                                            "adapter store (hot-swapped there without a restart); None: do not.")
     resources: LoopResources = Field(default_factory=LoopResources, description="Resources.")
 
     @field_validator("acquisition")
@@ -487,7 +496,7 @@ class DPOTraining:
 def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:
     """What a resumed run must agree on: every setting but the budgets (a run may be extended) and resources."""
     settings = config.model_dump(mode="json", exclude={"budgets", "resources", "force", "name", "output_dir",
-                                                        "service"})
+                                                        "service", "publish"})
     return {"kind": "active_preference", "model_fingerprint": model_fingerprint(config.chat.model), **settings}
 
 
@@ -539,6 +548,11 @@ def run(config: ActivePreferenceConfig) -> Path:
                    "generated_tokens": loop.generated_tokens(budget), "swap_seconds": round(swap_seconds, 3),
                    "dpo_steps": int(loop.adapter.name.split("-")[1]),
                    "dpo": json.loads((loop.adapter / STEP_FILE).read_text())["history"][-1], **evaluation}
+        if config.publish is not None:
+            from trustray.data.adapter_store import publish
+
+            metrics["published"] = publish(config.publish.store_dir, config.publish.name, loop.adapter)
+            logger.info("published the policy as %r version %s", config.publish.name, metrics["published"])
         metrics["seconds"] = round(time.perf_counter() - began, 1)
         atomic_write_text(metrics_file, json.dumps(metrics, indent=2))
         logger.info("round with %d labels: %s", budget, {k: v for k, v in metrics.items() if k != "dpo"})

@@ -176,6 +176,14 @@ class RewardServeConfig(BaseConfig):
                          description="What a selective request gets instead of an answer scored below the threshold.")
 
 
+class AdapterServeConfig(BaseConfig):
+    """LoRA adapters published to a folder (`trustray.data.adapter_store`; the preference loop publishes its policy
+    there with `publish.store_dir`), each served as the model of its name. A newly published version is served
+    from the next request on, without a restart: each chat replica loads it when first asked for it."""
+
+    store_dir: str = Field(..., description="The adapter store folder (shared storage on a multi-node cluster).")
+
+
 class LimitsConfig(BaseConfig):
     """Bounds on what one HTTP request may ask for; beyond them the request gets a 4xx error."""
 
@@ -205,6 +213,8 @@ class ServeConfig(BaseConfig):
     chat: EngineConfig = Field(default_factory=EngineConfig, description="The chat model served and its engine.")
     rag: RagServeConfig | None = Field(None, description="Retrieval-augmented model; None serves chat only.")
     edits: EditServeConfig | None = Field(None, description="Edit sets and the /v1/edits API; None: disabled.")
+    adapters: AdapterServeConfig | None = Field(None, description="Published LoRA adapters served by name; None: "
+                                                "disabled.")
     reward: RewardServeConfig | None = Field(None, description="Reward model for /v1/rewards and `selective`; None: "
                                              "disabled.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")

@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 # Edit sets one chat replica keeps loaded (Serve model multiplexing routes an edit set's requests to a replica
 # that holds it; the least recently used is dropped beyond this).
 EDIT_SETS_PER_REPLICA = 8
+# Versions of one published adapter a chat replica keeps loaded: the newest, and the one before it for requests
+# that read the old pointer just before a swap.
+ADAPTER_VERSIONS_KEPT = 2
+# A published adapter as a request names it: ("<name>@<version>", its folder).
+AdapterRef = tuple[str, str]
 
 
 class SerialExecutor:
@@ -74,7 +79,8 @@ def _log_failure(task: asyncio.Future) -> None:
 @serve.deployment
 class ChatDeployment:
     """Hosts one `ChatModel`. Non-streaming requests are batched by `@serve.batch`; streaming requests run one at
-    a time. Requests naming an edit set run with its weights applied (loaded once per replica)."""
+    a time. Requests naming an edit set run with its weights applied (loaded once per replica); requests naming a
+    published adapter run with it (each version loaded once per replica, when first asked for: a hot swap)."""
 
     def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float,
                  edit_store_dir: str | None = None, torch_threads: int | None = None):
@@ -82,6 +88,7 @@ class ChatDeployment:
         config = EngineConfig.model_validate(engine_config)
         self.chat = ChatModel(config)
         self.edit_store_dir = Path(edit_store_dir) if edit_store_dir else None
+        self._adapter_versions: dict[str, list[str]] = {}  # name -> loaded "<name>@<version>" ids, oldest first
         self._executor = SerialExecutor("engine")
         self._generate_batch.set_max_batch_size(batch_max_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -99,22 +106,44 @@ class ChatDeployment:
     async def _edit(self, edit_id: str | None) -> EditWeights | None:
         return (edit_id, *await self.get_edit_set(edit_id)) if edit_id else None
 
-    async def generate(self, request: EngineRequest, sampling: SamplingParams,
-                       edit_id: str | None = None) -> Completion | APIError:
-        return await self._generate_batch(request, sampling, await self._edit(edit_id))
+    def _load_adapter(self, adapter: AdapterRef) -> None:
+        """Load a published adapter version unless this replica has it; drop versions beyond the kept ones."""
+        adapter_id, folder = adapter
+        name = adapter_id.split("@")[0]
+        versions = self._adapter_versions.setdefault(name, [])
+        if adapter_id in versions:
+            return
+        began = time.perf_counter()
+        self.chat.load_adapter(adapter_id, folder)
+        versions.append(adapter_id)
+        while len(versions) > ADAPTER_VERSIONS_KEPT:
+            self.chat.remove_adapter(versions.pop(0))
+        logger.info("adapter %s loaded in %.3f s", adapter_id, time.perf_counter() - began)
+
+    async def _adapter(self, adapter: AdapterRef | None) -> str | None:
+        if adapter is None:
+            return None
+        await self._executor.run(self._load_adapter, adapter)
+        return adapter[0]
+
+    async def generate(self, request: EngineRequest, sampling: SamplingParams, edit_id: str | None = None,
+                       adapter: AdapterRef | None = None) -> Completion | APIError:
+        return await self._generate_batch(request, sampling, await self._edit(edit_id), await self._adapter(adapter))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batch(
-        self, requests: list[EngineRequest], samplings: list[SamplingParams], edits: list[EditWeights | None]
+        self, requests: list[EngineRequest], samplings: list[SamplingParams], edits: list[EditWeights | None],
+        adapters: list[str | None],
     ) -> list[Completion | APIError]:
-        results = await self._executor.run(self.chat.generate_each, requests, samplings, edits)
+        results = await self._executor.run(self.chat.generate_each, requests, samplings, edits, adapters)
         return [rejected(result) if isinstance(result, PromptRejected) else result for result in results]
 
-    async def stream(self, request: EngineRequest, sampling: SamplingParams,
-                     edit_id: str | None = None) -> AsyncIterator[Any]:
+    async def stream(self, request: EngineRequest, sampling: SamplingParams, edit_id: str | None = None,
+                     adapter: AdapterRef | None = None) -> AsyncIterator[Any]:
         """Yield `{"prompt_tokens"}` (or an `APIError`) first, then text pieces, then
         `{"completion_tokens", "finish_reason"}`."""
         edit = await self._edit(edit_id)
+        adapter_id = await self._adapter(adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -127,7 +156,7 @@ class ChatDeployment:
             try:
                 # Read to the end even after the client left: the engine's generation thread keeps using the
                 # tokenizer until it finishes, and nothing else may use it meanwhile (see SerialExecutor).
-                for item in self.chat.stream_events(request, sampling, edit):
+                for item in self.chat.stream_events(request, sampling, edit, adapter_id):
                     if not cancelled.is_set():
                         put(item)
             except PromptRejected as error:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trustray.core.rag.index import Passage
 from trustray.core.rag.prompting import format_passages, rag_messages
+from trustray.data import adapter_store
 from trustray.models.engines import Completion, SamplingParams
 from trustray.models.engines import Request as EngineRequest
 from trustray.serve_apps.config import RagServeConfig, ServeConfig
@@ -91,6 +92,7 @@ class _Reply:
         self.compression: dict[str, Any] | None = None
         self.edit_id: str | None = None
         self.selective: dict[str, Any] | None = None
+        self.adapter: tuple[str, str] | None = None  # ("<name>@<version>", folder) of a published adapter
 
     def choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
         if self.chat:
@@ -128,6 +130,8 @@ class _Reply:
             payload["compression"] = self.compression
         if self.selective is not None:
             payload["selective"] = self.selective
+        if self.adapter is not None:  # which version of a hot-swapped adapter answered
+            payload["system_fingerprint"] = self.adapter[0]
         return payload
 
 
@@ -174,6 +178,8 @@ class OpenAIIngress:
         names = self.config.served_names()
         if self.edit_store is not None:
             names += [self.edit_store.model_name(edit_id) for edit_id in self.edit_store.finished_ids()]
+        if self.config.adapters is not None:
+            names += adapter_store.names(self.config.adapters.store_dir)
         return {
             "object": "list",
             "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "trustray"} for name in names],
@@ -214,7 +220,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         body = await self._read(request, ChatCompletionRequest)
-        rag, edit_id = self._route(body.model)
+        rag, edit_id, adapter = self._route(body.model)
         if not body.messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
         if len(body.messages) > self.limits.max_messages:
@@ -227,7 +233,7 @@ class OpenAIIngress:
                 raise APIError(400, "selective answers cannot stream: the answer is scored before it is sent",
                                param="selective")
         reply = _Reply(body, chat=True, model=body.model)
-        reply.edit_id = edit_id
+        reply.edit_id, reply.adapter = edit_id, adapter
         messages = [message.as_engine_message() for message in body.messages]
         reply.engine_request = await self._augment(reply, messages) if rag else messages
         return await self._answer(reply)
@@ -244,13 +250,13 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         body = await self._read(request, CompletionRequest)
-        rag, edit_id = self._route(body.model)
+        rag, edit_id, adapter = self._route(body.model)
         if rag:
             raise APIError(
                 400, "the RAG model answers chat requests only: use /v1/chat/completions", param="model"
             )
         reply = _Reply(body, chat=False, model=body.model)
-        reply.edit_id = edit_id
+        reply.edit_id, reply.adapter = edit_id, adapter
         reply.engine_request = body.prompt_text()
         return await self._answer(reply)
 
@@ -283,15 +289,20 @@ class OpenAIIngress:
         except ValidationError as error:
             raise RequestValidationError(error.errors(include_url=False)) from None
 
-    def _route(self, model: str) -> tuple[bool, str | None]:
-        """(whether the model retrieves, the edit set it names or None); 404 for an unknown model."""
+    def _route(self, model: str) -> tuple[bool, str | None, tuple[str, str] | None]:
+        """(whether the model retrieves, the edit set it names or None, the published adapter it names or None:
+        ("<name>@<version>", folder), read from the adapter store on every request so a new version is served
+        from the next request on); 404 for an unknown model."""
         if model == self.config.model_name:
-            return False, None
+            return False, None, None
         if self.config.rag is not None and model == self.config.rag.model_name:
-            return True, None
+            return True, None, None
         edit_id = self.edit_store.edit_id_of(model) if self.edit_store is not None else None
         if edit_id is not None:
-            return False, edit_id
+            return False, edit_id, None
+        published = adapter_store.current(self.config.adapters.store_dir, model) if self.config.adapters else None
+        if published is not None:
+            return False, None, (f"{model}@{published[0]}", str(published[1]))
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
     def _chat_handle(self, reply: _Reply) -> DeploymentHandle:
@@ -362,7 +373,8 @@ class OpenAIIngress:
         if reply.body.stream:
             return await self._answer_stream(reply, sampling)
         completion, context_tokens = await asyncio.gather(
-            self._await(self._chat_handle(reply).generate.remote(reply.engine_request, sampling, reply.edit_id)),
+            self._await(self._chat_handle(reply).generate.remote(
+                reply.engine_request, sampling, reply.edit_id, reply.adapter)),
             self._context_tokens(reply),
         )
         usage = _usage(completion.prompt_tokens, completion.completion_tokens, context_tokens)
@@ -385,7 +397,8 @@ class OpenAIIngress:
                           completion_tokens=completion.completion_tokens, finish_reason="stop")
 
     async def _answer_stream(self, reply: _Reply, sampling: SamplingParams) -> StreamingResponse:
-        pieces = self._chat_handle(reply).options(stream=True).stream.remote(reply.engine_request, sampling, reply.edit_id)
+        pieces = self._chat_handle(reply).options(stream=True).stream.remote(reply.engine_request, sampling, reply.edit_id,
+                                                                                   reply.adapter)
         # The first item settles validation (prompt length), so a bad request still gets a plain 4xx.
         try:
             head = await self._await(pieces.__anext__())

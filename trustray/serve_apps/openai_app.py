@@ -76,6 +76,9 @@ def build_app(config: ServeConfig) -> serve.Application:
             compressor = CompressorDeployment.options(**options.compressor.serve_options()).bind(
                 compressor_config.model_dump(), chat_config.model, options.compressor.resources.torch_threads
             )
+    if config.adapters is not None:
+        store = str(Path(config.adapters.store_dir).expanduser().resolve())
+        config = config.model_copy(update={"adapters": config.adapters.model_copy(update={"store_dir": store})})
     reward = None
     if config.reward is not None:
         reward_dir = _local_path(config.reward.model_dir)
