@@ -41,9 +41,12 @@ SHARED = ("pool.json", "fixtures.json")
 logger = logging.getLogger("active_preference")
 
 
-def run_one(task: str, acquisition: str, seed: int) -> tuple[dict, float]:
-    """One pipeline run (resumed or read back); its summary and the seconds this call spent."""
+def run_one(task: str, acquisition: str, seed: int, collect: bool) -> tuple[dict | None, float]:
+    """One pipeline run (resumed or read back); its summary and the seconds this call spent. With `collect`, only
+    a finished run is read back (None otherwise) and nothing is computed."""
     folder = RUNS / f"{task}-seed{seed}" / acquisition
+    if collect:
+        return (json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else None), 0.0
     config = load_config(ActivePreferenceConfig, CONFIG, [
         f"task={task}", f"acquisition={acquisition}", f"seed={seed}", f"output_dir={folder}",
         "resources.in_process=true"])
@@ -58,10 +61,10 @@ def run_one(task: str, acquisition: str, seed: int) -> tuple[dict, float]:
     return summary, time.perf_counter() - began
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float | None]:
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, float("nan")
+        return mean, None
     variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(variance / len(values))
 
@@ -76,7 +79,7 @@ def aggregate(curves: list[dict]) -> list[dict]:
         entry = {"task": task, "acquisition": acquisition, "labels": labels, "seeds": len(rows)}
         for key in ("win_rate", "win_rate_sampled", "gold_reward", "rm_accuracy", "ece_before", "ece_after"):
             mean, se = mean_se([row[key] for row in rows])
-            entry[key], entry[f"{key}_se"] = round(mean, 4), round(se, 4)
+            entry[key], entry[f"{key}_se"] = round(mean, 4), None if se is None else round(se, 4)
         table.append(entry)
     return table
 
@@ -95,6 +98,46 @@ def labels_to_match(table: list[dict], task: str) -> list[dict]:
     return matches
 
 
+def selective_summary(curves: list[dict]) -> list[dict]:
+    """Per task, at the largest budget: the mean AURC of the reward model filtering the policy's greedy answers,
+    and the mean coverage and risk at each calibrated max_risk (runs that recorded it)."""
+    summary = []
+    for task in sorted({row["task"] for row in curves}):
+        rows = [row for row in curves if row["task"] == task and row["selective"]]
+        if not rows:
+            continue
+        final = max(row["labels"] for row in rows)
+        rows = [row for row in rows if row["labels"] == final]
+        entry = {"task": task, "labels": final, "runs": len(rows),
+                 "aurc": round(sum(row["selective"]["aurc"] for row in rows) / len(rows), 4),
+                 "acceptable_share": round(sum(row["selective"]["acceptable_share"] for row in rows) / len(rows), 4),
+                 "at_risk": []}
+        for index, target in enumerate(rows[0]["selective"]["at_risk"]):
+            points = [row["selective"]["at_risk"][index] for row in rows]
+            risks = [point["risk"] for point in points if point["risk"] is not None]
+            entry["at_risk"].append({"max_risk": target["max_risk"],
+                                     "coverage": round(sum(p["coverage"] for p in points) / len(points), 4),
+                                     "risk": round(sum(risks) / len(risks), 4) if risks else None})
+        summary.append(entry)
+    return summary
+
+
+def other_results() -> dict:
+    """The issue's other measurements, from their own results files: held-out-topic OOD AUROC
+    (reward_uncertainty.json) and the adapter hot swap (hot_swap.json), when present."""
+    found = {}
+    uncertainty = RESULTS / "reward_uncertainty.json"
+    if uncertainty.is_file():
+        found["ood"] = [{"task": task["task"], "auroc": task["ood_auroc"]["mahalanobis"], "topic": task["ood_topic"],
+                         "source": "reward_uncertainty.json"} for task in json.loads(uncertainty.read_text())["tasks"]]
+    swap = RESULTS / "hot_swap.json"
+    if swap.is_file():
+        data = json.loads(swap.read_text())
+        found["hot_swap"] = {key: data.get(key) for key in ("seconds", "requests", "failed_requests",
+                                                            "load_adapter_s", "publish_to_first_new_answer_s")}
+    return found
+
+
 def plot(table: list[dict], machine: dict, path: Path) -> None:
     import matplotlib
 
@@ -109,7 +152,7 @@ def plot(table: list[dict], machine: dict, path: Path) -> None:
                           key=lambda r: r["labels"])
             if rows:
                 axis.errorbar([r["labels"] for r in rows], [r["win_rate"] for r in rows],
-                              yerr=[0 if math.isnan(r["win_rate_se"]) else r["win_rate_se"] for r in rows],
+                              yerr=[r["win_rate_se"] or 0 for r in rows],
                               marker="o", capsize=3, label=acquisition,
                               linewidth=2.5 if acquisition == "random" else 1.2)
         axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
@@ -126,6 +169,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["sentiment", "factual"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--acquisitions", nargs="+", default=ACQUISITIONS)
+    parser.add_argument("--collect", action="store_true", help="only gather the finished runs into the results")
     args = parser.parse_args()
     apply_offline_defaults()
     setup_logging()
@@ -136,8 +180,12 @@ def main() -> None:
     config = load_config(ActivePreferenceConfig, CONFIG)
     curves, calibration, seconds = [], [], 0.0
     runs = [(task, seed, acquisition) for seed in args.seeds for task in args.tasks for acquisition in acquisitions]
-    for done, (task, seed, acquisition) in enumerate(runs, start=1):
-        summary, spent = run_one(task, acquisition, seed)
+    done = 0
+    for task, seed, acquisition in runs:
+        summary, spent = run_one(task, acquisition, seed, args.collect)
+        if summary is None:
+            continue
+        done += 1
         seconds += spent
         for metrics in summary["rounds"]:
             curves.append({"task": task, "acquisition": acquisition, "labels": metrics["labels"], "seed": seed,
@@ -146,7 +194,8 @@ def main() -> None:
                            "initial_gold_reward": metrics["initial_gold_reward_greedy"],
                            "rm_accuracy": metrics["rm_accuracy"], "ece_before": metrics["ece_before"],
                            "ece_after": metrics["ece_after"], "generated_tokens": metrics["generated_tokens"],
-                           "acquired_by": metrics["acquired_by"], "round_seconds": metrics["seconds"]})
+                           "acquired_by": metrics["acquired_by"], "round_seconds": metrics["seconds"],
+                           "selective": metrics.get("selective")})
         final = summary["rounds"][-1]
         calibration.append({"task": task, "acquisition": acquisition, "seed": seed, "labels": final["labels"],
                             "ece_before": final["ece_before"], "ece_after": final["ece_after"]})
@@ -155,13 +204,15 @@ def main() -> None:
             "machine": machine, "complete": done == len(runs), "config": str(CONFIG.relative_to(ROOT)),
             "settings": config.model_dump(mode="json", include={"prompts", "samples_per_prompt", "max_tokens",
                                                                 "budgets", "oracle", "reward_model", "dpo"}),
-            "seeds": args.seeds, "runs": done, "seconds_this_invocation": round(seconds, 1),
+            "seeds": args.seeds, "runs": done, "planned_runs": len(runs), "seconds_this_invocation": round(seconds, 1),
             "curves": curves, "table": table, "calibration": calibration,
             "labels_to_match_random": [m for task_name in args.tasks if any(r["task"] == task_name for r in table)
                                        for m in labels_to_match(table, task_name)],
+            "selective_generation_serving": selective_summary(curves),
+            **other_results(),
         }
         atomic_write_text(RESULTS / "active_preference.json", json.dumps(result, indent=2) + "\n")
-        logger.info("run %d/%d done (%s, %s, seed %d) in %.0f s", done, len(runs), task, acquisition, seed, spent)
+        logger.info("run %d of %d done (%s, %s, seed %d) in %.0f s", done, len(runs), task, acquisition, seed, spent)
     plot(aggregate(curves), machine, RESULTS / "active_preference.png")
 
 

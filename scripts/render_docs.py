@@ -405,8 +405,36 @@ def table_serve_overhead(report: dict[str, Any]) -> str:
     return markdown_table(["path", "concurrency", "p50 ms", "p95 ms", "requests/s"], rows)
 
 
+def table_active_preference(report: dict[str, Any], task: str) -> str:
+    """Per acquisition function (random first), the greedy win rate ± s.e. at each label budget, then the reward
+    model's held-out accuracy and ECE after scaling at the largest budget, and the seeds averaged there."""
+    rows = [row for row in report["table"] if row["task"] == task]
+    if not rows:
+        return f"(no finished run of the {task} task yet)"
+    budgets = sorted({row["labels"] for row in rows})
+    acquisitions = sorted({row["acquisition"] for row in rows}, key=lambda name: (name != "random", name))
+
+    def cell(row: dict[str, Any] | None, key: str) -> str:
+        if row is None:
+            return "–"
+        error = row.get(f"{key}_se")
+        spread = "" if error is None else f" ± {fmt(error, 'f2')}"
+        return fmt(row[key], "f2") + spread
+
+    table = []
+    for acquisition in acquisitions:
+        by_budget = {row["labels"]: row for row in rows if row["acquisition"] == acquisition}
+        last = by_budget.get(budgets[-1])
+        table.append([f"`{acquisition}`"] + [cell(by_budget.get(b), "win_rate") for b in budgets]
+                     + [cell(last, "rm_accuracy"), cell(last, "ece_after"), str(last["seeds"]) if last else "–"])
+    head = ["acquisition"] + [f"win rate @ {b}" for b in budgets] + [f"RM accuracy @ {budgets[-1]}",
+                                                                      f"ECE after @ {budgets[-1]}", "seeds"]
+    return markdown_table(head, table)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
+    "active_preference": table_active_preference,
     "edit_scaling": table_edit_scaling,
     "served_edit_locality": table_served_edit_locality,
     "served_edit_tuning": table_served_edit_tuning,

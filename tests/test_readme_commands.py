@@ -129,6 +129,15 @@ def run_trustray(argv: list[str], monkeypatch) -> None:
         assert cli.main(argv) == 0
         check_config(stubbed, ServeConfig, "serve", argv[1:])
         return
+    if command == "label":
+        from trustray.serve_apps import labeling
+
+        monkeypatch.setattr(labeling, "run_app", stubbed.record("http://127.0.0.1:8000/v1/labels/"))
+        monkeypatch.setattr(labeling, "shutdown", lambda: None)
+        monkeypatch.setattr(cli, "wait_until_interrupted", lambda message: None)
+        assert cli.main(argv) == 0
+        check_config(stubbed, labeling.LabelingConfig, "labeling", argv[1:])
+        return
     if command in ("run", "eval"):
         assert len(argv) > 1, f"trustray {command} needs a name"
         name = argv[1] if command == "run" else pipelines.EVALUATIONS[argv[1]]

@@ -68,24 +68,24 @@ def cmd_label(args: argparse.Namespace) -> int:
     from trustray.serve_apps.labeling import LabelingConfig, run_app, shutdown
 
     url = run_app(load_config(LabelingConfig, args.config, args.overrides))
-    print(f"labeling page at {url} (Ctrl-C stops)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        wait_until_interrupted(f"labeling page at {url}")
     finally:
         shutdown()
     return 0
 
 
-def serve_until_interrupted(url: str) -> None:
-    print(f"serving the OpenAI-compatible API at {url}/v1 (Ctrl-C stops)", flush=True)
+def wait_until_interrupted(message: str) -> None:
+    print(f"{message} (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+
+
+def serve_until_interrupted(url: str) -> None:
+    wait_until_interrupted(f"serving the OpenAI-compatible API at {url}/v1")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
