@@ -62,12 +62,13 @@ def test_concurrent_duplicate_submissions_store_one_label(tmp_path):
     assert store.counts()["labels"] == 1
 
 
-@pytest.fixture
-def service(ray_local, tmp_path, free_port):
+@pytest.fixture(scope="module")
+def service(ray_local, tmp_path_factory, free_port):
+    """One service for the module's tests (starting Serve costs more than the tests)."""
     from trustray.serve_apps.labeling import LabelingConfig, run_app, shutdown
 
-    config = LabelingConfig(port=free_port, db=str(tmp_path / "labels.sqlite"), labelers={"ann": LABELER_KEY},
-                            labelers_env=None, admin_key=ADMIN_KEY)
+    config = LabelingConfig(port=free_port, db=str(tmp_path_factory.mktemp("labels") / "labels.sqlite"),
+                            labelers={"ann": LABELER_KEY}, labelers_env=None, admin_key=ADMIN_KEY)
     url = run_app(config)
     yield url, config
     shutdown()
@@ -118,7 +119,9 @@ def test_page_in_headless_chromium_across_a_restart(service):
         pytest.fail("chromium and chromium-driver are needed: run scripts/setup.sh (it installs them)")
     url, config = service
     store = LabelStore(config.db)
-    store.add_items(ITEMS[:2])
+    for shown in iter(lambda: store.next_item("bob"), None):  # what other tests left unlabelled
+        store.submit(shown.item_id, "bob", "skip", f"drain-{shown.item_id}")
+    store.add_items([{**item, "id": f"web-{item['id']}"} for item in ITEMS[:2]])
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
@@ -139,5 +142,5 @@ def test_page_in_headless_chromium_across_a_restart(service):
     finally:
         driver.quit()
     labels = LabelStore(config.db).labels()
-    assert labels["pair-1"] == "tie"
-    assert labels["pair-0"] == ("a" if first_shown == "answer a0" else "b")
+    assert labels["web-pair-1"] == "tie"
+    assert labels["web-pair-0"] == ("a" if first_shown == "answer a0" else "b")
