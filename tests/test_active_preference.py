@@ -46,7 +46,7 @@ def _config(tiny_llama_dir: str, folder: Path, *overrides: str) -> ActivePrefere
                                                         "resources.in_process=true", *overrides])
 
 
-@pytest.mark.parametrize("acquisition", ["hybrid", "ensemble", "ood"])
+@pytest.mark.parametrize("acquisition", ["ensemble", "ood"])  # hybrid, the preset's, runs in the tests below
 def test_every_round_trains_evaluates_and_records(tiny_llama_dir, tmp_path, acquisition):
     summary = json.loads(active_preference.run(_config(tiny_llama_dir, tmp_path, f"acquisition={acquisition}"))
                          .read_text())
@@ -156,3 +156,14 @@ def test_unanswered_pairs_time_out_as_skips(tiny_llama_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "rounds" / "labels-3" / "labels.jsonl").read_text()
             .splitlines()]
     assert [row["label"] for row in rows] == ["skip"] * 3 and all(row["timed_out"] for row in rows)
+
+
+def test_a_probe_gives_full_responses_to_the_most_uncertain_prompts_only(tiny_llama_dir, tmp_path):
+    summary = json.loads(active_preference.run(_config(
+        tiny_llama_dir, tmp_path, "budgets=[3]", "probe={samples: 2, tokens: 3, keep: 0.5}")).read_text())
+    probe = json.loads((tmp_path / "pool.probe.json").read_text())
+    pool = json.loads((tmp_path / "pool.json").read_text())
+    assert len(probe["kept_prompts"]) == 4  # half of the 8 pool prompts
+    assert {pair["prompt_index"] for pair in pool} == set(probe["kept_prompts"])
+    assert 0 < probe["tokens"] <= 8 * 2 * 3
+    assert summary["rounds"][0]["generated_tokens"] == probe["tokens"] + sum(pair["tokens"] for pair in pool)

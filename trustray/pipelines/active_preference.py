@@ -14,7 +14,10 @@ The task's prompts (`trustray.data.preferences`) are split by the seed into thre
 
 One round per entry of `budgets` (the number of labels asked for so far; ties and skips count, they were asked):
 1. candidates: the pool's pairs not asked about yet (sampled once from the initial policy; with `regenerate`,
-   sampled again from the current policy every round);
+   sampled again from the current policy every round). With `probe` (selective generation), every pool prompt
+   first gets a few short sampled prefixes, whose per-token log-probabilities under the policy estimate its
+   predictive entropy, and only the `probe.keep` share of prompts with the highest entropy get full responses:
+   fewer generated tokens for the same labels;
 2. the statistics the acquisition function needs (`trustray.core.align.acquisition`), computed by the policy
    worker and the reward model: the policy's predictive entropy of each prompt (from its sampled responses'
    log-probabilities under the current policy), DPO's implicit reward margin, the reward ensemble's disagreement,
@@ -107,6 +110,15 @@ class PublishSettings(BaseConfig):
     name: str = Field("aligned", description="The public model name the policy is served as.")
 
 
+class ProbeSettings(BaseConfig):
+    """Selective generation on the acquisition side: short sampled prefixes of every pool prompt estimate the
+    policy's predictive entropy, and only the most uncertain prompts get full response pairs."""
+
+    samples: int = Field(4, ge=2, description="Prefixes sampled per prompt.")
+    tokens: int = Field(6, ge=1, description="Tokens per prefix.")
+    keep: float = Field(0.5, gt=0, le=1, description="Share of the pool prompts that get full responses.")
+
+
 class LoopResources(BaseConfig):
     """Where the loop's models run."""
 
@@ -128,6 +140,8 @@ class ActivePreferenceConfig(PipelineConfig):
     budgets: list[int] = Field(default_factory=lambda: [32, 64, 128],
                                description="Labels asked for by the end of each round (increasing).")
     regenerate: bool = Field(False, description="Sample the pool again from the current policy every round.")
+    probe: ProbeSettings | None = Field(None, description="Probe the pool prompts before sampling full responses "
+                                        "(selective generation); None: every pool prompt gets full responses.")
     eval_temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of the second win rate.")
     acceptable_reward: float = Field(0.5, description="Selective generation: an answer whose gold reward is at least "
                                      "this is acceptable (factual: the gold answer is in it; sentiment: clearly "
@@ -216,8 +230,10 @@ class Loop:
 
         return ray.get(getattr(self.worker, method).remote(*args))
 
-    def sample(self, prompts: list, samples: int, temperature: float, seed: int) -> list[list[dict[str, Any]]]:
-        return self.call("sample", [p.messages() for p in prompts], samples, self.config.max_tokens, temperature, seed)
+    def sample(self, prompts: list, samples: int, temperature: float, seed: int,
+               max_tokens: int | None = None) -> list[list[dict[str, Any]]]:
+        return self.call("sample", [p.messages() for p in prompts], samples, max_tokens or self.config.max_tokens,
+                         temperature, seed)
 
     def conversations(self, pairs: list[dict[str, Any]], prompts: list, side: str) -> list[tuple]:
         return [(prompts[pair["prompt_index"]].messages(), pair[side]) for pair in pairs]
@@ -234,26 +250,45 @@ class Loop:
 
     def pool_pairs(self, round_dir: Path) -> list[dict[str, Any]]:
         """The candidate pairs of a round: sampled once from the initial policy (`pool.json`), or with `regenerate`
-        from the current policy in every round after the first (`candidates.json`)."""
-        config = self.config
+        from the current policy in every round after the first (`candidates.json`). With `probe`, only the prompts
+        the probe finds most uncertain get full responses (`<file>.probe.json` records it)."""
+        path = (round_dir / "candidates.json" if self.config.regenerate and self.adapter is not None
+                else self.out / "pool.json")
+        if not path.is_file():
+            atomic_write_text(path, json.dumps(self.sample_candidates(path.with_suffix(".probe.json"))))
+        return json.loads(path.read_text())
 
-        def make() -> list[dict[str, Any]]:
-            responses = self.sample(self.prompts["pool"], config.samples_per_prompt, 1.0,
-                                    config.seed * 1000 + len(self.labels))
-            return [pair for index, rows in enumerate(responses) for pair in paired(index, rows)]
-
-        if config.regenerate and self.adapter is not None:
-            path = round_dir / "candidates.json"
-            if not path.is_file():
-                atomic_write_text(path, json.dumps(make()))
-            return json.loads(path.read_text())
-        return self.cached("pool", make)
+    def sample_candidates(self, probe_file: Path) -> list[dict[str, Any]]:
+        """Sample the pool prompts' responses and pair them; a probe first picks which prompts (module docstring)."""
+        config, prompts = self.config, self.prompts["pool"]
+        seed = config.seed * 1000 + len(self.labels)
+        chosen = list(range(len(prompts)))
+        if config.probe is not None:
+            probe = config.probe
+            prefixes = self.sample(prompts, probe.samples, 1.0, seed + 777, max_tokens=probe.tokens)
+            conversations = [(prompts[i].messages(), row["text"]) for i, rows in enumerate(prefixes) for row in rows]
+            scored = self.call("logprobs", conversations, True)
+            per_token = np.array(scored["logprobs"]) / np.maximum(np.array(scored["lengths"]), 1)
+            entropy = -per_token.reshape(len(prompts), probe.samples).mean(axis=1)
+            keep = max(1, math.ceil(probe.keep * len(prompts)))
+            chosen = sorted(np.argsort(-entropy, kind="stable")[:keep].tolist())
+            atomic_write_text(probe_file, json.dumps({
+                "tokens": sum(row["tokens"] for rows in prefixes for row in rows), "kept_prompts": chosen}))
+        responses = self.sample([prompts[i] for i in chosen], config.samples_per_prompt, 1.0, seed)
+        return [pair for index, rows in zip(chosen, responses, strict=True) for pair in paired(index, rows)]
 
     def generated_tokens(self, last_budget: int) -> int:
-        """Tokens generated for candidates up to the round of `last_budget` (the pool, plus regenerated ones)."""
+        """Tokens generated for candidates up to the round of `last_budget`: the pool, regenerated candidates and
+        the probes' prefixes."""
         files = [self.out / "pool.json"] + [self.out / "rounds" / f"labels-{budget}" / "candidates.json"
                                             for budget in self.config.budgets if budget <= last_budget]
-        return sum(pair["tokens"] for path in files if path.is_file() for pair in json.loads(path.read_text()))
+        total = 0
+        for path in files:
+            if path.is_file():
+                total += sum(pair["tokens"] for pair in json.loads(path.read_text()))
+                probe = path.with_suffix(".probe.json")
+                total += json.loads(probe.read_text())["tokens"] if probe.is_file() else 0
+        return total
 
     def ensure_policy(self) -> None:
         """The worker's policy is the newest adapter (after a resume it may still be the initial policy)."""
@@ -494,9 +529,11 @@ class DPOTraining:
 
 
 def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:
-    """What a resumed run must agree on: every setting but the budgets (a run may be extended) and resources."""
-    settings = config.model_dump(mode="json", exclude={"budgets", "resources", "force", "name", "output_dir",
-                                                        "service", "publish"})
+    """What a resumed run must agree on: every setting but the budgets (a run may be extended), resources and where
+    labels and policies go; settings left unset (None) are not recorded, so a run made before an optional setting
+    existed still resumes."""
+    settings = config.model_dump(mode="json", exclude_none=True, exclude={
+        "budgets", "resources", "force", "name", "output_dir", "service", "publish"})
     return {"kind": "active_preference", "model_fingerprint": model_fingerprint(config.chat.model), **settings}
 
 
