@@ -55,8 +55,10 @@ def test_every_preset_validates_against_its_pipeline_config(folder):
     from trustray.config import load_config
     from trustray.pipelines import load_pipeline
     from trustray.serve_apps.config import ServeConfig
+    from trustray.serve_apps.labeling import LabelingConfig
 
-    config_cls = ServeConfig if folder == "serve" else load_pipeline(folder)["config"]
+    apps = {"serve": ServeConfig, "labeling": LabelingConfig}
+    config_cls = apps[folder] if folder in apps else load_pipeline(folder)["config"]
     for path in sorted((CONFIGS / folder).glob("*.yaml")):
         load_config(config_cls, path)  # unknown keys and bad values raise
 

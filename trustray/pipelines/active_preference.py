@@ -223,6 +223,13 @@ class Loop:
             return PolicyWorker(*args)
         return start_policy_worker(*args, config.resources.policy)
 
+    def close(self) -> None:
+        """Stop the policy worker's actor (its CPUs go back to Ray at once, not when the handle is collected)."""
+        if not self.config.resources.in_process:
+            import ray
+
+            ray.kill(self.worker)
+
     def call(self, method: str, *args: Any) -> Any:
         if self.config.resources.in_process:
             return getattr(self.worker, method)(*args)
@@ -539,13 +546,21 @@ def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:
 
 def run(config: ActivePreferenceConfig) -> Path:
     """Run (or resume) the loop up to the last budget; returns the run's `summary.json`."""
-    from trustray.core.align.reward import save_reward_model
-    from trustray.data.preferences import labelled_row, write_preferences
-
     out = prepare_output(config).resolve()
     if not check_metadata(out, expected_metadata(config), kind="active preference run"):
         write_metadata(out, expected_metadata(config))
     loop = Loop(config, out)
+    try:
+        return run_rounds(config, out, loop)
+    finally:
+        loop.close()
+
+
+def run_rounds(config: ActivePreferenceConfig, out: Path, loop: Loop) -> Path:
+    """Every round not finished yet (module docstring), then the exports; returns `summary.json`."""
+    from trustray.core.align.reward import save_reward_model
+    from trustray.data.preferences import labelled_row, write_preferences
+
     fixtures = loop.fixtures()
     rounds = []
     for budget in config.budgets:

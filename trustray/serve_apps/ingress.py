@@ -397,8 +397,8 @@ class OpenAIIngress:
                           completion_tokens=completion.completion_tokens, finish_reason="stop")
 
     async def _answer_stream(self, reply: _Reply, sampling: SamplingParams) -> StreamingResponse:
-        pieces = self._chat_handle(reply).options(stream=True).stream.remote(reply.engine_request, sampling, reply.edit_id,
-                                                                                   reply.adapter)
+        pieces = self._chat_handle(reply).options(stream=True).stream.remote(
+            reply.engine_request, sampling, reply.edit_id, reply.adapter)
         # The first item settles validation (prompt length), so a bad request still gets a plain 4xx.
         try:
             head = await self._await(pieces.__anext__())

@@ -214,4 +214,7 @@ def run_app(config: LabelingConfig) -> str:
 
 
 def shutdown() -> None:
+    """Delete the service; stop Serve too when no other application runs on it (the OpenAI app may)."""
     serve.delete(APP_NAME)
+    if not serve.status().applications:
+        serve.shutdown()
