@@ -10,6 +10,10 @@ The L2 penalty of the heads (`L2_GRID`) and the feature pooling (`POOLINGS`) are
 calibration split, which then also fits the temperature; the test split is only reported. Sampled responses are
 cached under outputs/benchmarks/ (keyed by task, prompts and tokens), so a rerun does not generate them again.
 
+The LoRA variant (`LoraRewardModel`: adapters on the top layers under `HEADS` bootstrap heads, fixed settings
+`LORA`) is trained on the same train split, calibrated on the same calibration split and reported on the same test
+split, next to the frozen-feature ensemble.
+
 Reported per task: the reward ensemble's (`RewardEnsemble`, `HEADS` heads) pair accuracy on the test split
 against the oracle's labels and against the gold reward's order; ECE (15 bins), Brier and NLL before and after
 temperature scaling fitted on the calibration split; and how well three scores single out the held-out topic's
@@ -61,6 +65,8 @@ GENERIC_TEXTS = 200
 L2_GRID = [0.01, 0.1, 1.0, 10.0, 100.0]
 POOLINGS = ["last", "mean"]
 CACHE = ROOT / "outputs" / "benchmarks" / "reward_uncertainty"
+# The LoRA reward model's fixed settings: adapters on the attention of the top four layers, AdamW.
+LORA = {"r": 8, "layers": [-4, -3, -2, -1], "epochs": 3, "lr": 1e-3}
 logger = logging.getLogger("reward_uncertainty")
 
 
@@ -155,8 +161,11 @@ def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dic
     train_responses = torch.cat(features["train"])
     disagreement = torch.cat([model.compare(*features["test"]).variance, model.compare(*features["ood"]).variance])
     pair_is_ood = torch.cat([torch.zeros(len(splits["test"])), torch.ones(len(splits["ood"]))])
+    lora = lora_report(splits, outcomes, gold_order)
+    logger.info("%s lora: %s", task, lora)
     return {
         "task": task, "prompts": count, "pairs": len(pairs), "ties_or_skips": len(pairs) - len(labelled),
+        "lora": lora,
         "pairs_per_split": {name: len(rows) for name, rows in splits.items()},
         "generation_seconds": generation_seconds, "selection": choices,
         "pooling": best["pooling"], "l2": best["l2"],
@@ -175,6 +184,47 @@ def task_report(engine: HFEngine, task: str, count: int, max_tokens: int) -> dic
             "ensemble_disagreement": round(auroc(disagreement, pair_is_ood), 4),
         },
     }
+
+
+def lora_report(splits: dict, outcomes: dict, gold_order: torch.Tensor) -> dict:
+    """The LoRA reward model (`LoraRewardModel`, `LORA` settings, fixed: not tuned) on the same splits: trained on the
+    train pairs, temperature on the calibration pairs, reported on the test pairs; the heads' disagreement as an
+    OOD score for the held-out topic."""
+    from trustray.core.align.lora_reward import LoraRewardModel
+    from trustray.core.influence.warmup import LoraSettings, add_lora
+    from trustray.models.loading import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    model = add_lora(load_causal_lm(DEFAULT_CHAT_MODEL, "cpu", "float32"), LoraSettings(r=LORA["r"], alpha=2.0 * LORA["r"], layers=LORA["layers"]))
+    reward_model = LoraRewardModel(model, load_tokenizer(DEFAULT_CHAT_MODEL), heads=HEADS, pooling="mean",
+                                   max_length=160, seed=0)
+
+    def sides(rows: list[dict]) -> tuple[list, list]:
+        return ([(pair["prompt"].messages(), pair["a"]) for pair in rows],
+                [(pair["prompt"].messages(), pair["b"]) for pair in rows])
+
+    train_a, train_b = sides(splits["train"])
+    a_won = outcomes["train"].bool().tolist()
+    chosen = [a if won else b for a, b, won in zip(train_a, train_b, a_won, strict=True)]
+    rejected = [b if won else a for a, b, won in zip(train_a, train_b, a_won, strict=True)]
+    began = time.perf_counter()
+    losses = reward_model.fit(chosen, rejected, epochs=LORA["epochs"], batch_size=8, learning_rate=LORA["lr"])
+    seconds = time.perf_counter() - began
+    test_a, test_b = sides(splits["test"])
+    before = reward_model.compare(test_a, test_b).probability
+    temperature = reward_model.calibrate(*sides(splits["calibration"]), outcomes["calibration"])
+    after = reward_model.compare(test_a, test_b)
+    ood_a, ood_b = sides(splits["ood"])
+    disagreement = torch.cat([after.variance, reward_model.compare(ood_a, ood_b).variance])
+    is_ood = torch.cat([torch.zeros(len(test_a)), torch.ones(len(ood_a))])
+    outcome = outcomes["test"]
+    return {"settings": LORA, "train_losses": [round(loss, 4) for loss in losses], "train_seconds": round(seconds, 1),
+            "accuracy_vs_labels": round(float(((after.probability > 0.5).double() == outcome).double().mean()), 4),
+            "accuracy_vs_gold": round(float(((after.probability > 0.5) == gold_order).double().mean()), 4),
+            "temperature": round(temperature, 3),
+            "ece_before": round(expected_calibration_error(before, outcome), 4),
+            "ece_after": round(expected_calibration_error(after.probability, outcome), 4),
+            "ood_auroc_disagreement": round(auroc(disagreement, is_ood), 4)}
 
 
 def plot_reliability(tasks: list[dict], machine: dict, path: Path) -> None:
