@@ -30,7 +30,7 @@ from trustray.artifacts import atomic_write_text
 from trustray.config import load_config
 from trustray.core.align.acquisition import get_acquisition
 from trustray.pipelines.active_preference import ActivePreferenceConfig, run
-from trustray.runtime import apply_offline_defaults, machine_info, machine_label, setup_logging
+from trustray.runtime import apply_offline_defaults, machine_info, save_figure, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -159,9 +159,9 @@ def plot(table: list[dict], machine: dict, path: Path) -> None:
         axis.set(title=f"{task}: greedy win rate vs the initial policy", xlabel="labels", ylabel="win rate")
         axis.set_xscale("log", base=2)
         axis.legend(fontsize=7)
-    figure.suptitle(f"active preference learning (mean ± s.e. over seeds); {machine_label(machine)}", fontsize=8)
+    figure.suptitle("active preference learning (mean ± s.e. over seeds)", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, machine)
 
 
 def main() -> None:

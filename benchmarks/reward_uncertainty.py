@@ -52,7 +52,7 @@ from trustray.data.preferences import build_oracle, load_prompts
 from trustray.models.engines import EngineConfig, SamplingParams
 from trustray.models.hf_engine import HFEngine
 from trustray.models.sources import DEFAULT_CHAT_MODEL
-from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
+from trustray.runtime import apply_offline_defaults, machine_info, save_figure, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -243,11 +243,10 @@ def plot_reliability(tasks: list[dict], machine: dict, path: Path) -> None:
         axis.set(title=f"{task['task']} (test pairs)", xlabel="confidence", ylabel="accuracy", xlim=(0.45, 1.02),
                  ylim=(0, 1.02))
         axis.legend(fontsize=8)
-    figure.suptitle(f"{DEFAULT_CHAT_MODEL} frozen-feature reward ensemble; measured on {machine['platform']}, "
-                    f"{machine['cpu_count']} CPU cores, GPU {machine['gpu']}, torch {machine['torch']}", fontsize=8)
+    figure.suptitle(f"{DEFAULT_CHAT_MODEL} frozen-feature reward ensemble", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, machine)
     plt.close(figure)
 
 
