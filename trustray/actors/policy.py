@@ -34,7 +34,8 @@ def lora_prefix_length(num_layers: int, lora: LoraSettings) -> int:
 
 
 class PolicyWorker:
-    """See the module docstring. Encodings, prefix states and features are cached per conversation."""
+    """See the module docstring. Encodings, prefix states, features and reference log-probs are cached per
+    conversation."""
 
     def __init__(self, engine: EngineConfig, lora: LoraSettings, max_length: int, pooling: str) -> None:
         if engine.engine == "vllm":
@@ -48,6 +49,7 @@ class PolicyWorker:
         self.policy: str | None = None  # None until the first adapter is loaded: the policy is the reference
         self._encoded: dict[tuple, dict[str, Any]] = {}
         self._features: dict[tuple, torch.Tensor] = {}
+        self._reference: dict[tuple, float] = {}  # reference log-probs (the model with its adapters off)
 
     @staticmethod
     def _key(conversation: Conversation) -> tuple:
@@ -81,12 +83,22 @@ class PolicyWorker:
         return [self._encoded[self._key(c)] for c in conversations]
 
     def logprobs(self, conversations: Sequence[Conversation], policy: bool) -> dict[str, list[float]]:
-        """Summed response log-probs under the policy (or the reference) and the response lengths in tokens."""
+        """Summed response log-probs under the policy (or the reference) and the response lengths in tokens. The
+        reference never changes, so its values are computed once per conversation."""
         examples = self._examples(conversations)
-        with self.engine.running(self.policy if policy else None) as model:
-            values = conversation_logprobs(model, examples, self.prefix, self.pad)
         lengths = [sum(label != -100 for label in example["labels"]) for example in examples]
-        return {"logprobs": values.tolist(), "lengths": lengths}
+        adapter = self.policy if policy else None
+        if adapter is not None:
+            with self.engine.running(adapter) as model:
+                return {"logprobs": conversation_logprobs(model, examples, self.prefix, self.pad).tolist(),
+                        "lengths": lengths}
+        keys = [self._key(c) for c in conversations]
+        missing = [i for i, key in enumerate(keys) if key not in self._reference]
+        if missing:
+            with self.engine.running(None) as model:
+                values = conversation_logprobs(model, [examples[i] for i in missing], self.prefix, self.pad)
+            self._reference.update({keys[i]: value for i, value in zip(missing, values.tolist(), strict=True)})
+        return {"logprobs": [self._reference[key] for key in keys], "lengths": lengths}
 
     def features(self, conversations: Sequence[Conversation]) -> torch.Tensor:
         """[n, hidden] frozen features (the reference model's; `trustray.core.align.features`)."""
