@@ -17,7 +17,7 @@ import torch
 
 from trustray.config import ActorResources
 from trustray.core.align.dpo import conversation_logprobs, encode_conversations
-from trustray.core.align.features import response_features
+from trustray.core.align.features import response_features, response_features_at
 from trustray.core.influence.warmup import LoraSettings
 from trustray.models.engines import EngineConfig, SamplingParams
 from trustray.models.hf_engine import HFEngine
@@ -109,6 +109,14 @@ class PolicyWorker:
                                            [r for _, r in missing], max_length=self.max_length, pooling=self.pooling)
             self._features.update(zip((self._key(c) for c in missing), values, strict=True))
         return torch.stack([self._features[self._key(c)] for c in conversations])
+
+    def layer_features(self, conversations: Sequence[Conversation], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{layer: [n, hidden]} features after each of `layers` decoder layers, the reference model's, from one pass
+        (`response_features_at`; not cached: weak-to-strong reads them once)."""
+        with self.engine.running(None) as model:
+            return response_features_at(model, self.engine.tokenizer, [p for p, _ in conversations],
+                                        [r for _, r in conversations], layers, max_length=self.max_length,
+                                        pooling=self.pooling)
 
 
 PolicyWorkerActor = ray.remote(PolicyWorker)

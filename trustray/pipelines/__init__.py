@@ -31,7 +31,7 @@ PipelineSpec = dict[str, Any]
 
 # `trustray run NAME`: jobs that build or train an artifact.
 JOBS = ("build_index", "compressor_train", "abstractive_train", "edit_train", "edit_apply", "influence",
-        "active_preference")
+        "active_preference", "weak_to_strong")
 # `trustray eval WHAT`: evaluations (their PIPELINE spec also has a "table"), keyed by WHAT.
 EVALUATIONS = {"rag": "eval_rag", "edit": "eval_edit", "influence": "eval_influence"}
 
