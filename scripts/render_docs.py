@@ -432,8 +432,29 @@ def table_active_preference(report: dict[str, Any], task: str) -> str:
     return markdown_table(head, table)
 
 
+def table_weak_to_strong(report: dict[str, Any]) -> str:
+    """Per task, kind and student loss: weak, ceiling and student scores (mean ± s.e. over seeds), the ceiling − weak
+    gap and PGR with their 95% t-intervals, and the seeds."""
+
+    def score(entry: dict[str, Any]) -> str:
+        return fmt(entry["mean"], "f3") + ("" if entry["se"] is None else f" ± {fmt(entry['se'], 'f3')}")
+
+    def with_interval(entry: dict[str, Any] | None, spec: str) -> str:
+        if entry is None:
+            return "–"
+        bounds = "" if entry["ci95"] is None else f" [{fmt(entry['ci95'][0], spec)}, {fmt(entry['ci95'][1], spec)}]"
+        return fmt(entry["mean"], spec) + bounds
+
+    rows = [[entry["task"], entry["kind"], f"`{entry['loss']}`", score(entry["weak"]), score(entry["ceiling"]),
+             with_interval(entry["gap"], "f3"), score(entry["student"]), with_interval(entry["pgr"], "f2"),
+             str(entry["student"]["seeds"])] for entry in report["summary"]]
+    return markdown_table(["task", "kind", "loss", "weak", "ceiling", "gap [95% CI]", "student", "PGR [95% CI]",
+                           "seeds"], rows)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
+    "weak_to_strong": table_weak_to_strong,
     "active_preference": table_active_preference,
     "edit_scaling": table_edit_scaling,
     "served_edit_locality": table_served_edit_locality,

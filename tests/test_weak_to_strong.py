@@ -96,6 +96,17 @@ def test_units_train_on_ray_train(tiny_llama_dir, tmp_path, ray_local):
     assert (student / "ray_train").is_dir() and list((student / "checkpoints").glob("step-*/step.json"))
 
 
+def test_a_sentence_embedding_weak_supervisor(tiny_llama_dir, tiny_embedder_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir, tmp_path / "run", "seeds=[0]", "losses=[xent]", "reward=[]",
+                         "classification=[{name: verification, train: 16, test: 8, max_tokens: 8, "
+                         f"weak: {{kind: embedding, embedder: '{tiny_embedder_dir}'}}}}]")
+    results = json.loads(run(config).read_text())
+    assert [(r["task"], r["loss"]) for r in results["rows"]] == [("verification", "xent")]
+    inputs = tmp_path / "run" / "verification" / "inputs"
+    assert torch.load(inputs / "embedding.pt", weights_only=True).shape[0] == 24
+    assert json.loads((inputs / "metadata.json").read_text())["task"]["weak"]["embedder"] == tiny_embedder_dir
+
+
 @pytest.mark.parametrize("override, message", [
     ("losses=[hinge]", "losses must be distinct"),
     ("loss_settings={logconf: {strength: 1.0}}", "strength"),

@@ -5,10 +5,11 @@ student trained on the supervisor's labels recover (PGR, Burns et al. 2023)?
     python -m trustray.pipelines.weak_to_strong --config ...
 
 Every task follows one protocol (`trustray.core.w2s.protocol`), once per seed: the training examples are cut in
-halves by the seed (classification tasks: within each class, so both halves keep the balance); the **weak** supervisor learns half 1's ground truth and labels half 2 with its class
-probabilities; a **student** (the strong model) learns those soft labels, once per loss (`xent`, `logconf`,
-`product`: `trustray.core.w2s.losses`); the **ceiling** (the strong model again) learns half 2's ground truth. All
-are scored on the task's test set, and each student's PGR = (student − weak) / (ceiling − weak).
+halves by the seed (classification tasks: within each class, so both halves keep the balance); the **weak**
+supervisor learns half 1's ground truth and labels half 2 with its class probabilities; a **student** (the strong
+model) learns those soft labels, once per loss (`xent`, `logconf`, `product`: `trustray.core.w2s.losses`); the
+**ceiling** (the strong model again) learns half 2's ground truth. All are scored on the task's test set, and
+each student's PGR = (student − weak) / (ceiling − weak).
 
 Tasks:
 - classification (`classification:`; `trustray.data.w2s_tasks`): answer verification and confusable topic pairs.
@@ -72,6 +73,8 @@ class ClassificationTaskSettings(BaseConfig):
     train: int = Field(..., ge=4, description="Training examples (halved by the protocol).")
     test: int = Field(..., ge=2, description="Test examples.")
     max_tokens: int = Field(64, ge=2, description="Tokens of an example's text read (its start).")
+    seed: int = Field(0, description="Seeds the task's draw (its test set, verification's candidates); tune "
+                      "settings on another seed than the one reported.")
     topics: list[str] | None = Field(None, description="topics: the two (or more) corpus topics (None: the default "
                                      "Physical sciences vs Technology).")
     max_words: int = Field(40, ge=1, description="topics: words of a page's introduction.")
@@ -297,14 +300,15 @@ def classification_inputs(config: WeakToStrongConfig, settings: ClassificationTa
     """The cached inputs of a task's examples (training ones first, then test): per needed layer, each example's
     hidden states entering it (`layer-<l>.pt`); sentence embeddings for an `embedding` weak model."""
     import torch
+    from tqdm.auto import tqdm
 
     from trustray.core.lm.prefix import decoder_layers
     from trustray.core.w2s.classifier import layer_inputs
-    from trustray.models.loading import load_causal_lm, load_tokenizer
+    from trustray.models.loading import gpu_or_cpu, load_causal_lm, load_tokenizer
 
     texts = [example.text for example in task.train + task.test]
     weak = settings.weak
-    model = load_causal_lm(config.model, "cpu", config.dtype)
+    model = load_causal_lm(config.model, gpu_or_cpu(config.resources.train.use_gpu), config.dtype)
     depth = len(decoder_layers(model))
     if config.strong_trainable_layers > depth or (weak.kind == "lm" and weak.layers > depth):
         raise ValueError(f"{config.model} has {depth} decoder layers; strong_trainable_layers="
@@ -316,15 +320,18 @@ def classification_inputs(config: WeakToStrongConfig, settings: ClassificationTa
     if weak.kind == "embedding":
         files["embedding"] = folder / "embedding.pt"
     expected = {"kind": "w2s_inputs", "model_fingerprint": model_fingerprint(config.model), "dtype": config.dtype,
-                "task": settings.model_dump(mode="json", exclude={"weak"}), "files": sorted(files),
-                **({"embedder": weak.embedder} if weak.kind == "embedding" else {})}
+                "task": settings.model_dump(mode="json"), "files": sorted(files)}
     if check_metadata(folder, expected, kind="weak-to-strong inputs"):
         return files
     tokenizer = load_tokenizer(config.model)
     token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"][: settings.max_tokens] for text in texts]
     logger.info("%s: caching the frozen layers' outputs of %d examples (layers %s)", settings.name, len(texts),
                 sorted(layers))
-    states = layer_inputs(model, token_ids, sorted(layers))
+    states: dict[int, list] = {layer: [] for layer in layers}
+    chunk = 128
+    for start in tqdm(range(0, len(token_ids), chunk), desc=f"{settings.name}: frozen layers", unit="chunk"):
+        for layer, part in layer_inputs(model, token_ids[start : start + chunk], sorted(layers)).items():
+            states[layer] += part
     with atomic_folder(folder) as tmp:
         for layer in sorted(layers):
             torch.save(states[layer], tmp / f"layer-{layer}.pt")
@@ -355,7 +362,8 @@ def run_classification(config: WeakToStrongConfig, settings: ClassificationTaskS
     from trustray.core.w2s.protocol import split_halves
     from trustray.data.w2s_tasks import load_classification_task
 
-    task = load_classification_task(settings.name, settings.train, settings.test, **settings.task_settings())
+    task = load_classification_task(settings.name, settings.train, settings.test, settings.seed,
+                                    **settings.task_settings())
     folder = out / settings.name
     files = classification_inputs(config, settings, task, folder / "inputs")
     texts = [example.text for example in task.train + task.test]
@@ -435,7 +443,7 @@ def reward_inputs(config: WeakToStrongConfig, settings: RewardTaskSettings, fold
 
     samples_file, features_file = folder / "samples.json", folder / "features.pt"
     expected = {"kind": "w2s_reward_inputs", "model_fingerprint": model_fingerprint(config.model),
-                "dtype": config.dtype, "task": settings.model_dump(mode="json", exclude={"oracle"})}
+                "dtype": config.dtype, "task": settings.model_dump(mode="json")}
     if check_metadata(folder, expected, kind="weak-to-strong reward inputs"):
         features = torch.load(features_file, map_location="cpu", weights_only=True)
         return {**json.loads(samples_file.read_text()), "features": features}
