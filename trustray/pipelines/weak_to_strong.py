@@ -106,7 +106,10 @@ class RewardTaskSettings(BaseConfig):
 class Trainings(BaseConfig):
     """Training settings: of models with transformer blocks, and of linear heads on fixed features."""
 
-    blocks: TrainSettings = Field(default_factory=TrainSettings, description="lm weak models, ceilings, students.")
+    blocks: TrainSettings = Field(default_factory=TrainSettings, description="lm weak models and ceilings (and "
+                                  "students, unless `transfer` is set).")
+    transfer: TrainSettings | None = Field(None, description="Students trained on weak labels (the paper's "
+                                           "transfer_epochs / transfer_lr); None: as `blocks`.")
     heads: TrainSettings = Field(default_factory=lambda: TrainSettings(epochs=10, learning_rate=1e-2),
                                  description="Linear heads (embedding weak models, reward models).")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
@@ -403,7 +406,7 @@ def run_classification(config: WeakToStrongConfig, settings: ClassificationTaskS
         ceiling_accuracy = accuracy(ceiling["test"], labels[test])
         for loss in config.losses:
             student = runner.unit(seed_dir / f"student-{loss}", strong, weak_probabilities["half2"], loss,
-                                  config.training.blocks, seed, {"test": test})
+                                  config.training.transfer or config.training.blocks, seed, {"test": test})
             rows.append(row(settings.name, "classification", loss, seed, weak_accuracy, ceiling_accuracy,
                             accuracy(student["test"], labels[test]),
                             weak_label_accuracy=accuracy(weak_probabilities["half2"], labels[half2]),
