@@ -86,14 +86,20 @@ def test_a_rerun_trains_nothing_and_other_settings_are_refused(finished_run, tin
         run(tiny_config(tiny_llama_dir, out, "strong_trainable_layers=2"))
 
 
-def test_units_train_on_ray_train(tiny_llama_dir, tmp_path, ray_local):
-    config = tiny_config(tiny_llama_dir, tmp_path / "run", "resources.in_process=false", "seeds=[0]",
-                         "losses=[logconf]", "reward=[]", "classification=[{name: topics, train: 16, test: 8, "
-                         "max_tokens: 8, weak: {kind: tfidf}}]")
-    results = json.loads(run(config).read_text())
-    assert [(r["task"], r["loss"]) for r in results["rows"]] == [("topics", "logconf")]
-    student = tmp_path / "run" / "topics" / "seed-0" / "student-logconf"
+def test_a_loss_added_later_trains_only_its_students_on_ray_train(tiny_llama_dir, tmp_path, ray_local):
+    task = "classification=[{name: topics, train: 16, test: 8, max_tokens: 8, weak: {kind: tfidf}}]"
+    first = tiny_config(tiny_llama_dir, tmp_path / "run", "seeds=[0]", "losses=[xent]", "reward=[]", task)
+    run(first)
+    seed_dir = tmp_path / "run" / "topics" / "seed-0"
+    kept = {path: path.stat().st_mtime_ns for path in seed_dir.rglob("predictions.npz")}
+    more = tiny_config(tiny_llama_dir, tmp_path / "run", "resources.in_process=false", "seeds=[0]",
+                       "losses=[xent, logconf]", "reward=[]", task)
+    results = json.loads(run(more).read_text())
+    assert [(r["task"], r["loss"]) for r in results["rows"]] == [("topics", "xent"), ("topics", "logconf")]
+    assert all(path.stat().st_mtime_ns == mark for path, mark in kept.items())
+    student = seed_dir / "student-logconf"
     assert (student / "ray_train").is_dir() and list((student / "checkpoints").glob("step-*/step.json"))
+    assert not (seed_dir / "ceiling" / "ray_train").exists()
 
 
 def test_a_sentence_embedding_weak_supervisor(tiny_llama_dir, tiny_embedder_dir, tmp_path):
