@@ -241,7 +241,7 @@ class Runner:
         `predict`; a finished unit's are read back."""
         import torch
 
-        from trustray.models.loading import gpu_or_cpu
+        from trustray.models.loading import gpu_or_cpu, resolve_device
         from trustray.pipelines.training import run_in_process, run_training
 
         if (folder / PREDICTIONS_FILE).is_file():
@@ -252,11 +252,12 @@ class Runner:
                                   keep=1)
         data = {"classifier": classifier, "targets": targets.astype(np.float32).tolist(), "loss": loss,
                 "loss_settings": self.config.loss_settings.get(loss, {}), "settings": settings, "seed": seed}
-        device = gpu_or_cpu(resources.train.use_gpu)
         if resources.in_process:
+            device = gpu_or_cpu(resources.train.use_gpu)
             final = run_in_process(ClassifierTraining, data, plan, device)
         else:
             final = run_training(ClassifierTraining, data, plan, resources.train, storage_dir=folder)
+            device = resolve_device(None)  # scored here, where a worker's GPU may not be
         scorer = ClassifierTraining(data, WorkerContext(plan=plan, device=device))
         scorer.load(final)
         with torch.no_grad():
