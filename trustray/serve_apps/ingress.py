@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trustray.core.rag.index import Passage
 from trustray.core.rag.prompting import format_passages, rag_messages
@@ -33,6 +32,7 @@ from trustray.models.engines import Completion, SamplingParams
 from trustray.models.engines import Request as EngineRequest
 from trustray.serve_apps.config import RagServeConfig, ServeConfig
 from trustray.serve_apps.edit_store import EditStore
+from trustray.serve_apps.errors import install_error_handlers
 from trustray.serve_apps.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -44,29 +44,7 @@ from trustray.serve_apps.schemas import (
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="trustray", description="OpenAI-compatible chat and retrieval-augmented chat.")
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    # OpenAI answers schema errors with 400, not FastAPI's 422.
-    problems = error.errors()
-    first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in item.get('loc', ()) if p != 'body') or 'body'}: {item.get('msg')}" for item in problems
-    )
-    return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    code = "not_found" if error.status_code == 404 else None
-    return JSONResponse(APIError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code)
+install_error_handlers(app)
 
 
 @app.exception_handler(Exception)

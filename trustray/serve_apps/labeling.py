@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trustray.config import BaseConfig
 from trustray.data.label_store import CHOICES, LabelConflict, LabelStore, UnknownItem
 from trustray.serve_apps.config import DeploymentOptions
+from trustray.serve_apps.errors import install_error_handlers
 from trustray.serve_apps.schemas import APIError
 
 logger = logging.getLogger(__name__)
@@ -105,24 +104,7 @@ class _PrefixIsRoot:
 
 app = FastAPI(title="trustray labeling", description="Preference labels from people.")
 app.add_middleware(_PrefixIsRoot)
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    problems = error.errors()
-    message = "; ".join(f"{'.'.join(str(p) for p in item.get('loc', ()) if p != 'body') or 'body'}: "
-                        f"{item.get('msg')}" for item in problems)
-    return JSONResponse(APIError(400, message or "invalid request").body(), status_code=400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+install_error_handlers(app)
 
 
 PAGE = (Path(__file__).with_name("labeling.html")).read_text()
