@@ -498,8 +498,8 @@ def reward_inputs(config: WeakToStrongConfig, settings: RewardTaskSettings, fold
     return {**samples, "features": features}
 
 
-def prompt_pairs(prompts: list[int], samples: int, gold: list[list[float]], label, rng: random.Random
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prompt_pairs(prompts: list[int], samples: int, label, rng: random.Random) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
     """Every pair of each prompt's answers as flat answer indices (a, b) in a random order, with the label
     `label(prompt, a, b)` returns (1: a wins, 0: b wins, None: no label, the pair is dropped)."""
     firsts, seconds, wins = [], [], []
@@ -544,7 +544,7 @@ def run_reward(config: WeakToStrongConfig, settings: RewardTaskSettings, out: Pa
         return None if difference == 0 else int(difference > 0)
 
     test_prompts = list(range(counts.train, counts.train + counts.test))
-    test_a, test_b, test_wins = prompt_pairs(test_prompts, samples, gold, gold_label, random.Random(0))
+    test_a, test_b, test_wins = prompt_pairs(test_prompts, samples, gold_label, random.Random(0))
     if len(test_wins) == 0:
         raise ValueError(f"{settings.name}: every held-out pair has equal gold rewards; nothing can be scored")
     # Best-of-n: each held-out answer compared with its prompt's first answer ranks the prompt's answers.
@@ -555,8 +555,8 @@ def run_reward(config: WeakToStrongConfig, settings: RewardTaskSettings, out: Pa
     for seed in config.seeds:
         seed_dir = folder / f"seed-{seed}"
         half1, half2 = split_halves(counts.train, seed)
-        train_a, train_b, train_wins = prompt_pairs(half1, samples, gold, oracle_label, random.Random(seed))
-        truth_a, truth_b, truth_wins = prompt_pairs(half2, samples, gold, oracle_label, random.Random(seed + 1))
+        train_a, train_b, train_wins = prompt_pairs(half1, samples, oracle_label, random.Random(seed))
+        truth_a, truth_b, truth_wins = prompt_pairs(half2, samples, oracle_label, random.Random(seed + 1))
         pair_files = {}
         for side in ("weak", "strong"):
             features = inputs["features"][side]
