@@ -498,8 +498,8 @@ def reward_inputs(config: WeakToStrongConfig, settings: RewardTaskSettings, fold
     return {**samples, "features": features}
 
 
-def prompt_pairs(prompts: list[int], samples: int, label, rng: random.Random) -> tuple[np.ndarray, np.ndarray,
-                                                                                       np.ndarray]:
+def prompt_pairs(prompts: list[int], samples: int, label, rng: random.Random
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of each prompt's answers as flat answer indices (a, b) in a random order, with the label
     `label(prompt, a, b)` returns (1: a wins, 0: b wins, None: no label, the pair is dropped)."""
     firsts, seconds, wins = [], [], []
