@@ -63,7 +63,7 @@ from trustray.core.align.dpo import DPOSettings
 from trustray.models.engines import EngineConfig
 from trustray.models.sources import model_fingerprint
 from trustray.pipelines import prepare_output
-from trustray.pipelines.training import STEP_FILE, TrainingPlan, WorkerContext
+from trustray.pipelines.training import STEP_FILE, SteppedTrainerTask, TrainingPlan, WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -503,7 +503,7 @@ class Loop:
                                        "answers": len(halves["calibration"])}}
 
 
-class DPOTraining:
+class DPOTraining(SteppedTrainerTask):
     """The DPO task of the shared training loop (`trustray.pipelines.training`): fresh adapters, seeded."""
 
     def __init__(self, data: dict[str, Any], context: WorkerContext):
@@ -518,21 +518,6 @@ class DPOTraining:
         model = add_lora(load_causal_lm(data["model"], context.device, data["dtype"]), settings.lora)
         tokenizer = load_tokenizer(data["model"])
         self.trainer = DPOTrainer(model, tokenizer, data["pairs"], settings, seed=data["seed"])
-
-    def begin(self) -> list[dict[str, Any]]:
-        return []
-
-    def train_step(self, step: int) -> dict[str, float]:
-        return self.trainer.step(step)
-
-    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
-        return {key: float(np.mean([metrics[key] for metrics in window])) for key in window[0]}
-
-    def save(self, folder: Path) -> None:
-        self.trainer.save(folder)
-
-    def load(self, folder: Path) -> None:
-        self.trainer.load(folder)
 
 
 def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:

@@ -59,6 +59,29 @@ class TrainingTask(Protocol):
         """Restore the state `save` wrote into `folder`."""
 
 
+class SteppedTrainerTask:
+    """A `TrainingTask` around a trainer object with `step(step) -> metrics`, `save(folder)` and `load(folder)`
+    (set as `self.trainer` by the subclass's constructor); a checkpoint records the mean of each metric since
+    the previous one."""
+
+    trainer: Any
+
+    def begin(self) -> list[dict[str, Any]]:
+        return []
+
+    def train_step(self, step: int) -> dict[str, float]:
+        return self.trainer.step(step)
+
+    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
+        return {key: sum(metrics[key] for metrics in window) / len(window) for key in window[0]}
+
+    def save(self, folder: Path) -> None:
+        self.trainer.save(folder)
+
+    def load(self, folder: Path) -> None:
+        self.trainer.load(folder)
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     """How long to train, after which steps to checkpoint (the last one always), and where the checkpoints go."""

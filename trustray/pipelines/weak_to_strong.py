@@ -49,7 +49,7 @@ from trustray.core.w2s.classifier import TrainSettings
 from trustray.models.sources import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER, model_fingerprint
 from trustray.pipelines import prepare_output
 from trustray.pipelines.active_preference import OracleSettings
-from trustray.pipelines.training import TrainingPlan, WorkerContext
+from trustray.pipelines.training import SteppedTrainerTask, TrainingPlan, WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def build_classifier(spec: dict[str, Any], device: Any):
     return head.standardise_with(training, centre=spec["bias"])
 
 
-class ClassifierTraining:
+class ClassifierTraining(SteppedTrainerTask):
     """A unit as a task of the shared training loop (`trustray.pipelines.training`)."""
 
     def __init__(self, data: dict[str, Any], context: WorkerContext):
@@ -204,21 +204,6 @@ class ClassifierTraining:
         self.trainer = ClassifierTrainer(classifier, [self.inputs[i] for i in spec["train_indices"]],
                                          torch.tensor(data["targets"]), build_loss(data["loss"], **data["loss_settings"]),
                                          data["settings"], seed=data["seed"], device=context.device)
-
-    def begin(self) -> list[dict[str, Any]]:
-        return []
-
-    def train_step(self, step: int) -> dict[str, float]:
-        return self.trainer.step(step)
-
-    def checkpoint_metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
-        return {key: float(np.mean([metrics[key] for metrics in window])) for key in window[0]}
-
-    def save(self, folder: Path) -> None:
-        self.trainer.save(folder)
-
-    def load(self, folder: Path) -> None:
-        self.trainer.load(folder)
 
     def predict(self, indices: list[int]) -> np.ndarray:
         """[n, C] class probabilities of the inputs at `indices`."""
