@@ -10,7 +10,9 @@ only on the task, the seed, the prompts and the model, so the first run writes t
 copy (`pool.json`, `fixtures.json`), exactly as if they had sampled them again.
 
 Each run resumes where it stopped, and finished runs are read back, so a killed grid continues; the results
-file is rewritten after every run (`"complete": false` until the grid is done).
+file is rewritten after every run (`"complete": false` until the grid is done). A run recorded in the results file
+whose folder is gone (a new machine) is read back from the results file, not computed again.
+`selective_generation` is copied from probe_generation.json (benchmarks/probe_generation.py) when present.
 Writes benchmarks/results/active_preference.json and active_preference.png (win rate against labels).
 Run: .venv/bin/python benchmarks/active_preference.py [--tasks sentiment factual] [--seeds 0 1 2]
      [--acquisitions random entropy ...]
@@ -41,6 +43,20 @@ SHARED = ("pool.json", "fixtures.json")
 logger = logging.getLogger("active_preference")
 
 
+def recorded_runs() -> dict[tuple[str, str, int], tuple[list[dict], dict]]:
+    """The runs the results file holds: per (task, acquisition, seed), its curve rows and calibration row."""
+    path = RESULTS / "active_preference.json"
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    calibration = {(row["task"], row["acquisition"], row["seed"]): row for row in previous["calibration"]}
+    runs: dict[tuple[str, str, int], tuple[list[dict], dict]] = {}
+    for row in previous["curves"]:
+        key = (row["task"], row["acquisition"], row["seed"])
+        runs.setdefault(key, ([], calibration[key]))[0].append(row)
+    return runs
+
+
 def run_one(task: str, acquisition: str, seed: int, collect: bool) -> tuple[dict | None, float]:
     """One pipeline run (resumed or read back); its summary and the seconds this call spent. With `collect`, only
     a finished run is read back (None otherwise) and nothing is computed."""
@@ -59,6 +75,20 @@ def run_one(task: str, acquisition: str, seed: int, collect: bool) -> tuple[dict
     began = time.perf_counter()
     summary = json.loads(Path(run(config)).read_text())
     return summary, time.perf_counter() - began
+
+
+def run_rows(summary: dict, task: str, acquisition: str, seed: int) -> tuple[list[dict], dict]:
+    """A finished run's curve rows (one per round) and its final calibration row."""
+    rows = [{"task": task, "acquisition": acquisition, "labels": metrics["labels"], "seed": seed,
+             "win_rate": metrics["win_rate_greedy"], "win_rate_sampled": metrics["win_rate_sampled"],
+             "gold_reward": metrics["gold_reward_greedy"], "initial_gold_reward": metrics["initial_gold_reward_greedy"],
+             "rm_accuracy": metrics["rm_accuracy"], "ece_before": metrics["ece_before"],
+             "ece_after": metrics["ece_after"], "generated_tokens": metrics["generated_tokens"],
+             "acquired_by": metrics["acquired_by"], "round_seconds": metrics["seconds"],
+             "selective": metrics.get("selective")} for metrics in summary["rounds"]]
+    final = summary["rounds"][-1]
+    return rows, {"task": task, "acquisition": acquisition, "seed": seed, "labels": final["labels"],
+                  "ece_before": final["ece_before"], "ece_after": final["ece_after"]}
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -124,12 +154,22 @@ def selective_summary(curves: list[dict]) -> list[dict]:
 
 def other_results() -> dict:
     """The issue's other measurements, from their own results files: held-out-topic OOD AUROC
-    (reward_uncertainty.json) and the adapter hot swap (hot_swap.json), when present."""
+    (reward_uncertainty.json), the acquisition-side probe (probe_generation.json) and the adapter hot swap
+    (hot_swap.json), when present."""
     found = {}
     uncertainty = RESULTS / "reward_uncertainty.json"
     if uncertainty.is_file():
         found["ood"] = [{"task": task["task"], "auroc": task["ood_auroc"]["mahalanobis"], "topic": task["ood_topic"],
                          "source": "reward_uncertainty.json"} for task in json.loads(uncertainty.read_text())["tasks"]]
+    probe = RESULTS / "probe_generation.json"
+    if probe.is_file():
+        data = json.loads(probe.read_text())
+        found["selective_generation"] = [{
+            "task": data["task"], "acquisition": data["acquisition"], "probe": data["probe"], "seeds": data["seeds"],
+            "tokens_saved": data["summary"]["tokens_saved"]["mean"],
+            "tokens_saved_ci95": data["summary"]["tokens_saved"]["ci95"],
+            "win_rate_delta": data["summary"]["win_rate_delta"]["mean"],
+            "win_rate_delta_ci95": data["summary"]["win_rate_delta"]["ci95"], "source": "probe_generation.json"}]
     swap = RESULTS / "hot_swap.json"
     if swap.is_file():
         data = json.loads(swap.read_text())
@@ -180,25 +220,25 @@ def main() -> None:
     config = load_config(ActivePreferenceConfig, CONFIG)
     curves, calibration, seconds = [], [], 0.0
     runs = [(task, seed, acquisition) for seed in args.seeds for task in args.tasks for acquisition in acquisitions]
-    done = 0
+    recorded = recorded_runs()
+    previous = json.loads((RESULTS / "active_preference.json").read_text()) if recorded else {}
+    previous_machine = previous.get("read_back_from_results_file", previous).get("machine")
+    done = read_back = 0
     for task, seed, acquisition in runs:
-        summary, spent = run_one(task, acquisition, seed, args.collect)
-        if summary is None:
-            continue
+        key = (task, acquisition, seed)
+        if key in recorded and not (RUNS / f"{task}-seed{seed}" / acquisition).is_dir():
+            rows, final_calibration = recorded[key]
+            read_back += 1
+            spent = 0.0
+        else:
+            summary, spent = run_one(task, acquisition, seed, args.collect)
+            if summary is None:
+                continue
+            rows, final_calibration = run_rows(summary, task, acquisition, seed)
         done += 1
         seconds += spent
-        for metrics in summary["rounds"]:
-            curves.append({"task": task, "acquisition": acquisition, "labels": metrics["labels"], "seed": seed,
-                           "win_rate": metrics["win_rate_greedy"], "win_rate_sampled": metrics["win_rate_sampled"],
-                           "gold_reward": metrics["gold_reward_greedy"],
-                           "initial_gold_reward": metrics["initial_gold_reward_greedy"],
-                           "rm_accuracy": metrics["rm_accuracy"], "ece_before": metrics["ece_before"],
-                           "ece_after": metrics["ece_after"], "generated_tokens": metrics["generated_tokens"],
-                           "acquired_by": metrics["acquired_by"], "round_seconds": metrics["seconds"],
-                           "selective": metrics.get("selective")})
-        final = summary["rounds"][-1]
-        calibration.append({"task": task, "acquisition": acquisition, "seed": seed, "labels": final["labels"],
-                            "ece_before": final["ece_before"], "ece_after": final["ece_after"]})
+        curves += rows
+        calibration.append(final_calibration)
         table = aggregate(curves)
         result = {
             "machine": machine, "complete": done == len(runs), "config": str(CONFIG.relative_to(ROOT)),
@@ -211,6 +251,8 @@ def main() -> None:
             "selective_generation_serving": selective_summary(curves),
             **other_results(),
         }
+        if read_back:
+            result["read_back_from_results_file"] = {"runs": read_back, "machine": previous_machine}
         atomic_write_text(RESULTS / "active_preference.json", json.dumps(result, indent=2) + "\n")
         logger.info("run %d of %d done (%s, %s, seed %d) in %.0f s", done, len(runs), task, acquisition, seed, spent)
     plot(aggregate(curves), machine, RESULTS / "active_preference.png")
