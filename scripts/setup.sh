@@ -37,7 +37,8 @@ else
 fi
 
 echo "setup: installing locked dependencies into $VENV"
-"${uv[@]}" "${torch_source[@]}" -r requirements/cpu.lock
+# The lock is complete (scripts/lock.sh): --no-deps keeps out what it leaves out on purpose (torchvision & co.).
+"${uv[@]}" "${torch_source[@]}" --no-deps -r requirements/cpu.lock
 # Every dependency comes from the lock above; the project itself is installed editable on top.
 "${uv[@]}" --no-deps -e .
 "${uv[@]}" --no-deps -r requirements/assets.txt
