@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trustray.models.engine_factory import build_engine
-from trustray.models.engines import Engine, EngineConfig, SamplingParams, render_request
+from trustray.models.engines import Completion, Engine, EngineConfig, SamplingParams, render_request
 from trustray.models.hf_engine import HFEngine
 
 PROMPTS = [
@@ -63,6 +63,16 @@ def assert_close(a: list[list[float]], b: list[list[float]], atol: float) -> Non
 
 def texts(engine: Engine, requests, sampling: SamplingParams, adapter: str | None = None) -> list[str]:
     return [c.text for c in engine.generate(requests, sampling, adapter)]
+
+
+def streamed(engine: Engine, request, sampling: SamplingParams) -> str:
+    """The streamed text; the stream must end with the same `Completion` (text, usage, finish reason) that
+    `generate` returns for the request."""
+    *pieces, final = engine.stream(request, sampling)
+    assert all(isinstance(piece, str) for piece in pieces) and isinstance(final, Completion)
+    assert final.text == "".join(pieces)
+    assert final == engine.generate([request], sampling)[0]
+    return final.text
 
 
 def check_greedy_deterministic_and_batch_invariant(engine: Engine) -> None:
@@ -131,12 +141,12 @@ def check_stream_matches_generate(engine: Engine) -> None:
     cases = [(prompt, [boundary])]
     for request in (PROMPTS[0], PROMPTS[3]):  # a plain and a chat request
         full = texts(engine, [request], GREEDY)[0]
-        assert "".join(engine.stream(request, GREEDY)) == full
+        assert streamed(engine, request, GREEDY) == full
         if len(full) >= 6:
             cases.append((request, [full[3:6]]))
     for request, stop in cases:
         sampling = SamplingParams(max_tokens=8, stop=stop)
-        assert "".join(engine.stream(request, sampling)) == texts(engine, [request], sampling)[0]
+        assert streamed(engine, request, sampling) == texts(engine, [request], sampling)[0]
 
 
 def check_scores(engine: Engine, model, atol: float) -> None:
@@ -277,7 +287,7 @@ def test_stream_matches_generate(engine):
 
 
 def test_stream_yields_several_pieces(engine):
-    assert len(list(engine.stream(PROMPTS[0], GREEDY))) > 1
+    assert len([piece for piece in engine.stream(PROMPTS[0], GREEDY) if isinstance(piece, str)]) > 1
 
 
 def test_scores_match_manual_log_softmax(engine, hf_model):
@@ -363,11 +373,38 @@ def test_bad_inputs(engine):
     check_bad_inputs(engine)
 
 
-def test_build_engine_auto_is_hf_without_vllm(config, monkeypatch):
+def test_build_engine_auto_is_hf_without_vllm(config, monkeypatch, caplog):
+    import importlib.util
+    import logging
+
     import trustray.models.engine_factory as engine_factory
 
-    monkeypatch.setattr(engine_factory, "vllm_available", lambda: False)
-    engine = build_engine(config.model_copy(update={"engine": "auto"}))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(engine_factory.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "vllm" else find_spec(name, *args))
+    with caplog.at_level(logging.INFO, logger="trustray.models.engine_factory"):
+        engine = build_engine(config.model_copy(update={"engine": "auto"}))
     assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
+    assert "hf (auto: vLLM is not installed)" in caplog.text
     assert isinstance(build_engine(config), HFEngine)
 
+
+def test_auto_engine_choice_says_why(config, monkeypatch):
+    import trustray.models.engine_factory as engine_factory
+
+    auto = config.model_copy(update={"engine": "auto"})
+    monkeypatch.setattr(engine_factory.importlib.util, "find_spec", lambda name, *args: object())
+    monkeypatch.setattr(engine_factory.torch.cuda, "is_available", lambda: True)
+    assert engine_factory.choose_engine(auto) == ("vllm", "auto: vLLM is installed and a CUDA GPU is visible")
+    monkeypatch.setattr(engine_factory.torch.cuda, "is_available", lambda: False)
+    choice, reason = engine_factory.choose_engine(auto)
+    assert choice == "hf" and "engine: vllm" in reason
+    assert engine_factory.choose_engine(config.model_copy(update={"engine": "vllm"})) == ("vllm", "named in the config")
+
+
+def test_lora_rank_is_one_vllm_accepts():
+    with pytest.raises(ValueError, match="ranks vLLM accepts"):
+        EngineConfig(max_lora_rank=4)
+    with pytest.raises(ValueError, match="max_cpu_loras"):
+        EngineConfig(max_loras=4, max_cpu_loras=2)
+    assert EngineConfig(max_lora_rank=320, max_loras=2, max_cpu_loras=8).max_cpu_loras == 8

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from trustray.config import BaseConfig
 from trustray.core.editing.scope import EditScope
 from trustray.models.sources import DEFAULT_CHAT_MODEL
 
 Message = Mapping[str, str]
+# The LoRA ranks vLLM can be configured for (`max_lora_rank`).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 Request = str | Sequence[Message]
 
 
@@ -49,13 +51,41 @@ class EngineConfig(BaseConfig):
     max_batch_size: int = Field(16, ge=1, description="Most sequences run through the model at once.")
     max_model_len: int = Field(2048, ge=16, description="Longest prompt plus completion, in tokens.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (None: torch's default).")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM only: share of GPU memory to use.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on GPU: share of GPU memory to use.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM on CPU: memory for the KV cache, in GiB.")
+    cpu_reserved_cores: int = Field(0, ge=0, description="vLLM on CPU: cores kept free of its compute threads "
+                                    "(vLLM's own default is one; on 2 cores none was faster).")
+    enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs or torch.compile (always so on CPU).")
     enable_lora: bool = Field(True, description="vLLM only: reserve LoRA slots so adapters can be loaded.")
-    max_lora_rank: int = Field(64, ge=1, description="vLLM only: largest LoRA rank that can be loaded.")
+    max_lora_rank: int = Field(64, description=f"vLLM only: largest LoRA rank that can be loaded (one of "
+                               f"{', '.join(map(str, VLLM_LORA_RANKS))}).")
+    lora_target_modules: list[str] | None = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="vLLM only: modules adapters may target (None: every module vLLM supports, lm_head included; "
+        "vLLM 0.32's CPU build then fails on prompt log-probabilities, so scoring with adapters enabled breaks).")
+    max_loras: int = Field(4, ge=1, description="vLLM only: adapters used in one batch at once.")
+    max_cpu_loras: int | None = Field(None, ge=1, description="vLLM only: adapters kept resident in host memory "
+                                      "(None: max_loras); more lets several adapters stay loaded between batches.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of the ranks vLLM accepts: {VLLM_LORA_RANKS}")
+        return rank
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_a_batch(self) -> EngineConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+        return self
 
 
 @dataclass
 class Completion:
+    """A finished completion. `completion_tokens` counts the tokens generated, without the end-of-sequence token;
+    when a stop string ended it, the tokens of the text kept. Every engine counts the same way."""
+
     text: str
     prompt_tokens: int
     completion_tokens: int
@@ -65,12 +95,18 @@ class Completion:
 @runtime_checkable
 class Engine(Protocol):
     model_name: str
+    # True when calls from several threads run at once (vLLM's continuous batching); False: they take turns.
+    concurrent: bool
 
     def generate(
         self, requests: Sequence[Request], sampling: SamplingParams, adapter: str | None = None
     ) -> list[Completion]: ...
 
-    def stream(self, request: Request, sampling: SamplingParams, adapter: str | None = None) -> Iterator[str]: ...
+    def stream(
+        self, request: Request, sampling: SamplingParams, adapter: str | None = None
+    ) -> Iterator[str | Completion]:
+        """Text pieces as they are generated, then the whole `Completion` (its text is the pieces joined)."""
+        ...
 
     def score(
         self, prompts: Sequence[str], continuations: Sequence[str], adapter: str | None = None

@@ -46,6 +46,8 @@ class _StopOnStrings:
 class HFEngine:
     """transformers backend: batched generation, per-token scoring, peft LoRA adapters and weight deltas."""
 
+    concurrent = False  # one model call at a time (its lock)
+
     def __init__(self, config: EngineConfig | None = None, device: str | None = None):
         self.config = config or EngineConfig()
         if self.config.torch_threads:
@@ -208,25 +210,18 @@ class HFEngine:
         batch = self._encode(prompts)
         prompt_len = batch["input_ids"].shape[1]
         output = self.model.generate(**batch, **self._generate_kwargs(sampling, prompt_len))
-        new_tokens = output[:, prompt_len:]
+        return [self._completion(row.tolist(), int(mask.sum()), sampling)
+                for row, mask in zip(output[:, prompt_len:], batch["attention_mask"], strict=True)]
+
+    def _completion(self, new_ids: list[int], prompt_tokens: int, sampling: SamplingParams) -> Completion:
+        """A row's generated token ids as a completion (`trustray.models.engines.Completion` defines the counts)."""
         eos_ids = self._eos_ids()
-        completions = []
-        for row, mask in zip(new_tokens, batch["attention_mask"], strict=True):
-            ids = row.tolist()
-            ended = next((i for i, token in enumerate(ids) if token in eos_ids), None)
-            if ended is not None:
-                ids = ids[:ended]
-            text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
-            n_completion = self.count_tokens(text) if stopped else len(ids)
-            completions.append(
-                Completion(
-                    text=text,
-                    prompt_tokens=int(mask.sum()),
-                    completion_tokens=n_completion,
-                    finish_reason="stop" if (ended is not None or stopped) else "length",
-                )
-            )
-        return completions
+        ended = next((i for i, token in enumerate(new_ids) if token in eos_ids), None)
+        ids = new_ids if ended is None else new_ids[:ended]
+        text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
+        return Completion(text=text, prompt_tokens=prompt_tokens,
+                          completion_tokens=self.count_tokens(text) if stopped else len(ids),
+                          finish_reason="stop" if (ended is not None or stopped) else "length")
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -235,13 +230,16 @@ class HFEngine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def stream(self, request: Request, sampling: SamplingParams, adapter: str | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (the stop strings are honoured across pieces)."""
+    def stream(self, request: Request, sampling: SamplingParams,
+               adapter: str | None = None) -> Iterator[str | Completion]:
+        """Yield text pieces as they are generated (the stop strings are honoured across pieces), then the
+        whole `Completion`."""
         from transformers import TextIteratorStreamer
 
         prompt = self.render(request)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        finished: list[Completion] = []
 
         def run() -> None:
             try:
@@ -249,8 +247,10 @@ class HFEngine:
                     if sampling.seed is not None:
                         torch.manual_seed(sampling.seed)
                     batch = self._encode([prompt])
-                    kwargs = self._generate_kwargs(sampling, batch["input_ids"].shape[1])
-                    self.model.generate(**batch, **kwargs, streamer=streamer)
+                    prompt_len = batch["input_ids"].shape[1]
+                    kwargs = self._generate_kwargs(sampling, prompt_len)
+                    output = self.model.generate(**batch, **kwargs, streamer=streamer)
+                    finished.append(self._completion(output[0, prompt_len:].tolist(), prompt_len, sampling))
             except BaseException as error:  # re-raised in the caller's thread below
                 errors.append(error)
                 streamer.end()
@@ -276,6 +276,7 @@ class HFEngine:
         worker.join()
         if errors:
             raise errors[0]
+        yield finished[0]
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.inference_mode()
