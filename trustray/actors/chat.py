@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -31,13 +32,54 @@ class PromptRejected(ValueError):
         self.param, self.code = param, code
 
 
+class SharedOrExclusive:
+    """A readers-writer lock: any number of `shared` holders, or one `exclusive` holder. A waiting exclusive holder
+    keeps new shared holders out, so it is not starved."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._shared -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._waiting += 1
+            self._condition.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
 class ChatModel:
-    """Plain class around an engine; `ChatModelActor` is its Ray actor."""
+    """Plain class around an engine; `ChatModelActor` is its Ray actor. With a concurrent engine (vLLM), any number
+    of threads may call it at once; a block run with an edit set's weight changes holds every other call back
+    (the changes are to the weights every request shares)."""
 
     def __init__(self, config: EngineConfig):
         self.engine = build_engine(config)
         self.model_source = config.model
         self.max_model_len = config.max_model_len
+        self.concurrent = self.engine.concurrent
+        self._weights_gate = SharedOrExclusive()
 
     @cached_property
     def fingerprint(self) -> str:
@@ -45,10 +87,12 @@ class ChatModel:
         return model_fingerprint(self.model_source)
 
     def generate(self, requests: Sequence[Request], sampling: SamplingParams, adapter: str | None = None) -> list[Completion]:
-        return self.engine.generate(requests, sampling, adapter)
+        with self.edited(None):
+            return self.engine.generate(requests, sampling, adapter)
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str], adapter: str | None = None) -> list[list[float]]:
-        return self.engine.score(prompts, continuations, adapter)
+        with self.edited(None):
+            return self.engine.score(prompts, continuations, adapter)
 
     def load_adapter(self, name: str, path: str) -> None:
         self.engine.load_adapter(name, path)
@@ -94,16 +138,18 @@ class ChatModel:
 
     @contextlib.contextmanager
     def edited(self, edit: EditWeights | None) -> Iterator[None]:
-        """The edit set's weights for the block only; reverting restores the base weights bit for bit. Callers run
-        one block at a time, so no other call ever sees them."""
+        """The edit set's weights for the block only; reverting restores the base weights bit for bit. No other
+        block runs meanwhile, so no other request ever sees them."""
         if edit is None:
-            yield
+            with self._weights_gate.shared():
+                yield
             return
-        self.engine.apply_delta(*edit)
-        try:
-            yield
-        finally:
-            self.engine.revert_delta(edit[0])
+        with self._weights_gate.exclusive():
+            self.engine.apply_delta(*edit)
+            try:
+                yield
+            finally:
+                self.engine.revert_delta(edit[0])
 
     def generate_each(
         self, requests: Sequence[Request], samplings: Sequence[SamplingParams], edits: Sequence[EditWeights | None],
@@ -134,18 +180,13 @@ class ChatModel:
         """`{"prompt_tokens"}` first (or `PromptRejected`, raised before anything is yielded), then text pieces, then
         `{"completion_tokens", "finish_reason"}`. Read it to the end: the engine's generation thread uses the
         tokenizer until it finishes."""
-        prompt_tokens = self.prompt_tokens(request)
-        yield {"prompt_tokens": prompt_tokens}
-        text = ""
+        yield {"prompt_tokens": self.prompt_tokens(request)}
         with self.edited(edit):
             for piece in self.engine.stream(request, sampling, adapter):
-                text += piece
-                yield piece
-        completion_tokens = self.engine.count_tokens(text)
-        # The engine does not report why streaming ended; a full token budget (or context) means "length".
-        budget = min(sampling.max_tokens, self.max_model_len - prompt_tokens)
-        yield {"completion_tokens": completion_tokens,
-               "finish_reason": "length" if completion_tokens >= budget else "stop"}
+                if isinstance(piece, Completion):
+                    yield {"completion_tokens": piece.completion_tokens, "finish_reason": piece.finish_reason}
+                else:
+                    yield piece
 
 
 ChatModelActor = ray.remote(ChatModel)

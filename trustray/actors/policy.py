@@ -39,8 +39,8 @@ class PolicyWorker:
 
     def __init__(self, engine: EngineConfig, lora: LoraSettings, max_length: int, pooling: str) -> None:
         if engine.engine == "vllm":
-            raise ValueError("the preference loop's policy worker runs the model itself and needs chat.engine: hf "
-                             "(or auto on a machine without vLLM)")
+            raise ValueError("the preference loop's policy worker runs the model itself (transformers) and needs "
+                             "chat.engine: hf or auto")
         self.engine = HFEngine(engine.model_copy(update={"engine": "hf"}))
         self.max_length, self.pooling = max_length, pooling
         self.prefix = lora_prefix_length(self.engine.model.config.num_hidden_layers, lora)

@@ -1,8 +1,10 @@
 """The Serve deployments hosting models, each a thin wrapper around a plain worker class of `trustray.actors`.
 
-`ChatDeployment` (an engine; concurrent non-streaming requests are batched), `RetrieverDeployment` (embedder +
+`ChatDeployment` (an engine; concurrent non-streaming requests are batched; with vLLM, every request reaches its
+continuous batching), `RetrieverDeployment` (embedder +
 passage index), `CompressorDeployment` (the passage compressor), `EditorDeployment` (makes edit sets for
-POST /v1/edits) and `RewardDeployment` (a reward model for /v1/rewards and selective answers). Every call that touches a model runs on the deployment's one executor thread. Errors a request
+POST /v1/edits) and `RewardDeployment` (a reward model for /v1/rewards and selective answers). Every call that
+touches a model runs on the deployment's executor threads (`ModelExecutor`: one, except for vLLM). Errors a request
 causes come back as `APIError` values rather than raised, so they cross the Ray boundary unchanged.
 """
 
@@ -47,12 +49,13 @@ ADAPTER_VERSIONS_KEPT = 2
 AdapterRef = tuple[str, str]
 
 
-class SerialExecutor:
-    """One thread for everything that touches a model or its tokenizer: fast tokenizers raise "Already
-    borrowed" when two threads use one at once, and the model runs one call at a time anyway."""
+class ModelExecutor:
+    """The threads that touch a model or its tokenizer. One by default: fast tokenizers raise "Already borrowed"
+    when two threads use one at once, and most models run one call at a time anyway. A concurrent engine (vLLM:
+    its own tokenizer lock, continuous batching) gets one thread per request the replica may hold."""
 
-    def __init__(self, name: str):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, name: str, threads: int = 1):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -79,17 +82,18 @@ def _log_failure(task: asyncio.Future) -> None:
 @serve.deployment
 class ChatDeployment:
     """Hosts one `ChatModel`. Non-streaming requests are batched by `@serve.batch`; streaming requests run one at
-    a time. Requests naming an edit set run with its weights applied (loaded once per replica); requests naming a
+    a time, except on a concurrent engine (vLLM), where up to `max_ongoing_requests` calls run at once. Requests naming an edit set run with its weights applied (loaded once per replica); requests naming a
     published adapter run with it (each version loaded once per replica, when first asked for: a hot swap)."""
 
     def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float,
-                 edit_store_dir: str | None = None, torch_threads: int | None = None):
+                 edit_store_dir: str | None = None, torch_threads: int | None = None, max_ongoing_requests: int = 1):
         pin_torch_threads(torch_threads)
         config = EngineConfig.model_validate(engine_config)
         self.chat = ChatModel(config)
         self.edit_store_dir = Path(edit_store_dir) if edit_store_dir else None
         self._adapter_versions: dict[str, list[str]] = {}  # name -> loaded "<name>@<version>" ids, oldest first
-        self._executor = SerialExecutor("engine")
+        self._adapter_lock = threading.Lock()
+        self._executor = ModelExecutor("engine", max_ongoing_requests if self.chat.concurrent else 1)
         self._generate_batch.set_max_batch_size(batch_max_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("chat deployment ready: %s", config.model)
@@ -110,14 +114,15 @@ class ChatDeployment:
         """Load a published adapter version unless this replica has it; drop versions beyond the kept ones."""
         adapter_id, folder = adapter
         name = adapter_id.split("@")[0]
-        versions = self._adapter_versions.setdefault(name, [])
-        if adapter_id in versions:
-            return
-        began = time.perf_counter()
-        self.chat.load_adapter(adapter_id, folder)
-        versions.append(adapter_id)
-        while len(versions) > ADAPTER_VERSIONS_KEPT:
-            self.chat.remove_adapter(versions.pop(0))
+        with self._adapter_lock:
+            versions = self._adapter_versions.setdefault(name, [])
+            if adapter_id in versions:
+                return
+            began = time.perf_counter()
+            self.chat.load_adapter(adapter_id, folder)
+            versions.append(adapter_id)
+            while len(versions) > ADAPTER_VERSIONS_KEPT:
+                self.chat.remove_adapter(versions.pop(0))
         logger.info("adapter %s loaded in %.3f s", adapter_id, time.perf_counter() - began)
 
     async def _adapter(self, adapter: AdapterRef | None) -> str | None:
@@ -128,7 +133,11 @@ class ChatDeployment:
 
     async def generate(self, request: EngineRequest, sampling: SamplingParams, edit_id: str | None = None,
                        adapter: AdapterRef | None = None) -> Completion | APIError:
-        return await self._generate_batch(request, sampling, await self._edit(edit_id), await self._adapter(adapter))
+        edit, adapter_id = await self._edit(edit_id), await self._adapter(adapter)
+        if self.chat.concurrent:  # vLLM batches across requests itself; `@serve.batch` would run one batch at a time
+            result = (await self._executor.run(self.chat.generate_each, [request], [sampling], [edit], [adapter_id]))[0]
+            return rejected(result) if isinstance(result, PromptRejected) else result
+        return await self._generate_batch(request, sampling, edit, adapter_id)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batch(
@@ -153,12 +162,17 @@ class ChatDeployment:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
+            events = self.chat.stream_events(request, sampling, edit, adapter_id)
             try:
-                # Read to the end even after the client left: the engine's generation thread keeps using the
-                # tokenizer until it finishes, and nothing else may use it meanwhile (see SerialExecutor).
-                for item in self.chat.stream_events(request, sampling, edit, adapter_id):
+                # After the client left, a concurrent engine (vLLM) aborts the request when the stream is closed;
+                # the others read to the end: their generation thread keeps using the tokenizer until it
+                # finishes, and nothing else may use it meanwhile (see ModelExecutor).
+                for item in events:
                     if not cancelled.is_set():
                         put(item)
+                    elif self.chat.concurrent:
+                        events.close()
+                        break
             except PromptRejected as error:
                 put(rejected(error))
             finally:
@@ -182,7 +196,7 @@ class RetrieverDeployment:
     def __init__(self, index_dir: str, embedder_config: dict[str, Any], torch_threads: int | None = None):
         pin_torch_threads(torch_threads)
         self.retriever = Retriever(index_dir, EmbedderConfig.model_validate(embedder_config))
-        self._executor = SerialExecutor("retriever")
+        self._executor = ModelExecutor("retriever")
 
     async def retrieve(self, questions: list[str], k: int) -> list[list[Passage]]:
         return await self._executor.run(self.retriever.retrieve, questions, k)
@@ -195,7 +209,7 @@ class CompressorDeployment:
     def __init__(self, config: dict[str, Any], chat_model: str, torch_threads: int | None = None):
         pin_torch_threads(torch_threads)
         self.compressor = PassageCompressor(CompressorConfig.model_validate(config), chat_model)
-        self._executor = SerialExecutor("compressor")
+        self._executor = ModelExecutor("compressor")
         logger.info("compressor ready: %s, budget %d tokens", self.compressor.config.name, self.compressor.config.budget)
 
     async def compress(self, question: str, passages: list[tuple[str, str]]) -> Any:
@@ -221,7 +235,7 @@ class EditorDeployment:
         # The unedited model's answers to the probes, taken once: every edit set is compared with them.
         self.check = self.maker.locality_check(locality_probe_questions(config.locality_probes),
                                                config.locality_max_new_tokens)
-        self._executor = SerialExecutor("editor")
+        self._executor = ModelExecutor("editor")
         self._jobs: set[asyncio.Future] = set()  # jobs answered with 202, kept referenced until they finish
         logger.info("editor deployment ready: %s on %s", config.editor, model)
 
@@ -282,7 +296,7 @@ class RewardDeployment:
     def __init__(self, model_dir: str, torch_threads: int | None = None):
         pin_torch_threads(torch_threads)
         self.scorer = RewardScorer(model_dir)
-        self._executor = SerialExecutor("reward")
+        self._executor = ModelExecutor("reward")
 
     async def score(self, prompt: list[dict[str, str]], responses: list[str]) -> list[dict[str, Any]]:
         return await self._executor.run(self.scorer.score, prompt, responses)

@@ -54,6 +54,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     chat = ChatDeployment.options(**options.chat.serve_options()).bind(
         chat_config.model_dump(), config.batch_max_size, config.batch_wait_timeout_s,
         edits.store_dir if edits is not None else None, options.chat.resources.torch_threads,
+        options.chat.max_ongoing_requests,
     )
     retriever = compressor = None
     if config.rag is not None:
