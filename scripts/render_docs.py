@@ -405,6 +405,26 @@ def table_serve_overhead(report: dict[str, Any]) -> str:
     return markdown_table(["path", "concurrency", "p50 ms", "p95 ms", "requests/s"], rows)
 
 
+def table_engine_throughput(report: dict[str, Any]) -> str:
+    """Per engine: start-up, latency at concurrency 1, then tokens/s at each concurrency; the ratio row last."""
+    levels = [entry["concurrency"] for entry in report["engines"][0]["by_concurrency"]]
+    rows = [[engine["engine"], fmt(engine["startup_s"], "f1"), fmt(engine["p50_first_piece_s"], "f2"),
+             fmt(engine["p50_latency_s"], "f2"), *[fmt(entry["tokens_per_s"], "f1") for entry in engine["by_concurrency"]]]
+            for engine in report["engines"]]
+    rows.append(["vLLM ÷ transformers", "", "", "",
+                 *[fmt(entry["vllm_over_hf_tokens_per_s"], "f2") for entry in report["ratios"]]])
+    return markdown_table(["engine", "start-up s", "first piece s (p50)", "request s (p50)",
+                           *[f"tokens/s at {level}" for level in levels]], rows)
+
+
+def table_serve_llm_compare(report: dict[str, Any]) -> str:
+    rows = [[app["app"], fmt(app["startup_s"], "f1"), fmt(app["p50_first_piece_s"], "f2"), fmt(app["p50_latency_s"], "f2"),
+             fmt(app["tokens_per_s"], "f1"), fmt(app["p50_latency_at_concurrency_s"], "f2")] for app in report["apps"]]
+    level = report["apps"][0]["concurrency"]
+    return markdown_table(["app", "start-up s", "first piece s (p50, alone)", "request s (p50, alone)",
+                           f"tokens/s at {level}", f"request s (p50) at {level}"], rows)
+
+
 def table_active_preference(report: dict[str, Any], task: str) -> str:
     """Per acquisition function (random first), the greedy win rate ± s.e. at each label budget, then the reward
     model's held-out accuracy and ECE after scaling at the largest budget, and the seeds averaged there."""
@@ -466,6 +486,8 @@ TABLES: dict[str, Callable[..., str]] = {
     "influence_selection": table_influence_selection,
     "influence_throughput": table_influence_throughput,
     "serve_overhead": table_serve_overhead,
+    "engine_throughput": table_engine_throughput,
+    "serve_llm_compare": table_serve_llm_compare,
 }
 
 
