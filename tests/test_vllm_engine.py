@@ -181,3 +181,14 @@ def test_closing_a_stream_aborts_its_request(engine):
     while engine.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.engine.get_num_unfinished_requests() == 0
+
+
+def test_a_model_vllm_cannot_run_here_fails_at_start(tiny_llama_dir):
+    """The suite's usual tiny Llama has 16-dim heads, which vLLM's CPU attention lacks: the engine must refuse it
+    when built, not kill itself on a user's first request."""
+    if torch.cuda.is_available():
+        pytest.skip("every head size runs on a GPU")
+    config = EngineConfig(model=tiny_llama_dir, engine="vllm", dtype="float32", max_model_len=256,
+                          cpu_kv_cache_gib=0.25, max_lora_rank=8)
+    with pytest.raises(RuntimeError, match="vLLM cannot run"):
+        build_engine(config)

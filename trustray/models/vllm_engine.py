@@ -156,6 +156,20 @@ class VLLMEngine:
         self._deltas: set[str] = set()
         self._shapes: dict[str, list[int]] | None = None
         self._admin_lock = threading.RLock()  # adapter and delta bookkeeping
+        self._check_runs()
+
+    def _check_runs(self) -> None:
+        """Generate one token now: a model vLLM cannot run here (say, an attention head size its CPU backend
+        lacks) kills the engine on its first request, which is better at start-up than in a user's request."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            self.generate(["Hello"], SamplingParams(max_tokens=1))
+        except (EngineDeadError, ExceptionGroup) as error:
+            self.close()
+            raise RuntimeError(f"vLLM cannot run {self.config.model} here: its engine died on a first one-token "
+                               "request (the cause is in vLLM's log above, e.g. 'Unsupported CPU attention "
+                               "configuration'); use engine: hf") from error
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the engine's loop and wait for its result."""
