@@ -78,8 +78,12 @@ class ChatModel:
         self.engine = build_engine(config)
         self.model_source = config.model
         self.max_model_len = config.max_model_len
-        self.concurrent = self.engine.concurrent
         self._weights_gate = SharedOrExclusive()
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether calls from several threads run at once (the engine's continuous batching)."""
+        return self.engine.concurrent
 
     @cached_property
     def fingerprint(self) -> str:
@@ -178,8 +182,9 @@ class ChatModel:
     def stream_events(self, request: Request, sampling: SamplingParams, edit: EditWeights | None = None,
                       adapter: str | None = None) -> Iterator[dict[str, Any] | str]:
         """`{"prompt_tokens"}` first (or `PromptRejected`, raised before anything is yielded), then text pieces, then
-        `{"completion_tokens", "finish_reason"}`. Read it to the end: the engine's generation thread uses the
-        tokenizer until it finishes."""
+        `{"completion_tokens", "finish_reason"}` (the engine's own counts). Read it to the end unless the engine is
+        concurrent (closing a vLLM stream aborts its request): transformers' generation thread uses the tokenizer
+        until it finishes."""
         yield {"prompt_tokens": self.prompt_tokens(request)}
         with self.edited(edit):
             for piece in self.engine.stream(request, sampling, adapter):

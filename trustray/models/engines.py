@@ -23,9 +23,9 @@ from trustray.core.editing.scope import EditScope
 from trustray.models.sources import DEFAULT_CHAT_MODEL
 
 Message = Mapping[str, str]
+Request = str | Sequence[Message]
 # The LoRA ranks vLLM can be configured for (`max_lora_rank`).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-Request = str | Sequence[Message]
 
 
 class SamplingParams(BaseConfig):

@@ -75,17 +75,24 @@ class DeltaWorkerExtension:
     What a delta replaces is kept in the worker (a weight's original values, or a packed layer's `cpu_linear`),
     so reverting restores it bit for bit without a round trip."""
 
+    def _trustray_lookup(self) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.nn.Module]]:
+        """Parameters and their modules by HF name, found once: every edited request applies and reverts a delta,
+        and the model's modules do not change after loading (LoRA layers are wrapped when it loads)."""
+        if "trustray_lookup" not in self.__dict__:
+            self.trustray_lookup = (_parameters(self.get_model()), _weight_owners(self.get_model()))
+        return self.trustray_lookup
+
     def trustray_parameter_shapes(self) -> dict[str, list[int]]:
-        owners = _weight_owners(self.get_model())
+        params, owners = self._trustray_lookup()
         shapes = {}
-        for key, param in _parameters(self.get_model()).items():
+        for key, param in params.items():
             module = owners.get(key)
             shapes[key] = ([module.output_size_per_partition, module.input_size_per_partition]
                            if module is not None and _packed_away(param, module) else list(param.shape))
         return shapes
 
     def trustray_apply_delta(self, name: str, payload: dict[str, tuple[list[int], bytes]]) -> None:
-        params, owners = _parameters(self.get_model()), _weight_owners(self.get_model())
+        params, owners = self._trustray_lookup()
         originals: dict[str, tuple[str, Any]] = {}
         for key, (shape, data) in payload.items():
             change = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
@@ -100,7 +107,7 @@ class DeltaWorkerExtension:
         self.__dict__.setdefault("trustray_saved", {})[name] = originals
 
     def trustray_revert_delta(self, name: str) -> None:
-        params, owners = _parameters(self.get_model()), _weight_owners(self.get_model())
+        params, owners = self._trustray_lookup()
         for key, (kind, original) in self.trustray_saved.pop(name).items():
             if kind == "cpu_linear":
                 owners[key].cpu_linear = original

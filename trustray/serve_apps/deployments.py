@@ -81,9 +81,10 @@ def _log_failure(task: asyncio.Future) -> None:
 
 @serve.deployment
 class ChatDeployment:
-    """Hosts one `ChatModel`. Non-streaming requests are batched by `@serve.batch`; streaming requests run one at
-    a time, except on a concurrent engine (vLLM), where up to `max_ongoing_requests` calls run at once. Requests naming an edit set run with its weights applied (loaded once per replica); requests naming a
-    published adapter run with it (each version loaded once per replica, when first asked for: a hot swap)."""
+    """Hosts one `ChatModel`. Non-streaming requests are batched by `@serve.batch` and streaming requests run one
+    at a time, except on a concurrent engine (vLLM), where up to `max_ongoing_requests` calls run at once. Requests
+    naming an edit set run with its weights applied (loaded once per replica); requests naming a published adapter
+    run with it (each version loaded once per replica, when first asked for: a hot swap)."""
 
     def __init__(self, engine_config: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float,
                  edit_store_dir: str | None = None, torch_threads: int | None = None, max_ongoing_requests: int = 1):
