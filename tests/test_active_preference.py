@@ -167,3 +167,27 @@ def test_a_probe_gives_full_responses_to_the_most_uncertain_prompts_only(tiny_ll
     assert {pair["prompt_index"] for pair in pool} == set(probe["kept_prompts"])
     assert 0 < probe["tokens"] <= 8 * 2 * 3
     assert summary["rounds"][0]["generated_tokens"] == probe["tokens"] + sum(pair["tokens"] for pair in pool)
+
+
+@pytest.mark.vllm
+def test_vllm_samples_the_responses_and_a_resume_must_agree(tmp_path):
+    from trustray.models.tiny import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "model", hidden_size=256)  # 64-dim heads: vLLM's CPU attention runs them
+    vllm_chat = ["chat.engine=vllm", "chat.max_model_len=512", "chat.cpu_kv_cache_gib=0.25", "chat.max_lora_rank=8"]
+    run_dir = tmp_path / "run"
+    summary = json.loads(active_preference.run(_config(str(model_dir), run_dir, *vllm_chat)).read_text())
+    assert [r["labels"] for r in summary["rounds"]] == [3, 6]
+    assert json.loads((run_dir / "metadata.json").read_text())["sampled_by"] == "vllm"
+    # Greedy eval answers of the initial policy are vLLM's; on this float32 model they equal transformers'.
+    from trustray.models.engines import SamplingParams
+    from trustray.models.hf_engine import HFEngine
+
+    config = _config(str(model_dir), run_dir, *vllm_chat)
+    hf = HFEngine(config.chat.model_copy(update={"engine": "hf"}))
+    eval_prompts = active_preference.split_prompts(config)["eval"]
+    greedy = hf.generate([p.messages() for p in eval_prompts], SamplingParams(max_tokens=config.max_tokens,
+                                                                               temperature=0.0))
+    assert json.loads((run_dir / "fixtures.json").read_text())["eval_greedy"] == [c.text for c in greedy]
+    with pytest.raises(Exception, match="metadata|differ|settings"):
+        active_preference.run(_config(str(model_dir), run_dir, "chat.max_model_len=512"))

@@ -2,8 +2,9 @@
 
 It samples candidate responses and evaluation answers from the current policy, scores responses under the
 policy and under the reference (the same model with its adapters off) through the frozen-prefix cache, computes
-the frozen features the reward model reads, and swaps in each new policy adapter in place. It needs the
-transformers engine: scoring runs the model's top layers itself.
+the frozen features the reward model reads, and swaps in each new policy adapter in place. It always runs
+transformers, whatever engine the chat config names: scoring runs the model's top layers itself. With vLLM the
+preference loop samples on a `GenerationPool` instead and leaves only scoring to this worker.
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ class PolicyWorker:
     conversation."""
 
     def __init__(self, engine: EngineConfig, lora: LoraSettings, max_length: int, pooling: str) -> None:
-        if engine.engine == "vllm":
-            raise ValueError("the preference loop's policy worker runs the model itself (transformers) and needs "
-                             "chat.engine: hf or auto")
         self.engine = HFEngine(engine.model_copy(update={"engine": "hf"}))
         self.max_length, self.pooling = max_length, pooling
         self.prefix = lora_prefix_length(self.engine.model.config.num_hidden_layers, lora)

@@ -42,6 +42,12 @@ Output folder: `metadata.json` (the settings a resume must agree with; budgets m
 `fixtures.json` (eval and held-out responses of the initial policy), `rounds/labels-<n>/{labels.jsonl, dpo/,
 reward_model/, metrics.json}`, and at the end `preferences.jsonl` (every preference, TRL's conversational
 format) and `summary.json` (settings and per-round metrics).
+
+Where `chat.engine` resolves to vLLM (`vllm`, or `auto` on a CUDA machine: `trustray.models.engine_factory`), every
+response — candidates, probes, eval answers — is sampled on a `GenerationPool` of vLLM chat-model actors
+(`resources.generators`) holding the current policy's adapter, and the policy worker (always transformers) only
+scores; otherwise the policy worker samples too. vLLM and transformers sample different responses from the same
+seed, so the engine that samples is a setting a resumed run must agree with.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from trustray.artifacts import atomic_write_text, check_metadata, write_metadata
-from trustray.config import ActorResources, BaseConfig, PipelineConfig, TrainWorkerResources
+from trustray.config import ActorResources, BaseConfig, PipelineConfig, PoolResources, TrainWorkerResources
 from trustray.core.align.dpo import DPOSettings
 from trustray.models.engines import EngineConfig
 from trustray.models.sources import model_fingerprint
@@ -125,6 +131,8 @@ class LoopResources(BaseConfig):
     in_process: bool = Field(False, description="Run the policy worker and the DPO updates in this process instead "
                              "of a Ray actor and Ray Train.")
     policy: ActorResources = Field(default_factory=ActorResources, description="The policy worker actor.")
+    generators: PoolResources = Field(default_factory=lambda: PoolResources(size=1), description="The vLLM actors "
+                                      "that sample responses when chat.engine resolves to vLLM (size 1 in process).")
     train: TrainWorkerResources = Field(default_factory=TrainWorkerResources, description="The DPO worker.")
 
 
@@ -194,6 +202,13 @@ def paired(prompt_index: int, responses: list[dict[str, Any]]) -> list[dict[str,
              "tokens": responses[i]["tokens"] + responses[i + 1]["tokens"]} for i in range(0, len(responses), 2)]
 
 
+def sampling_engine(chat: EngineConfig) -> tuple[str, str]:
+    """The engine that samples the loop's responses ("vllm" or "hf"; module docstring) and why."""
+    from trustray.models.engine_factory import choose_engine
+
+    return choose_engine(chat)
+
+
 def pair_key(pair: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([pair["prompt_index"], pair["a"], pair["b"]]).encode()).hexdigest()[:16]
 
@@ -209,6 +224,7 @@ class Loop:
         self.prompts = split_prompts(config)
         self.oracle = build_oracle(config.task, **config.oracle.model_dump())
         self.worker = self._start_worker()
+        self.generators = self._start_generators()
         self.labels: list[dict[str, Any]] = []  # every question asked so far, in order
         self.adapter: Path | None = None  # the newest policy's adapter folder (None: the initial policy)
         self.loaded: Path | None = None  # the adapter the worker holds
@@ -223,8 +239,23 @@ class Loop:
             return PolicyWorker(*args)
         return start_policy_worker(*args, config.resources.policy)
 
+    def _start_generators(self):
+        """The vLLM generation pool, or None where the policy worker samples (module docstring)."""
+        from trustray.actors.generation import GenerationPool
+
+        engine, reason = sampling_engine(self.config.chat)
+        logger.info("responses are sampled by %s (%s)", engine, reason)
+        if engine != "vllm":
+            return None
+        resources = self.config.resources
+        return GenerationPool(self.config.chat.model_copy(update={"engine": "vllm"}), resources.generators,
+                              in_process=resources.in_process)
+
     def close(self) -> None:
-        """Stop the policy worker's actor (its CPUs go back to Ray at once, not when the handle is collected)."""
+        """Stop the policy worker's actor and the generation pool (their CPUs go back to Ray at once, not when the
+        handles are collected)."""
+        if self.generators is not None:
+            self.generators.close()
         if not self.config.resources.in_process:
             import ray
 
@@ -239,8 +270,33 @@ class Loop:
 
     def sample(self, prompts: list, samples: int, temperature: float, seed: int,
                max_tokens: int | None = None) -> list[list[dict[str, Any]]]:
-        return self.call("sample", [p.messages() for p in prompts], samples, max_tokens or self.config.max_tokens,
-                         temperature, seed)
+        messages = [p.messages() for p in prompts]
+        max_tokens = max_tokens or self.config.max_tokens
+        if self.generators is not None:
+            from trustray.actors.policy import POLICY
+
+            return self.generators.sample(messages, samples, max_tokens, temperature, seed,
+                                          POLICY if self.loaded is not None else None)
+        return self.call("sample", messages, samples, max_tokens, temperature, seed)
+
+    def load_policy(self, adapter: Path) -> float:
+        """Swap `adapter` in as the policy wherever responses are scored or sampled; returns the seconds it took
+        (the policy worker and the generation pool load it at the same time)."""
+        from trustray.actors.policy import POLICY
+
+        began = time.perf_counter()
+        if self.generators is not None and not self.config.resources.in_process:
+            import ray
+
+            loading = self.worker.load_policy.remote(str(adapter))
+            self.generators.load_adapter(POLICY, str(adapter))
+            ray.get(loading)
+        else:
+            self.call("load_policy", str(adapter))
+            if self.generators is not None:
+                self.generators.load_adapter(POLICY, str(adapter))
+        self.loaded = adapter
+        return time.perf_counter() - began
 
     def conversations(self, pairs: list[dict[str, Any]], prompts: list, side: str) -> list[tuple]:
         return [(prompts[pair["prompt_index"]].messages(), pair[side]) for pair in pairs]
@@ -300,8 +356,7 @@ class Loop:
     def ensure_policy(self) -> None:
         """The worker's policy is the newest adapter (after a resume it may still be the initial policy)."""
         if self.adapter is not None and self.loaded != self.adapter:
-            self.call("load_policy", str(self.adapter))
-            self.loaded = self.adapter
+            self.load_policy(self.adapter)
 
     def fixtures(self) -> dict[str, Any]:
         """The initial policy's eval answers (greedy, sampled) and the held-out pairs with their oracle labels."""
@@ -526,7 +581,10 @@ def expected_metadata(config: ActivePreferenceConfig) -> dict[str, Any]:
     existed still resumes."""
     settings = config.model_dump(mode="json", exclude_none=True, exclude={
         "budgets", "resources", "force", "name", "output_dir", "service", "publish"})
-    return {"kind": "active_preference", "model_fingerprint": model_fingerprint(config.chat.model), **settings}
+    # Recorded only for vLLM, so runs sampled by transformers before the pool existed still resume.
+    sampled_by = {"sampled_by": "vllm"} if sampling_engine(config.chat)[0] == "vllm" else {}
+    return {"kind": "active_preference", "model_fingerprint": model_fingerprint(config.chat.model), **settings,
+            **sampled_by}
 
 
 def run(config: ActivePreferenceConfig) -> Path:
@@ -572,8 +630,7 @@ def run_rounds(config: ActivePreferenceConfig, out: Path, loop: Loop) -> Path:
                                "DPO has nothing to train on; raise the first budget")
         reward_model = loop.reward_model()
         loop.adapter = loop.train_policy(round_dir)
-        swap_seconds = loop.call("load_policy", str(loop.adapter))
-        loop.loaded = loop.adapter
+        swap_seconds = loop.load_policy(loop.adapter)
         evaluation, saved = loop.evaluate(fixtures, reward_model)
         save_reward_model(round_dir / "reward_model", reward_model, saved.pop("in_distribution"), {
             "task": config.task, "base_model": config.chat.model,
