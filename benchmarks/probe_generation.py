@@ -4,12 +4,16 @@ For each seed, runs the `active_preference` pipeline (`configs/active_preference
 this process, with the same task, acquisition function and label budgets:
 - baseline: every pool prompt gets `samples_per_prompt` full responses;
 - probe: every pool prompt first gets `probe.samples` prefixes of `probe.tokens` tokens, and only the `probe.keep`
-  share with the highest predictive entropy gets full responses.
+  share with the highest predictive entropy gets full responses;
+- random_half (the control): a random `probe.keep` share of the prompts gets full responses, no prefixes. It
+  tells the probe's choice of prompts apart from merely having fewer candidate pairs to acquire from.
 
 Reports per seed and over seeds (mean, s.e., 95% t-interval): generated tokens of each (pool and probe prefixes,
 counted by the pipeline), `tokens_saved` = 1 − probe / baseline, and the greedy win rate against the initial policy
 at the largest budget, with `win_rate_delta` = probe − baseline (the issue's target: ≥ 30% saved, delta within 2
-points). Runs resume and finished runs are read back (outputs/benchmarks/probe_generation).
+points) and `control_win_rate_delta` = random_half − baseline. Runs resume and finished runs are read back
+(outputs/benchmarks/probe_generation); an arm whose folder is gone is read back from the results file when that
+file holds it for the same settings (`read_back_from_results_file` says how many, and from which machine).
 Writes benchmarks/results/probe_generation.json; `benchmarks/active_preference.py` copies its summary into
 active_preference.json's `selective_generation`.
 
@@ -38,17 +42,43 @@ RUNS = ROOT / "outputs" / "benchmarks" / "probe_generation"
 logger = logging.getLogger("probe_generation")
 
 
-def run_one(args: argparse.Namespace, seed: int, probe: bool) -> tuple[dict, float]:
-    """One pipeline run (resumed, or read back when finished) and the seconds this call spent on it."""
-    arm = f"probe-s{args.samples}-t{args.tokens}-k{args.keep}" if probe else "baseline"
-    folder = RUNS / f"{args.task}-{args.acquisition}-seed{seed}" / arm
+ARMS = ("baseline", "probe", "random_half")
+
+
+def arm_folder(args: argparse.Namespace, seed: int, arm: str) -> Path:
+    name = {"baseline": "baseline", "probe": f"probe-s{args.samples}-t{args.tokens}-k{args.keep}",
+            "random_half": f"random-k{args.keep}"}[arm]
+    return RUNS / f"{args.task}-{args.acquisition}-seed{seed}" / name
+
+
+def run_one(args: argparse.Namespace, seed: int, arm: str) -> tuple[dict, float]:
+    """One pipeline run's final round (resumed, or read back when finished) and the seconds this call spent."""
+    folder = arm_folder(args, seed, arm)
     overrides = [f"task={args.task}", f"acquisition={args.acquisition}", f"seed={seed}", f"output_dir={folder}",
                  "resources.in_process=true"]
-    if probe:
+    if arm == "probe":
         overrides += [f"probe.samples={args.samples}", f"probe.tokens={args.tokens}", f"probe.keep={args.keep}"]
+    if arm == "random_half":
+        overrides += [f"probe.keep={args.keep}", "probe.rank_by=random"]
     began = time.perf_counter()
     summary = json.loads(Path(run(load_config(ActivePreferenceConfig, CONFIG, overrides))).read_text())
-    return summary, time.perf_counter() - began
+    return final_round(summary), time.perf_counter() - began
+
+
+def recorded_arms(args: argparse.Namespace) -> tuple[dict[tuple[int, str], dict], dict | None]:
+    """{(seed, arm): (final round, seconds)} from the results file where it was made with these settings, and the
+    machine it was made on."""
+    path = RESULTS / "probe_generation.json"
+    if not path.is_file():
+        return {}, None
+    previous = json.loads(path.read_text())
+    same = (previous["task"], previous["acquisition"], previous["probe"]) == (
+        args.task, args.acquisition, {"samples": args.samples, "tokens": args.tokens, "keep": args.keep})
+    if not same:
+        return {}, None
+    arms = {(row["seed"], arm): (row[arm], row["seconds"][arm]) for row in previous["rows"] for arm in ARMS
+            if arm in row}
+    return arms, previous.get("read_back_from_results_file", previous)["machine"]
 
 
 def final_round(summary: dict) -> dict:
@@ -72,19 +102,32 @@ def main() -> None:
     args = parser.parse_args()
     apply_offline_defaults()
     setup_logging()
-    rows = []
+    recorded, recorded_machine = recorded_arms(args)
+    rows, read_back = [], 0
     for seed in args.seeds:
-        baseline, baseline_s = run_one(args, seed, probe=False)
-        probed, probe_s = run_one(args, seed, probe=True)
-        base, with_probe = final_round(baseline), final_round(probed)
-        rows.append({"seed": seed, "labels": base["labels"], "baseline": base, "probe": with_probe,
+        finals, seconds = {}, {}
+        for arm in ARMS:
+            if (seed, arm) in recorded and not (arm_folder(args, seed, arm) / "summary.json").is_file():
+                (finals[arm], seconds[arm]), read_back = recorded[(seed, arm)], read_back + 1
+                logger.info("seed %d %s: read back from the results file", seed, arm)
+                continue
+            finals[arm], spent = run_one(args, seed, arm)
+            seconds[arm] = round(spent, 1)
+        base, with_probe, control = finals["baseline"], finals["probe"], finals["random_half"]
+        rows.append({"seed": seed, "labels": base["labels"], **finals,
                      "tokens_saved": round(1 - with_probe["generated_tokens"] / base["generated_tokens"], 4),
                      "win_rate_delta": round(with_probe["win_rate"] - base["win_rate"], 4),
-                     "seconds": {"baseline": round(baseline_s, 1), "probe": round(probe_s, 1)}})
-        logger.info("seed %d: tokens %d → %d, win rate %.3f → %.3f", seed, base["generated_tokens"],
-                    with_probe["generated_tokens"], base["win_rate"], with_probe["win_rate"])
-    summary = {key: interval([row[key] for row in rows]).as_dict() for key in ("tokens_saved", "win_rate_delta")}
-    for arm in ("baseline", "probe"):
+                     "control_tokens_saved": round(1 - control["generated_tokens"] / base["generated_tokens"], 4),
+                     "control_win_rate_delta": round(control["win_rate"] - base["win_rate"], 4),
+                     "probe_minus_control_win_rate": round(with_probe["win_rate"] - control["win_rate"], 4),
+                     "seconds": seconds})
+        logger.info("seed %d: tokens %d → %d (control %d), win rate %.3f → %.3f (control %.3f)", seed,
+                    base["generated_tokens"], with_probe["generated_tokens"], control["generated_tokens"],
+                    base["win_rate"], with_probe["win_rate"], control["win_rate"])
+    summary = {key: interval([row[key] for row in rows]).as_dict() for key in (
+        "tokens_saved", "win_rate_delta", "control_tokens_saved", "control_win_rate_delta",
+        "probe_minus_control_win_rate")}
+    for arm in ARMS:
         summary[f"{arm}_win_rate"] = interval([row[arm]["win_rate"] for row in rows]).as_dict()
         summary[f"{arm}_generated_tokens"] = interval([row[arm]["generated_tokens"] for row in rows]).as_dict()
     result = {
@@ -93,6 +136,8 @@ def main() -> None:
         "seeds": args.seeds, "rows": rows, "summary": summary,
         "targets": {"tokens_saved_at_least": 0.3, "win_rate_delta_within": 0.02},
     }
+    if read_back:
+        result["read_back_from_results_file"] = {"runs": read_back, "machine": recorded_machine}
     atomic_write_text(RESULTS / "probe_generation.json", json.dumps(result, indent=2) + "\n")
 
 

@@ -169,6 +169,22 @@ def test_a_probe_gives_full_responses_to_the_most_uncertain_prompts_only(tiny_ll
     assert summary["rounds"][0]["generated_tokens"] == probe["tokens"] + sum(pair["tokens"] for pair in pool)
 
 
+def test_the_random_control_keeps_a_random_share_and_samples_no_prefixes(tiny_llama_dir, tmp_path):
+    kept = []
+    for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}"
+        summary = json.loads(active_preference.run(_config(
+            tiny_llama_dir, folder, "budgets=[3]", f"seed={seed}",
+            "probe={keep: 0.5, rank_by: random}")).read_text())
+        probe = json.loads((folder / "pool.probe.json").read_text())
+        pool = json.loads((folder / "pool.json").read_text())
+        assert probe["tokens"] == 0 and len(probe["kept_prompts"]) == 4
+        assert {pair["prompt_index"] for pair in pool} == set(probe["kept_prompts"])
+        assert summary["rounds"][0]["generated_tokens"] == sum(pair["tokens"] for pair in pool)
+        kept.append(probe["kept_prompts"])
+    assert kept[0] != kept[1]  # drawn by the seed
+
+
 @pytest.mark.vllm
 def test_vllm_samples_the_responses_and_a_resume_must_agree(tmp_path):
     from trustray.models.tiny import build_tiny_llama

@@ -17,7 +17,8 @@ One round per entry of `budgets` (the number of labels asked for so far; ties an
    sampled again from the current policy every round). With `probe` (selective generation), every pool prompt
    first gets a few short sampled prefixes, whose per-token log-probabilities under the policy estimate its
    predictive entropy, and only the `probe.keep` share of prompts with the highest entropy get full responses:
-   fewer generated tokens for the same labels;
+   fewer generated tokens for the same labels (`probe.rank_by: random` keeps a random share instead, without
+   prefixes: the control that tells the probe's choice from merely having fewer candidates);
 2. the statistics the acquisition function needs (`trustray.core.align.acquisition`), computed by the policy
    worker and the reward model: the policy's predictive entropy of each prompt (from its sampled responses'
    log-probabilities under the current policy), DPO's implicit reward margin, the reward ensemble's disagreement,
@@ -123,6 +124,9 @@ class ProbeSettings(BaseConfig):
     samples: int = Field(4, ge=2, description="Prefixes sampled per prompt.")
     tokens: int = Field(6, ge=1, description="Tokens per prefix.")
     keep: float = Field(0.5, gt=0, le=1, description="Share of the pool prompts that get full responses.")
+    rank_by: Literal["entropy", "random"] = Field("entropy", description="entropy: keep the prompts whose prefixes "
+                                                  "have the highest predictive entropy; random: a control that keeps "
+                                                  "a random `keep` share and samples no prefixes.")
 
 
 class LoopResources(BaseConfig):
@@ -326,7 +330,11 @@ class Loop:
         config, prompts = self.config, self.prompts["pool"]
         seed = config.seed * 1000 + len(self.labels)
         chosen = list(range(len(prompts)))
-        if config.probe is not None:
+        if config.probe is not None and config.probe.rank_by == "random":
+            keep = max(1, math.ceil(config.probe.keep * len(prompts)))
+            chosen = sorted(np.random.default_rng(seed + 777).choice(len(prompts), keep, replace=False).tolist())
+            atomic_write_text(probe_file, json.dumps({"tokens": 0, "kept_prompts": chosen}))
+        elif config.probe is not None:
             probe = config.probe
             prefixes = self.sample(prompts, probe.samples, 1.0, seed + 777, max_tokens=probe.tokens)
             conversations = [(prompts[i].messages(), row["text"]) for i, rows in enumerate(prefixes) for row in rows]
