@@ -169,7 +169,10 @@ def other_results() -> dict:
             "tokens_saved": data["summary"]["tokens_saved"]["mean"],
             "tokens_saved_ci95": data["summary"]["tokens_saved"]["ci95"],
             "win_rate_delta": data["summary"]["win_rate_delta"]["mean"],
-            "win_rate_delta_ci95": data["summary"]["win_rate_delta"]["ci95"], "source": "probe_generation.json"}]
+            "win_rate_delta_ci95": data["summary"]["win_rate_delta"]["ci95"],
+            "control_random_half": {key: data["summary"][f"control_{key}"]["mean"]
+                                    for key in ("tokens_saved", "win_rate_delta") if f"control_{key}" in data["summary"]},
+            "source": "probe_generation.json"}]
     swap = RESULTS / "hot_swap.json"
     if swap.is_file():
         data = json.loads(swap.read_text())
