@@ -425,6 +425,28 @@ def table_serve_llm_compare(report: dict[str, Any]) -> str:
                            f"tokens/s at {level}", f"request s (p50) at {level}"], rows)
 
 
+def table_cpu_serving(report: dict[str, Any]) -> str:
+    """Per system: start-up, then output tokens/s and p50 / p95 latency at each concurrency, failed requests; the
+    ratios to llama.cpp last."""
+    levels = sorted({run["concurrency"] for run in report["runs"]})
+
+    def run(system: str, level: int) -> dict[str, Any]:
+        return next(r for r in report["runs"] if r["system"] == system and r["concurrency"] == level)
+
+    rows = [[system["system"], fmt(system["startup_s"], "f1"),
+             *[f"{fmt(run(system['system'], level)['output_tokens_per_s'], 'f1')} "
+               f"({fmt(run(system['system'], level)['p50_ms'] / 1000, 'f1')} / "
+               f"{fmt(run(system['system'], level)['p95_ms'] / 1000, 'f1')} s)" for level in levels],
+             str(sum(run(system["system"], level)["failed"] for level in levels))]
+            for system in report["systems"]]
+    rows += [[f"{name} ÷ llama.cpp", "", *[fmt(next(r["over_llamacpp"] for r in report["ratios"]
+                                                    if r["system"] == name and r["concurrency"] == level), "f2")
+                                          for level in levels], ""]
+             for name in ("trustray-hf", "trustray-vllm")]
+    return markdown_table(["system", "start-up s", *[f"tokens/s at {level} (p50 / p95)" for level in levels],
+                           "failed"], rows)
+
+
 def table_active_preference(report: dict[str, Any], task: str) -> str:
     """Per acquisition function (random first), the greedy win rate ± s.e. at each label budget, then the reward
     model's held-out accuracy and ECE after scaling at the largest budget, and the seeds averaged there."""
@@ -488,6 +510,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "serve_overhead": table_serve_overhead,
     "engine_throughput": table_engine_throughput,
     "serve_llm_compare": table_serve_llm_compare,
+    "cpu_serving": table_cpu_serving,
 }
 
 
