@@ -11,12 +11,13 @@ and stopped before the next starts, so none runs beside another):
 
 Every system gets the same requests through the `openai` client: greedy chat completions of `--max-tokens` tokens,
 4 prompts in rotation that ask for long answers, after one warm-up request. At each `--concurrency` c, c client
-threads send `--rounds` × c requests in all (c = 1: `--single` requests one after the other): output tokens per
-second in aggregate (completion tokens from `usage` / wall seconds), p50 and p95 request latency, failed requests.
+threads send `--rounds` × c requests in all (c = 1: `--single` requests one after the other), and this is
+repeated `--repeats` times: output tokens per second in aggregate (completion tokens from `usage` / wall seconds;
+the mean over repeats, each repeat's value kept), p50 and p95 latency over every request, failed requests.
 The greedy texts of the 4 prompts are compared between the systems (`greedy_identical`).
 
 Run: ./scripts/setup_llamacpp.sh && .venv/bin/python benchmarks/cpu_serving.py [--max-tokens 32]
-     [--concurrency 1 8 32] [--rounds 2] [--single 8] [--threads 2]
+     [--concurrency 1 8 32] [--rounds 2] [--single 8] [--repeats 3] [--threads 2]
 Writes benchmarks/results/cpu_serving.json.
 """
 
@@ -84,15 +85,23 @@ def measure(system: str, base_url: str, model: str, args: argparse.Namespace) ->
     runs = []
     for concurrency in args.concurrency:
         count = args.single if concurrency == 1 else args.rounds * concurrency
-        began = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            answers = list(pool.map(one, range(count)))
-        seconds = time.perf_counter() - began
+        answers, rates, seconds = [], [], 0.0
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                repeat = list(pool.map(one, range(count)))
+            spent = time.perf_counter() - began
+            answers += repeat
+            seconds += spent
+            rates.append(round(sum(answer[1] for answer in repeat if answer[0] is not None) / spent, 2))
         done = [answer for answer in answers if answer[0] is not None]
-        latencies = [answer[2] for answer in done] or [float("nan")]
-        run = {"system": system, "concurrency": concurrency, "requests": count, "failed": count - len(done),
-               "output_tokens": sum(answer[1] for answer in done), "seconds": round(seconds, 2),
-               "output_tokens_per_s": round(sum(answer[1] for answer in done) / seconds, 2),
+        latencies = [answer[2] for answer in done]
+        if not latencies:
+            raise RuntimeError(f"{system}: every request at concurrency {concurrency} failed")
+        run = {"system": system, "concurrency": concurrency, "requests": len(answers),
+               "failed": len(answers) - len(done), "output_tokens": sum(answer[1] for answer in done),
+               "seconds": round(seconds, 2), "output_tokens_per_s": round(statistics.mean(rates), 2),
+               "output_tokens_per_s_repeats": rates,
                "p50_ms": round(1000 * statistics.median(latencies)), "p95_ms": round(1000 * percentile(latencies, 0.95))}
         logger.info("%s", run)
         runs.append(run)
@@ -164,6 +173,7 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread at concurrency > 1")
     parser.add_argument("--single", type=int, default=8, help="requests at concurrency 1")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per concurrency (same server)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     args = parser.parse_args()
     apply_offline_defaults()
@@ -190,6 +200,7 @@ def main() -> None:
               for system in ("trustray-hf", "trustray-vllm") for c in args.concurrency]
     result = {
         "machine": machine, "model": "smollm2-135m-instruct", "max_tokens": args.max_tokens, "prompts": PROMPTS,
+        "repeats": args.repeats,
         "systems": systems, "runs": runs, "ratios": ratios,
         "p50_at_concurrency_1_over_llamacpp": {engine: round(p50(f"trustray-{engine}") / p50("llama.cpp"), 3)
                                                for engine in ("hf", "vllm")},

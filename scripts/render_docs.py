@@ -426,17 +426,20 @@ def table_serve_llm_compare(report: dict[str, Any]) -> str:
 
 
 def table_cpu_serving(report: dict[str, Any]) -> str:
-    """Per system: start-up, then output tokens/s and p50 / p95 latency at each concurrency, failed requests; the
-    ratios to llama.cpp last."""
+    """Per system: start-up, then output tokens/s (mean [min–max] over repeats) and p50 / p95 latency at each
+    concurrency, failed requests; the ratios to llama.cpp (of the means) last."""
     levels = sorted({run["concurrency"] for run in report["runs"]})
 
     def run(system: str, level: int) -> dict[str, Any]:
         return next(r for r in report["runs"] if r["system"] == system and r["concurrency"] == level)
 
-    rows = [[system["system"], fmt(system["startup_s"], "f1"),
-             *[f"{fmt(run(system['system'], level)['output_tokens_per_s'], 'f1')} "
-               f"({fmt(run(system['system'], level)['p50_ms'] / 1000, 'f1')} / "
-               f"{fmt(run(system['system'], level)['p95_ms'] / 1000, 'f1')} s)" for level in levels],
+    def cell(system: str, level: int) -> str:
+        measured = run(system, level)
+        repeats = measured["output_tokens_per_s_repeats"]
+        return (f"{fmt(measured['output_tokens_per_s'], 'f1')} [{fmt(min(repeats), 'f1')}–{fmt(max(repeats), 'f1')}] "
+                f"({fmt(measured['p50_ms'] / 1000, 'f1')} / {fmt(measured['p95_ms'] / 1000, 'f1')} s)")
+
+    rows = [[system["system"], fmt(system["startup_s"], "f1"), *[cell(system["system"], level) for level in levels],
              str(sum(run(system["system"], level)["failed"] for level in levels))]
             for system in report["systems"]]
     rows += [[f"{name} ÷ llama.cpp", "", *[fmt(next(r["over_llamacpp"] for r in report["ratios"]
