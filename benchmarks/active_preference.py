@@ -11,7 +11,8 @@ copy (`pool.json`, `fixtures.json`), exactly as if they had sampled them again.
 
 Each run resumes where it stopped, and finished runs are read back, so a killed grid continues; the results
 file is rewritten after every run (`"complete": false` until the grid is done). A run recorded in the results file
-whose folder is gone (a new machine) is read back from the results file, not computed again.
+whose folder is gone (a new machine) is read back from the results file, not computed again, and recorded runs
+outside `--tasks` / `--seeds` / `--acquisitions` stay in the results as they are.
 `selective_generation` is copied from probe_generation.json (benchmarks/probe_generation.py) when present.
 Writes benchmarks/results/active_preference.json and active_preference.png (win rate against labels).
 Run: .venv/bin/python benchmarks/active_preference.py [--tasks sentiment factual] [--seeds 0 1 2]
@@ -226,7 +227,16 @@ def main() -> None:
     recorded = recorded_runs()
     previous = json.loads((RESULTS / "active_preference.json").read_text()) if recorded else {}
     previous_machine = previous.get("read_back_from_results_file", previous).get("machine")
-    done = read_back = 0
+    # Recorded runs outside this invocation's selection stay in the results as they are.
+    selected = {(task, acquisition, seed) for task, seed, acquisition in runs}
+    kept = {key: value for key, value in recorded.items() if key not in selected}
+    for rows, final_calibration in kept.values():
+        curves += rows
+        calibration.append(final_calibration)
+    done = read_back = len(kept)
+    planned = len(runs) + len(kept)
+    tasks = list(dict.fromkeys([task for task, _, _ in kept] + list(args.tasks)))
+    seeds = sorted({seed for _, _, seed in selected | set(kept)})
     for task, seed, acquisition in runs:
         key = (task, acquisition, seed)
         if key in recorded and not (RUNS / f"{task}-seed{seed}" / acquisition).is_dir():
@@ -244,12 +254,12 @@ def main() -> None:
         calibration.append(final_calibration)
         table = aggregate(curves)
         result = {
-            "machine": machine, "complete": done == len(runs), "config": str(CONFIG.relative_to(ROOT)),
+            "machine": machine, "complete": done == planned, "config": str(CONFIG.relative_to(ROOT)),
             "settings": config.model_dump(mode="json", include={"prompts", "samples_per_prompt", "max_tokens",
                                                                 "budgets", "oracle", "reward_model", "dpo"}),
-            "seeds": args.seeds, "runs": done, "planned_runs": len(runs), "seconds_this_invocation": round(seconds, 1),
+            "seeds": seeds, "runs": done, "planned_runs": planned, "seconds_this_invocation": round(seconds, 1),
             "curves": curves, "table": table, "calibration": calibration,
-            "labels_to_match_random": [m for task_name in args.tasks if any(r["task"] == task_name for r in table)
+            "labels_to_match_random": [m for task_name in tasks if any(r["task"] == task_name for r in table)
                                        for m in labels_to_match(table, task_name)],
             "selective_generation_serving": selective_summary(curves),
             **other_results(),
@@ -257,7 +267,7 @@ def main() -> None:
         if read_back:
             result["read_back_from_results_file"] = {"runs": read_back, "machine": previous_machine}
         atomic_write_text(RESULTS / "active_preference.json", json.dumps(result, indent=2) + "\n")
-        logger.info("run %d of %d done (%s, %s, seed %d) in %.0f s", done, len(runs), task, acquisition, seed, spent)
+        logger.info("run %d of %d done (%s, %s, seed %d) in %.0f s", done, planned, task, acquisition, seed, spent)
     plot(aggregate(curves), machine, RESULTS / "active_preference.png")
 
 
