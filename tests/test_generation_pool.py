@@ -4,8 +4,8 @@ samples equal transformers' under the same adapter, and a seeded sample does not
 from __future__ import annotations
 
 import pytest
-
 from test_engines import make_lora_adapters
+
 from trustray.config import PoolResources
 from trustray.models.engines import EngineConfig, SamplingParams
 
