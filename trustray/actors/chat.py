@@ -33,19 +33,25 @@ class PromptRejected(ValueError):
 
 
 class SharedOrExclusive:
-    """A readers-writer lock: any number of `shared` holders, or one `exclusive` holder. A waiting exclusive holder
-    keeps new shared holders out, so it is not starved."""
+    """A readers-writer lock: any number of `shared` holders, or one `exclusive` holder. Neither side starves the
+    other: a waiting exclusive holder keeps new shared holders out, and when an exclusive block ends, as many
+    shared holders as were waiting for it go in before the next exclusive block."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._shared = 0
         self._exclusive = False
-        self._waiting = 0
+        self._waiting = 0  # exclusive holders waiting
+        self._shared_waiting = 0
+        self._admit = 0  # shared holders let in ahead of waiting exclusive ones
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         with self._condition:
-            self._condition.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared_waiting += 1
+            self._condition.wait_for(lambda: not self._exclusive and (self._admit > 0 or not self._waiting))
+            self._shared_waiting -= 1
+            self._admit = max(0, self._admit - 1)
             self._shared += 1
         try:
             yield
@@ -58,7 +64,7 @@ class SharedOrExclusive:
     def exclusive(self) -> Iterator[None]:
         with self._condition:
             self._waiting += 1
-            self._condition.wait_for(lambda: not self._exclusive and not self._shared)
+            self._condition.wait_for(lambda: not self._exclusive and not self._shared and not self._admit)
             self._waiting -= 1
             self._exclusive = True
         try:
@@ -66,6 +72,7 @@ class SharedOrExclusive:
         finally:
             with self._condition:
                 self._exclusive = False
+                self._admit = self._shared_waiting
                 self._condition.notify_all()
 
 
