@@ -284,23 +284,22 @@ class Loop:
         return self.call("sample", messages, samples, max_tokens, temperature, seed)
 
     def load_policy(self, adapter: Path) -> float:
-        """Swap `adapter` in as the policy wherever responses are scored or sampled; returns the seconds it took
-        (the policy worker and the generation pool load it at the same time)."""
+        """Swap `adapter` in as the policy wherever responses are scored or sampled; returns the seconds the swap
+        took where it ran (the policy worker and the generation pool load it at the same time, or one after the
+        other in this process)."""
         from trustray.actors.policy import POLICY
 
-        began = time.perf_counter()
-        if self.generators is not None and not self.config.resources.in_process:
+        if self.generators is None or self.config.resources.in_process:
+            seconds = self.call("load_policy", str(adapter))
+            if self.generators is not None:
+                seconds += self.generators.load_adapter(POLICY, str(adapter))
+        else:
             import ray
 
             loading = self.worker.load_policy.remote(str(adapter))
-            self.generators.load_adapter(POLICY, str(adapter))
-            ray.get(loading)
-        else:
-            self.call("load_policy", str(adapter))
-            if self.generators is not None:
-                self.generators.load_adapter(POLICY, str(adapter))
+            seconds = max(self.generators.load_adapter(POLICY, str(adapter)), ray.get(loading))
         self.loaded = adapter
-        return time.perf_counter() - began
+        return seconds
 
     def conversations(self, pairs: list[dict[str, Any]], prompts: list, side: str) -> list[tuple]:
         return [(prompts[pair["prompt_index"]].messages(), pair[side]) for pair in pairs]
@@ -329,22 +328,22 @@ class Loop:
         """Sample the pool prompts' responses and pair them; a probe first picks which prompts (module docstring)."""
         config, prompts = self.config, self.prompts["pool"]
         seed = config.seed * 1000 + len(self.labels)
-        chosen = list(range(len(prompts)))
-        if config.probe is not None and config.probe.rank_by == "random":
-            keep = max(1, math.ceil(config.probe.keep * len(prompts)))
-            chosen = sorted(np.random.default_rng(seed + 777).choice(len(prompts), keep, replace=False).tolist())
-            atomic_write_text(probe_file, json.dumps({"tokens": 0, "kept_prompts": chosen}))
-        elif config.probe is not None:
-            probe = config.probe
-            prefixes = self.sample(prompts, probe.samples, 1.0, seed + 777, max_tokens=probe.tokens)
-            conversations = [(prompts[i].messages(), row["text"]) for i, rows in enumerate(prefixes) for row in rows]
-            scored = self.call("logprobs", conversations, True)
-            per_token = np.array(scored["logprobs"]) / np.maximum(np.array(scored["lengths"]), 1)
-            entropy = -per_token.reshape(len(prompts), probe.samples).mean(axis=1)
+        chosen, probe = list(range(len(prompts))), config.probe
+        if probe is not None:
             keep = max(1, math.ceil(probe.keep * len(prompts)))
-            chosen = sorted(np.argsort(-entropy, kind="stable")[:keep].tolist())
-            atomic_write_text(probe_file, json.dumps({
-                "tokens": sum(row["tokens"] for rows in prefixes for row in rows), "kept_prompts": chosen}))
+            if probe.rank_by == "random":
+                chosen = sorted(np.random.default_rng(seed + 777).choice(len(prompts), keep, replace=False).tolist())
+                tokens = 0
+            else:
+                prefixes = self.sample(prompts, probe.samples, 1.0, seed + 777, max_tokens=probe.tokens)
+                conversations = [(prompts[i].messages(), row["text"]) for i, rows in enumerate(prefixes)
+                                 for row in rows]
+                scored = self.call("logprobs", conversations, True)
+                per_token = np.array(scored["logprobs"]) / np.maximum(np.array(scored["lengths"]), 1)
+                entropy = -per_token.reshape(len(prompts), probe.samples).mean(axis=1)
+                chosen = sorted(np.argsort(-entropy, kind="stable")[:keep].tolist())
+                tokens = sum(row["tokens"] for rows in prefixes for row in rows)
+            atomic_write_text(probe_file, json.dumps({"tokens": tokens, "kept_prompts": chosen}))
         responses = self.sample([prompts[i] for i in chosen], config.samples_per_prompt, 1.0, seed)
         return [pair for index, rows in zip(chosen, responses, strict=True) for pair in paired(index, rows)]
 
