@@ -8,8 +8,8 @@ only after the transformers one is gone, so neither runs beside the other's thre
 - at each `--concurrency` c: c requests at once, repeated `--rounds` times — transformers as one batched call of c
   (what the chat deployment's request batching gives it: its best case), vLLM as c threads each sending one
   request (its continuous batching) — completion tokens per second and p50 request latency.
-The ratio vLLM / transformers is reported per concurrency; `engine: auto` reads this file (see
-`trustray.models.engine_factory`).
+The ratio vLLM / transformers is reported per concurrency. `engine: auto` does not read this file: it keeps
+transformers on a CPU for the reasons `trustray.models.engine_factory` gives.
 
 Run: .venv/bin/python benchmarks/engine_throughput.py [--model smollm2-135m-instruct] [--max-tokens 32]
      [--concurrency 1 8 32] [--rounds 3]

@@ -106,6 +106,31 @@ def test_http_api(service):
     assert "Which response is better?" in httpx.get(url).text
 
 
+# A valid body for every route that changes state; the test below fails when a new one is missing here.
+MUTATING_BODIES = {("/", "post"): {"item_id": "pair-0", "choice": "tie", "idempotency_key": "unauthorised-1"},
+                   ("/items", "post"): {"items": [{**ITEMS[0], "id": "pair-unauthorised"}]}}
+
+
+def test_every_mutating_route_needs_a_key_and_text_must_be_unicode(service):
+    url, _ = service
+    api = url.rstrip("/")
+    document = httpx.get(f"{api}/openapi.json").json()
+    mutating = {(path, method) for path, operations in document["paths"].items() for method in operations
+                if method in ("post", "put", "patch", "delete")}
+    assert mutating == set(MUTATING_BODIES)
+    before = httpx.get(f"{api}/stats", headers=_auth(ADMIN_KEY)).json()
+    for (path, method), body in MUTATING_BODIES.items():
+        for headers in ({}, _auth("wrong-key-0")):
+            response = httpx.request(method.upper(), api + path.rstrip("/"), json=body, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    surrogate = b'{"items": [{"id": "pair-x", "prompt": "\\ud800?", "a": "x", "b": "y"}]}'
+    response = httpx.post(f"{api}/items", content=surrogate, headers={**_auth(ADMIN_KEY),
+                                                                      "content-type": "application/json"})
+    assert response.status_code == 400 and "surrogate" in response.json()["error"]["message"]
+    assert httpx.get(f"{api}/stats", headers=_auth(ADMIN_KEY)).json() == before
+
+
 def test_page_in_headless_chromium_across_a_restart(service):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

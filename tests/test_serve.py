@@ -234,3 +234,78 @@ def test_app_builder_and_serve_config_file(tiny_llama_dir):
     app_builder({"config": str(TINY_CONFIG), "overrides": [f"chat.model={tiny_llama_dir}", "rag=null"]})
     with pytest.raises(ValueError, match="unknown app_builder args"):
         app_builder({"config": str(TINY_CONFIG), "extra": 1})
+
+
+def test_lone_surrogate_is_400(url, serve_config):
+    # JSON may spell a lone UTF-16 surrogate; no UTF-8 tokenizer can encode it.
+    bodies = {
+        "/v1/chat/completions": '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        "/v1/completions": '{"model": "%s", "prompt": "\\udfff"}',
+    }
+    with httpx.Client(timeout=60) as http:
+        for path, body in bodies.items():
+            for model in (serve_config.model_name, serve_config.rag.model_name):
+                response = http.post(f"{url}{path}", content=(body % model).encode(),
+                                     headers={"content-type": "application/json"})
+                _assert_error(response, 400)
+                assert "surrogate" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "fields"), [
+    ("/v1/chat/completions", {"logprobs": True}),
+    ("/v1/chat/completions", {"top_logprobs": 2}),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("/v1/chat/completions", {"tool_choice": "auto"}),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"frequency_penalty": 0.5}),
+    ("/v1/chat/completions", {"logit_bias": {"42": 5}}),
+    ("/v1/completions", {"logprobs": 2}),
+    ("/v1/completions", {"echo": True}),
+    ("/v1/completions", {"best_of": 3}),
+])
+def test_unsupported_parameters_are_400_naming_them(url, serve_config, path, fields):
+    body = _chat(serve_config.model_name, **fields)
+    if path == "/v1/completions":
+        body = {"model": serve_config.model_name, "prompt": "Paris is", "max_tokens": 4, **fields}
+    response = httpx.post(f"{url}{path}", json=body, timeout=60)
+    (name,) = fields
+    _assert_error(response, 400, param=name)
+    assert "not supported" in response.json()["error"]["message"]
+
+
+def test_unsupported_parameters_at_their_off_value_are_accepted(client, serve_config):
+    answer = client.chat.completions.create(
+        model=serve_config.model_name, messages=MESSAGES, max_tokens=4, logprobs=False, frequency_penalty=0,
+        response_format={"type": "text"}, tool_choice="none", user="someone",
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openapi_declares_request_and_answer_models(url):
+    document = httpx.get(f"{url}/openapi.json", timeout=60).json()
+    expected = {("/v1/chat/completions", "post"): "ChatCompletionRequest",
+                ("/v1/completions", "post"): "CompletionRequest", ("/v1/edits", "post"): "EditsRequest",
+                ("/v1/rewards", "post"): "RewardsRequest"}
+    schemas = document["components"]["schemas"]
+    for (path, method), model in expected.items():
+        operation = document["paths"][path][method]
+        assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"}
+        assert model in schemas
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    assert "422" not in chat and chat["default"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse")
+    assert {"logprobs", "tools", "response_format"} <= set(schemas["ChatCompletionRequest"]["properties"])
+    assert httpx.get(f"{url}/docs", timeout=60).status_code == 200
+
+
+def test_fuzzed_requests_get_no_server_error_and_match_the_schema(url, serve_config):
+    from fuzzing import fuzz
+
+    report = fuzz(url, cases_per_operation=100, models=(serve_config.model_name, serve_config.rag.model_name))
+    assert report.server_errors == [] and report.schema_violations == []
+    chat = report.statuses["POST /v1/chat/completions"]
+    # Valid requests reached the model, invalid ones were refused with a 4xx.
+    assert chat.get(200, 0) >= 5 and sum(count for status, count in chat.items() if 400 <= status < 500) >= 5
+    assert report.cases >= 400

@@ -130,6 +130,8 @@ class ChatModel:
         except (TemplateError, ValueError) as error:
             raise PromptRejected(f"the messages cannot be rendered with the model's chat template: {error}",
                                  param) from None
+        if prompt_tokens == 0:
+            raise PromptRejected(f"the {param} is empty: it has no tokens to continue", param)
         if prompt_tokens >= self.max_model_len:
             raise PromptRejected(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "

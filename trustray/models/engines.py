@@ -28,6 +28,10 @@ Request = str | Sequence[Message]
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+# Temperatures below this decode greedily in every engine, as in vLLM (dividing logits by 1e-300 overflows).
+GREEDY_BELOW = 1e-5
+
+
 class SamplingParams(BaseConfig):
     """Decoding settings shared by every engine (OpenAI semantics: temperature 0 means greedy)."""
 
@@ -35,7 +39,12 @@ class SamplingParams(BaseConfig):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 decodes greedily; above 0 samples.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] = Field(default_factory=list, description="Generation ends before the first of these strings.")
-    seed: int | None = Field(None, description="Seed for sampling; None leaves the generator as it is.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63,
+                             description="Seed for sampling (a 64-bit integer); None leaves the generator as it is.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class EngineConfig(BaseConfig):

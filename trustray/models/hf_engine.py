@@ -87,7 +87,7 @@ class HFEngine:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
         }
-        if sampling.temperature > 0:
+        if not sampling.greedy:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

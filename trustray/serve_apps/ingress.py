@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -30,20 +30,32 @@ from trustray.core.rag.prompting import format_passages, rag_messages
 from trustray.data import adapter_store
 from trustray.models.engines import Completion, SamplingParams
 from trustray.models.engines import Request as EngineRequest
+from trustray.serve_apps.api_docs import DocumentedAPI
 from trustray.serve_apps.config import RagServeConfig, ServeConfig
 from trustray.serve_apps.edit_store import EditStore
 from trustray.serve_apps.errors import install_error_handlers
 from trustray.serve_apps.schemas import (
     APIError,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     EditsRequest,
+    ModelList,
     RewardsRequest,
+    TextCompletionResponse,
 )
 
 logger = logging.getLogger(__name__)
 
-app = FastAPI(title="trustray", description="OpenAI-compatible chat and retrieval-augmented chat.")
+app = DocumentedAPI(
+    title="trustray", description="OpenAI-compatible chat and retrieval-augmented chat.",
+    request_bodies={("/v1/chat/completions", "post"): ChatCompletionRequest,
+                    ("/v1/completions", "post"): CompletionRequest, ("/v1/edits", "post"): EditsRequest,
+                    ("/v1/rewards", "post"): RewardsRequest},
+    responses={("/v1/chat/completions", "post"): ChatCompletionResponse,
+               ("/v1/completions", "post"): TextCompletionResponse, ("/v1/models", "get"): ModelList},
+    streams=frozenset({("/v1/chat/completions", "post"), ("/v1/completions", "post")}),
+)
 install_error_handlers(app)
 
 

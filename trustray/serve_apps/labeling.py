@@ -24,16 +24,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from ray import serve
 
 from trustray.config import BaseConfig
 from trustray.data.label_store import CHOICES, LabelConflict, LabelStore, UnknownItem
+from trustray.serve_apps.api_docs import DocumentedAPI
 from trustray.serve_apps.config import DeploymentOptions
 from trustray.serve_apps.errors import install_error_handlers
-from trustray.serve_apps.schemas import APIError
+from trustray.serve_apps.schemas import APIError, ValidUnicode
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class LabelingConfig(BaseConfig):
         return labelers
 
 
-class LabelRequest(BaseModel):
+class LabelRequest(ValidUnicode):
     item_id: str = Field(min_length=1, description="The item shown by GET /v1/labels/next.")
     choice: str = Field(description=f"One of {', '.join(CHOICES)} (in the order the responses were shown).")
     idempotency_key: str = Field(min_length=8, max_length=200, description="Unique per label; resending the same "
@@ -85,7 +86,7 @@ class LabelRequest(BaseModel):
         return self
 
 
-class ItemsRequest(BaseModel):
+class ItemsRequest(ValidUnicode):
     items: list[dict[str, Any]] = Field(min_length=1, max_length=10_000, description="Pairs to label.")
 
 
@@ -102,7 +103,7 @@ class _PrefixIsRoot:
         await self.app(scope, receive, send)
 
 
-app = FastAPI(title="trustray labeling", description="Preference labels from people.")
+app = DocumentedAPI(title="trustray labeling", description="Preference labels from people.")
 app.add_middleware(_PrefixIsRoot)
 install_error_handlers(app)
 

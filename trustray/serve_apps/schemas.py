@@ -1,15 +1,20 @@
-"""Request models and the error type of the OpenAI-compatible API (plain pydantic, no Ray).
+"""Request and response models and the error type of the OpenAI-compatible API (plain pydantic, no Ray).
 
-Unknown request fields are ignored, as OpenAI-compatible servers commonly do, so clients that send optional
-fields this server does not implement still work; fields whose values cannot be honoured (n > 1, a non-text
-content part, an unsupported role) are rejected with a 400.
+Unknown request fields are ignored, as OpenAI-compatible servers commonly do, so clients that send metadata this
+server has no use for (`user`, `store`, `metadata`) still work. OpenAI parameters that would change the answer and
+that this server does not implement (`logprobs`, `tools`, `response_format` other than text, penalties...) are
+declared, and rejected with a 400 naming the parameter unless they hold their "off" value; so are values that
+cannot be honoured (n > 1, a non-text content part, an unsupported role). Text holding a lone UTF-16 surrogate
+(JSON's `"\ud800"`, which no UTF-8 tokenizer can encode) is a 400 too. The response models document the answers
+in the OpenAPI schema (`/docs`) and let schema-based fuzzers check them.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -39,8 +44,55 @@ def _rebuild_api_error(status: int, message: str, type: str, param: str | None, 
     return APIError(status, message, type=type, param=param, code=code)
 
 
+def lone_surrogate_at(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """Where in parsed JSON (dicts, lists, strings; keys included) a string holds a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_at(key, (*path, str(key)[:40])) or lone_surrogate_at(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, (*path, index))
+            if found is not None:
+                return found
+    return None
+
+
+class ValidUnicode(BaseModel):
+    """A request body: every string in it must be encodable as UTF-8."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        path = lone_surrogate_at(data)
+        if path is not None:
+            where = ".".join(str(part) for part in path) or "body"
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (such as \\ud800): not valid Unicode text")
+        return data
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def _is_off(value: Any, off: tuple[Any, ...]) -> bool:
+    # `bool` is an `int`: `logprobs: 0` is not `false`, yet a penalty of 0.0 is 0.
+    return any(value == allowed and (type(value) is type(allowed) or bool not in (type(value), type(allowed)))
+               for allowed in off)
+
+
+def _reject_unless_off(unsupported: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
+    if value is not None and not _is_off(value, unsupported[info.field_name]):
+        allowed = " or ".join(json.dumps(option) for option in unsupported[info.field_name])
+        raise ValueError(f"{info.field_name} is not supported by this server (leave it out{', or send ' + allowed if allowed else ''})")
+    return value
 
 
 class TextPart(BaseModel):
@@ -68,7 +120,7 @@ class StreamOptions(_Request):
     include_usage: bool = Field(False, description="Send a last chunk holding the token usage.")
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(ValidUnicode, _Request):
     model: str = Field(..., min_length=1, description="Public model name (see /v1/models).")
     max_tokens: int | None = Field(None, ge=1, description="Most new tokens; the server default when omitted.")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
@@ -77,7 +129,7 @@ class _SamplingRequest(_Request):
     stop: str | list[str] | None = Field(
         None, validate_default=True, description="Up to 4 strings that end generation (read as a list)."
     )
-    seed: int | None = Field(None, description="Sampling seed.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="Sampling seed (a 64-bit integer).")
     stream: bool = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
     n: int = Field(1, description="Number of choices; only 1 is supported.")
@@ -120,12 +172,45 @@ class SelectiveOptions(BaseModel):
         return self
 
 
+_UNSUPPORTED = "Not supported: a 400 unless left out or off."
+# OpenAI parameters that change the answer and are not implemented, with the values that mean "off".
+CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "modalities": (["text"],), "audio": (),
+    "prediction": (), "web_search_options": (),
+}
+COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (0, False), "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},),
+    "presence_penalty": (0,), "frequency_penalty": (0,),
+}
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., description="The conversation so far.")
     selective: SelectiveOptions | None = Field(None, description="trustray extension: abstain below a reward.")
+    logprobs: Any = Field(None, description=_UNSUPPORTED)
+    top_logprobs: Any = Field(None, description=_UNSUPPORTED)
+    tools: Any = Field(None, description=_UNSUPPORTED)
+    tool_choice: Any = Field(None, description=_UNSUPPORTED)
+    functions: Any = Field(None, description=_UNSUPPORTED)
+    function_call: Any = Field(None, description=_UNSUPPORTED)
+    response_format: Any = Field(None, description=_UNSUPPORTED + " Only {\"type\": \"text\"}.")
+    logit_bias: Any = Field(None, description=_UNSUPPORTED)
+    presence_penalty: Any = Field(None, description=_UNSUPPORTED)
+    frequency_penalty: Any = Field(None, description=_UNSUPPORTED)
+    modalities: Any = Field(None, description=_UNSUPPORTED + " Only [\"text\"].")
+    audio: Any = Field(None, description=_UNSUPPORTED)
+    prediction: Any = Field(None, description=_UNSUPPORTED)
+    web_search_options: Any = Field(None, description=_UNSUPPORTED)
+
+    @field_validator(*CHAT_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _reject_unless_off(CHAT_UNSUPPORTED, value, info)
 
 
-class RewardsRequest(BaseModel):
+class RewardsRequest(ValidUnicode):
     """Body of POST /v1/rewards: a prompt (text or chat messages) and the responses to score."""
 
     model_config = ConfigDict(extra="forbid")
@@ -141,6 +226,18 @@ class RewardsRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] = Field(..., description="A prompt, or a list holding exactly one prompt.")
+    logprobs: Any = Field(None, description=_UNSUPPORTED)
+    echo: Any = Field(None, description=_UNSUPPORTED)
+    best_of: Any = Field(None, description=_UNSUPPORTED)
+    suffix: Any = Field(None, description=_UNSUPPORTED)
+    logit_bias: Any = Field(None, description=_UNSUPPORTED)
+    presence_penalty: Any = Field(None, description=_UNSUPPORTED)
+    frequency_penalty: Any = Field(None, description=_UNSUPPORTED)
+
+    @field_validator(*COMPLETION_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _reject_unless_off(COMPLETION_UNSUPPORTED, value, info)
 
     @field_validator("prompt")
     @classmethod
@@ -182,7 +279,7 @@ class EditItem(BaseModel):
         }
 
 
-class EditsRequest(BaseModel):
+class EditsRequest(ValidUnicode):
     """Body of POST /v1/edits."""
 
     model_config = ConfigDict(extra="forbid")
@@ -197,3 +294,86 @@ class EditsRequest(BaseModel):
         False, description="Serve the edit set even when it keeps fewer unrelated answers than the server's "
         "min_locality_kept (otherwise it is rejected and not served).",
     )
+
+
+# -- answers (documentation: the handlers build these payloads as dicts) ----------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: 4xx for a request that cannot be answered, 5xx for a server fault."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    context_tokens: int | None = Field(None, ge=0, description="trustray extension (RAG): tokens of the passages.")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class Source(BaseModel):
+    id: str
+    title: str
+    score: float
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    sources: list[Source] | None = Field(None, description="trustray extension (RAG): the retrieved passages.")
+    compression: dict[str, Any] | None = Field(None, description="trustray extension (RAG): the compressed "
+                                               "context and its token counts.")
+    selective: dict[str, Any] | None = Field(None, description="trustray extension: the reward and whether the "
+                                             "answer was withheld.")
+    system_fingerprint: str | None = Field(None, description="The published adapter version that answered.")
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class TextCompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
