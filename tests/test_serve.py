@@ -173,6 +173,17 @@ def test_bad_requests_get_openai_errors(url, serve_config):
         _assert_error(post(chat_url, json=_chat(name, messages=bad_role)), 400)
         _assert_error(post(f"{url}/v1/completions", json={"model": name, "prompt": ["a", "b"]}), 400, param="prompt")
         _assert_error(http.get(f"{url}/v1/nothing-here"), 404)
+        # Found by fuzzing: an empty prompt has no token to continue; a seed beyond 64 bits overflowed torch.
+        _assert_error(post(f"{url}/v1/completions", json={"model": name, "prompt": ""}), 400, param="prompt")
+        _assert_error(post(chat_url, json=_chat(name, seed=2**64)), 400, param="seed")
+
+
+def test_a_vanishing_temperature_decodes_greedily(client, serve_config):
+    # Found by fuzzing: logits divided by 5e-324 overflowed into a 500; vLLM decodes greedily below 1e-5.
+    answers = [client.chat.completions.create(model=serve_config.model_name, messages=MESSAGES, max_tokens=8,
+                                              temperature=temperature).choices[0].message.content
+               for temperature in (0, 5e-324, 1e-6)]
+    assert answers[1:] == answers[:1] * 2
 
 
 def test_prompt_longer_than_context_is_400(url, serve_config):
