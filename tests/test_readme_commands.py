@@ -146,7 +146,45 @@ def run_trustray(argv: list[str], monkeypatch) -> None:
         translate = spec.get("flags") if command == "eval" else None
         check_config(stubbed, spec["config"], name, argv[2:], translate)
         return
+    if command in ("submit", "jobs"):
+        from trustray import jobs
+
+        cluster = FakeJobClient()
+        monkeypatch.setattr(jobs, "client", lambda address: cluster)
+        assert cli.main(argv) == 0
+        if command == "submit":
+            (submitted,) = cluster.submitted
+            entrypoint = shlex.split(submitted["entrypoint"])
+            assert entrypoint[1:5] == ["-m", "trustray.cli", "run", argv[1]]
+            assert submitted["runtime_env"]["working_dir"] == str(ROOT)
+            # The job runs `trustray run` with the same config, which must load.
+            stub_pipeline(monkeypatch, argv[1], stubbed)
+            assert cli.main(entrypoint[3:]) == 0
+            check_config(stubbed, pipelines.load_pipeline(argv[1])["config"], argv[1], entrypoint[5:])
+        return
     pytest.fail(f"no runner for `trustray {command}`: teach tests/test_readme_commands.py to run it")
+
+
+class FakeJobClient:
+    """Ray's JobSubmissionClient as far as `trustray submit` and `trustray jobs` use it: one job that succeeds."""
+
+    def __init__(self) -> None:
+        self.submitted: list[dict] = []
+
+    def submit_job(self, **request) -> str:
+        self.submitted.append(request)
+        return "raysubmit_readme"
+
+    async def tail_job_logs(self, job_id: str):
+        yield "the job's log\n"
+
+    def get_job_status(self, job_id: str):
+        from ray.job_submission import JobStatus
+
+        return JobStatus.SUCCEEDED
+
+    def list_jobs(self) -> list:
+        return []
 
 
 @pytest.mark.parametrize("command", COMMANDS)

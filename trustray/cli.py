@@ -1,4 +1,4 @@
-"""`trustray` command line: quickstart, serve, run <pipeline>, eval <what>."""
+"""`trustray` command line: quickstart, serve, label, run <pipeline>, eval <what>, submit, jobs."""
 
 from __future__ import annotations
 
@@ -154,6 +154,27 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from trustray.jobs import submit_main
+
+    return submit_main(args.args)
+
+
+ADDRESS_HELP = "the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, else http://127.0.0.1:8265)"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from trustray.jobs import job_logs, list_jobs, stop_job
+
+    if args.action == "list":
+        return list_jobs(args.address)
+    if args.job_id is None:
+        raise SystemExit(f"trustray jobs {args.action} needs a submission id (see trustray jobs list)")
+    if args.action == "logs":
+        return job_logs(args.address, args.job_id, args.follow)
+    return stop_job(args.address, args.job_id, args.wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustray", description="Trustworthy language models on Ray.")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -191,12 +212,31 @@ def build_parser() -> argparse.ArgumentParser:
                           "--compressor extractive=outputs/compressor_train/cpu/compressor], "
                           "--config configs/eval_influence/cpu.yaml lds.n_subsets=20")
     evaluate.set_defaults(func=cmd_eval)
+
+    # Its own parser (trustray.jobs) reads options and KEY=VALUE overrides in any order.
+    submit = commands.add_parser("submit", add_help=False,
+                                 help="run a pipeline or an evaluation as a job on a Ray cluster (--help: options)")
+    submit.add_argument("args", nargs=argparse.REMAINDER)
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = commands.add_parser("jobs", help="list jobs on a Ray cluster, show their logs, stop them")
+    jobs.add_argument("action", choices=["list", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="the submission id (logs, stop)")
+    jobs.add_argument("--address", help=ADDRESS_HELP)
+    jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    jobs.add_argument("--wait", action="store_true", help="stop: wait until the job has stopped")
+    jobs.set_defaults(func=cmd_jobs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "submit":  # its options before the pipeline name reach its own parser too
+        args.args = extra + args.args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     return args.func(args)
 
