@@ -137,3 +137,41 @@ def test_engine_config_from_overrides():
     assert (config.model, config.engine, config.max_model_len) == ("/models/x", "hf", 256)
     with pytest.raises(ValidationError, match="engine"):
         load_config(EngineConfig, overrides=["engine=tensorrt"])
+
+
+def test_presets_resolve_from_any_directory(tmp_path, monkeypatch, caplog):
+    # An installed trustray (a cluster's image) run outside the source tree still finds `configs/...` presets.
+    from trustray.config import PACKAGED_CONFIGS
+    from trustray.pipelines.build_index import BuildIndexConfig
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="trustray.config"):
+        config = load_config(BuildIndexConfig, "configs/build_index/tiny.yaml")
+    assert config.limit == 50 and "shipped with trustray" in caplog.text
+    (tmp_path / "configs" / "build_index").mkdir(parents=True)
+    (tmp_path / "configs" / "build_index" / "tiny.yaml").write_text("limit: 7\n")
+    assert load_config(BuildIndexConfig, "configs/build_index/tiny.yaml").limit == 7  # a local file comes first
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(BuildIndexConfig, "configs/build_index/no-such-preset.yaml")
+    assert (PACKAGED_CONFIGS / "serve" / "cpu.yaml").is_file()
+
+
+def test_the_wheel_ships_every_preset(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy: building writes build/ next to the sources
+    shutil.copytree(root, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "outputs", "benchmarks", "tests", "docs", "*.pyc", "__pycache__", "build", "dist"))
+    uv = Path(sys.executable).with_name("uv")
+    subprocess.run([str(uv), "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(source)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("trustray-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("trustray/configs/")}
+    presets = {f"trustray/configs/{path.relative_to(root / 'trustray' / 'configs')}"
+               for path in (root / "trustray" / "configs").glob("*/*.yaml")}
+    assert presets and shipped == presets

@@ -101,6 +101,7 @@ def test_a_failing_job_exits_1_and_a_stopped_one_2(dashboard, tmp_path):
     (["nope"], "unknown pipeline 'nope'"),
     (["eval:nope"], "unknown pipeline 'eval:nope'"),
     (["build_index", "--config", "/etc/hostname"], "outside the working directory"),
+    (["build_index", "--config", "configs/build_index/none.yaml"], "config file not found"),
     (["build_index", "--config", str(TINY_INDEX), "limit=many"], "invalid config for build_index"),
     (["build_index", "--config", str(TINY_INDEX), "--address", "http://10.0.0.1:8265"], "output_dir 'outputs/index/tiny' is relative"),
     (["build_index", "--address", "127.0.0.1:6379"], "--address must be the dashboard's URL"),

@@ -21,10 +21,12 @@ SAMPLE_QUESTIONS = [
 
 
 def preset(pipeline: str, name: str = "cpu") -> Path:
-    """A YAML preset from the source tree's `configs/` folder."""
-    path = Path(__file__).resolve().parents[1] / "configs" / pipeline / f"{name}.yaml"
+    """A YAML preset shipped with the package (`configs/` of the source tree)."""
+    from trustray.config import PACKAGED_CONFIGS
+
+    path = PACKAGED_CONFIGS / pipeline / f"{name}.yaml"
     if not path.is_file():
-        raise SystemExit(f"preset {path} not found: presets live in the configs/ folder of the source tree")
+        raise SystemExit(f"preset {path} not found")
     return path
 
 

@@ -6,11 +6,14 @@ unchanged on a laptop and on a GPU cluster.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
 
 ConfigT = TypeVar("ConfigT", bound="BaseConfig")
 
@@ -95,13 +98,29 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` when it is a file; else, for `configs/<pipeline>/<preset>.yaml`, the preset shipped in the package
+    (an installed trustray run from any directory, a cluster's image), logged; else FileNotFoundError."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and path.parts[:1] == ("configs",):
+        packaged = PACKAGED_CONFIGS.joinpath(*path.parts[1:])
+        if packaged.is_file():
+            logger.info("config %s is not in %s: using the preset shipped with trustray, %s", path, Path.cwd(),
+                        packaged)
+            return packaged
+    raise FileNotFoundError(f"config file not found: {path}")
+
+
 def load_config(cls: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None) -> ConfigT:
     """Build `cls` from an optional YAML file plus dotted overrides; raises a readable error on bad keys."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at its top level")

@@ -85,16 +85,17 @@ def check_config(name: str, config: str | None, overrides: list[str], working_di
     relative output folder made absolute (local cluster) or refused (remote cluster)."""
     from pydantic import ValidationError
 
-    from trustray.config import load_config
+    from trustray.config import load_config, resolve_config_path
     from trustray.pipelines import EVALUATIONS, load_pipeline
 
     kind, what = entrypoint_args(name)
     spec = load_pipeline(EVALUATIONS[what] if kind == "eval" else what)
     relative = None
     if config is not None:
-        path = Path(config).resolve()
-        if not path.is_file():
-            raise SystemExit(f"config {config} not found")
+        try:
+            path = resolve_config_path(config).absolute()  # not resolve(): configs/ is a link into the package
+        except FileNotFoundError as error:
+            raise SystemExit(str(error)) from None
         try:
             relative = str(path.relative_to(working_dir))
         except ValueError:
