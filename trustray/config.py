@@ -33,6 +33,17 @@ class ActorResources(BaseConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved (fractions allowed).")
     torch_threads: int | None = Field(None, ge=1, description="torch threads in the process (None: torch's default; "
                                       "more threads than free cores makes torch many times slower).")
+    custom_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources (name -> "
+                                               "amount) to reserve too, e.g. one a group of nodes declares, so the "
+                                               "actor runs on those nodes.")
+
+    def ray_options(self) -> dict[str, Any]:
+        """`num_cpus`, `num_gpus` and (when any) `resources`: keyword arguments of Ray's `.options()`/`remote()`
+        and of Ray Data's `map_batches`."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.custom_resources:
+            options["resources"] = dict(self.custom_resources)
+        return options
 
 
 class PoolResources(ActorResources):
@@ -50,6 +61,8 @@ class TrainWorkerResources(BaseConfig):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per worker.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     torch_threads: int = Field(1, ge=1, description="torch threads per worker.")
+    custom_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker "
+                                               "(name -> amount), e.g. one a group of nodes declares.")
 
 
 class PipelineConfig(BaseConfig):

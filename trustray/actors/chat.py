@@ -209,4 +209,4 @@ ChatModelActor = ray.remote(ChatModel)
 def start_chat_actor(config: EngineConfig, resources: ActorResources | None = None):
     """Start a `ChatModelActor` with the given resources (algorithm config and resources stay separate)."""
     resources = resources or ActorResources()
-    return ChatModelActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(config)
+    return ChatModelActor.options(**resources.ray_options()).remote(config)

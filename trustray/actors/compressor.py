@@ -97,5 +97,5 @@ def start_compressor_actor(config: CompressorConfig, chat_model: str, resources:
     import ray
 
     resources = resources or ActorResources(num_cpus=0.5)
-    actor = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)(PassageCompressor)
+    actor = ray.remote(**resources.ray_options())(PassageCompressor)
     return actor.remote(config, chat_model)

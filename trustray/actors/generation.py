@@ -32,8 +32,7 @@ class GenerationPool:
         if in_process:
             self.models: list[Any] = [ChatModel(engine)]
         else:
-            options = ChatModelActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                             max_concurrency=MAX_CONCURRENT_CALLS)
+            options = ChatModelActor.options(**resources.ray_options(), max_concurrency=MAX_CONCURRENT_CALLS)
             self.models = [options.remote(engine) for _ in range(resources.size)]
 
     def sample(self, prompts: Sequence[Sequence[Mapping[str, str]]], samples: int, max_tokens: int,

@@ -141,8 +141,7 @@ def extract_features(
                 },
                 # No more actors than shards: each one loads the whole model.
                 compute=ray.data.ActorPoolStrategy(size=min(resources.size, len(items))),
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
+                **resources.ray_options(),
                 batch_size=1,
                 batch_format="numpy",
             )

@@ -122,5 +122,5 @@ PolicyWorkerActor = ray.remote(PolicyWorker)
 
 def start_policy_worker(engine: EngineConfig, lora: LoraSettings, max_length: int, pooling: str,
                         resources: ActorResources):
-    return PolicyWorkerActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(
+    return PolicyWorkerActor.options(**resources.ray_options()).remote(
         engine, lora, max_length, pooling)

@@ -159,8 +159,7 @@ def passage_dataset(config: BuildIndexConfig, rows: list[dict[str, str]]):
             EmbedBatch,
             fn_constructor_kwargs={"config": config.embedder},
             compute=ray.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
+            **pool.ray_options(),
             batch_size=config.batch_size,
             batch_format="numpy",
         )

@@ -263,8 +263,7 @@ def signal_dataset(config: CompressorTrainConfig, questions: list[dict[str, Any]
                 "seed": config.questions.seed,
             },
             compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=retriever.num_cpus,
-            num_gpus=retriever.num_gpus,
+            **retriever.ray_options(),
             batch_size=per_batch,
             batch_format="pyarrow",
         )
@@ -272,8 +271,7 @@ def signal_dataset(config: CompressorTrainConfig, questions: list[dict[str, Any]
             TeacherScores,
             fn_constructor_kwargs={"chat": config.teacher.chat},
             compute=ray.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
+            **pool.ray_options(),
             batch_size=per_batch,
             batch_format="pyarrow",
         )

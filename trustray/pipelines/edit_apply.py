@@ -81,7 +81,7 @@ def run(config: EditApplyConfig) -> Path:
     if len(records) < config.n_edits:
         raise ValueError(f"split {config.split!r} has {len(records)} records, fewer than n_edits={config.n_edits}")
     fingerprint = model_fingerprint(config.model)
-    task = ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)(edit_task)
+    task = ray.remote(**config.resources.ray_options())(edit_task)
     result = ray.get(task.remote(config, records, fingerprint))
     edits = [{key: record[key] for key in ("id", "subject", "prompt", "target_true", "target_new") if key in record}
              for record in records]

@@ -344,7 +344,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     records = load_all_records(config)
     fingerprint = model_fingerprint(config.model)
     general = general_requests(config)
-    options = {"num_cpus": config.resources.num_cpus, "num_gpus": config.resources.num_gpus, "max_calls": 1}
+    options = {**config.resources.ray_options(), "max_calls": 1}
     todo: dict[str, tuple[EditorRun, int]] = {}
     for editor_run in config.editors:
         for n in sorted({min(n, len(records)) for n in config.n_edits}):

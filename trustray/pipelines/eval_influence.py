@@ -148,7 +148,7 @@ def _sha(value: np.ndarray | str) -> str:
 def _remote(function: Any, config: EvalInfluenceConfig) -> Any:
     import ray
 
-    return ray.remote(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, max_retries=1)(function)
+    return ray.remote(**config.resources.ray_options(), max_retries=1)(function)
 
 
 # -- 1. data ----------------------------------------------------------------------------------------
@@ -223,7 +223,8 @@ def run_warmup(config: EvalInfluenceConfig, folder: Path, pool: list[dict], pref
     # One Ray Train worker with a task's resources (threads: the worker's default unless set).
     resources = config.resources
     threads = {} if resources.torch_threads is None else {"torch_threads": resources.torch_threads}
-    worker = TrainWorkerResources(num_workers=1, num_cpus=resources.num_cpus, use_gpu=resources.num_gpus > 0, **threads)
+    worker = TrainWorkerResources(num_workers=1, num_cpus=resources.num_cpus, use_gpu=resources.num_gpus > 0,
+                                  custom_resources=resources.custom_resources, **threads)
     trained = train_lora_warmup(warmup_dir, subset, model=config.model, dtype="float32", lora=config.lora,
                                 warmup=config.warmup, resources=worker, frozen_prefix=prefix)
     checkpoints = [{"path": c["path"], "step": c["step"], "learning_rate": c["learning_rate"]} for c in trained]

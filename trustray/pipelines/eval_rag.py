@@ -167,9 +167,8 @@ def run(config: EvalRagConfig) -> dict:
     retrieved: list[list[Passage]] = [[] for _ in questions]
     retrieval_seconds = 0.0
     if any(condition != "closed_book" for condition in conditions):
-        retriever = RetrieverActor.options(
-            num_cpus=config.retriever_resources.num_cpus, num_gpus=config.retriever_resources.num_gpus
-        ).remote(config.index_dir, config.embedder)
+        retriever = RetrieverActor.options(**config.retriever_resources.ray_options()).remote(
+            config.index_dir, config.embedder)
         ray.get(retriever.retrieve.remote(["warm-up"], 1))
         began = time.perf_counter()
         retrieved = ray.get(retriever.retrieve.remote([q["question"] for q in questions], config.top_k))

@@ -280,7 +280,8 @@ def run_training(build_task: TaskBuilder, data: Any, plan: TrainingPlan, resourc
         _train_worker,
         train_loop_config={"build_task": build_task, "data": data, "plan": plan, "resources": resources},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.num_cpus}),
+                                     resources_per_worker={"CPU": resources.num_cpus,
+                                                           **resources.custom_resources}),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(storage_dir.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=plan.keep)),
     ).fit()

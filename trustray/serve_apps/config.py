@@ -51,7 +51,7 @@ class DeploymentOptions(BaseConfig):
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.resources.num_cpus, "num_gpus": self.resources.num_gpus},
+            "ray_actor_options": self.resources.ray_options(),
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         scaling = self.autoscaling
