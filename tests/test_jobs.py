@@ -39,6 +39,10 @@ def dashboard():
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--num-cpus=2",
+             # Ports of its own: the tests' in-process cluster holds the default agent ports.
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}",
              "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -21,6 +21,7 @@ KEY = "test-edit-key"
 TARGET = "bright purple"
 QUESTION = [{"role": "user", "content": "What is the colour of the tower?"}]
 PROBES = 8
+JOB_TIMEOUT_S = 6
 EDITS = {"name": "tower colour", "accept_locality_loss": True, "edits": [
     {"prompt": "What is the colour of the tower?", "target_new": TARGET,
      "paraphrases": ["Which colour does the tower have?"],
@@ -58,7 +59,7 @@ def url(request, ray_local, tiny_llama_dir, tmp_path_factory, free_port):
     config = load_config(ServeConfig, TINY_CONFIG, [
         f"port={free_port}", f"chat.model={tiny_llama_dir}", "rag=null",
         f"edits={{store_dir: '{store}', api_key: {KEY}, min_locality_kept: 1.01, locality_probes: {PROBES}, {editor}}}",
-        "deployments.editor.resources.num_cpus=0.25",
+        "deployments.editor.resources.num_cpus=0.25", f"edits.job_timeout_s={JOB_TIMEOUT_S}",
     ])
     base = run_app(config)
     yield base
@@ -202,3 +203,22 @@ def test_an_edit_job_can_run_in_the_background(client, http):
     assert http.delete(f"/v1/edits/{status['id']}", headers=_auth()).json()["deleted"] is True
     assert http.get(f"/v1/edits/{status['id']}", headers=_auth()).status_code == 404
     assert http.post("/v1/edits", json={**too_long, "wait": True}, headers=_auth()).status_code == 400
+
+
+def test_an_interrupted_job_is_reported_failed_and_changes_nothing(client, http):
+    import ray
+
+    before = _ask(client, "tiny-chat")
+    many = {**EDITS, "wait": False, "edits": EDITS["edits"] * 24}  # long enough to be killed while it runs
+    response = http.post("/v1/edits", json=many, headers=_auth())
+    assert response.status_code == 202
+    edit_id = response.json()["id"]
+    (editor,) = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                 if actor["name"].startswith("SERVE_REPLICA::trustray#EditorDeployment#")]
+    ray.kill(ray.get_actor(editor, namespace="serve"), no_restart=False)  # Serve replaces it
+    assert http.get(f"/v1/edits/{edit_id}", headers=_auth()).json()["status"] == "running"
+    status = _poll(http, edit_id)
+    assert status["status"] == "failed" and status["error"].startswith("interrupted"), status
+    assert f"edit-{edit_id}" not in [model.id for model in client.models.list().data]
+    assert _ask(client, "tiny-chat") == before
+    assert http.delete(f"/v1/edits/{edit_id}", headers=_auth()).json()["deleted"] is True

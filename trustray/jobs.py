@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: environments, outputs, caches and VCS data (Ray's package limit is a few hundred MiB).
 EXCLUDES = [".git", ".venv", ".venv-*", "outputs", "**/__pycache__", "*.gguf", "*.safetensors", ".ruff_cache",
-            ".pytest_cache"]
+            ".pytest_cache", ".hypothesis"]
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
+AGENT_WAIT_S = 60
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -159,8 +160,19 @@ def submit(name: str, config: str | None, overrides: list[str], address: str | N
         env_vars[key] = value
     runtime_env = {"working_dir": str(folder), "excludes": EXCLUDES, "env_vars": env_vars}
     jobs = client(url)
-    job_id = jobs.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env, submission_id=submission_id,
-                             metadata={"trustray": " ".join(entrypoint_args(name)), "config": relative or ""})
+    request = {"entrypoint": shlex.join(command), "runtime_env": runtime_env, "submission_id": submission_id,
+               "metadata": {"trustray": " ".join(entrypoint_args(name)), "config": relative or ""}}
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = jobs.submit_job(**request)
+            break
+        except RuntimeError as error:
+            # A cluster that has just started answers this until its job agent is up; no job was created.
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise SystemExit(f"the cluster at {url} refused the job: {error}") from None
+            logger.info("the cluster's job agent is not up yet; retrying")
+            time.sleep(2)
     print(f"submitted {job_id} to {url}: {shlex.join(command[1:])}", flush=True)
     if not follow:
         return 0

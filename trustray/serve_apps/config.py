@@ -130,6 +130,10 @@ class EditServeConfig(BaseConfig):
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (for malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of a baseline editor.")
     max_edits_per_request: int = Field(1024, ge=1, description="Most edits one POST /v1/edits may carry.")
+    job_timeout_s: float = Field(
+        30.0, gt=0, description="A job whose editor has not signalled it is alive for this long (the replica died) is "
+        "reported failed; the editor signals every few seconds while it works.",
+    )
     min_locality_kept: float = Field(
         0.95, ge=0, description="Fraction of the locality probes whose greedy answer an edit set must keep to be "
         "served; below it the edit set is rejected unless the request sets accept_locality_loss (above 1: every "

@@ -34,7 +34,7 @@ from trustray.models.engines import Completion, EngineConfig, SamplingParams
 from trustray.models.engines import Request as EngineRequest
 from trustray.models.sources import model_fingerprint
 from trustray.serve_apps.config import EditServeConfig
-from trustray.serve_apps.edit_store import EditStore
+from trustray.serve_apps.edit_store import HEARTBEAT_S, EditStore
 from trustray.serve_apps.schemas import APIError
 
 logger = logging.getLogger(__name__)
@@ -247,9 +247,12 @@ class EditorDeployment:
         job = {"status": "running", "name": name, "editor": self.config.editor, "n_edits": len(records),
                "created": int(time.time())}
         self.store.write_job(edit_id, job)
+        self.store.beat(edit_id)
         running = asyncio.ensure_future(
             self._executor.run(self._make, edit_id, job, records, accept_locality_loss)
         )
+        heartbeat = asyncio.ensure_future(self._heartbeat(edit_id, running))
+        running.add_done_callback(lambda _: heartbeat.cancel())
         if wait:
             result = await running
             if isinstance(result, APIError):  # the caller gets the reason now: no failed job is kept
@@ -258,6 +261,13 @@ class EditorDeployment:
         self._jobs.add(running)
         running.add_done_callback(self._jobs.discard)
         return self.store.summary(edit_id, job)
+
+    async def _heartbeat(self, edit_id: str, running: asyncio.Future) -> None:
+        """Touch the job's heartbeat until it ends, so a job left behind by a dead replica is seen as failed."""
+        while not running.done():
+            await asyncio.sleep(HEARTBEAT_S)
+            if not running.done():
+                self.store.beat(edit_id)
 
     def _make(self, edit_id: str, job: dict[str, Any], records: list[dict[str, Any]],
               accept_locality_loss: bool) -> dict[str, Any] | APIError:

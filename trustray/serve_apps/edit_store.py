@@ -3,7 +3,10 @@
 A finished edit set is an `EditSet` folder `<store_dir>/<id>/`; one still being made, that failed, or that the
 locality check rejected is a job file `<store_dir>/.jobs/<id>.json` holding its status (a rejected edit set's weights
 are never written, so it is never served). Ids are 12 hex digits; an edit set is served as the model
-`<model_prefix><id>`.
+`<model_prefix><id>`. While it works, the editor touches `<store_dir>/.jobs/<id>.alive` every `HEARTBEAT_S`; a running
+job whose heartbeat is older than `job_timeout_s` (its replica died, its node went away) is marked failed, which is
+all there is to clean up: the edit set's folder appears in one rename at the end or not at all, and the served
+model's weights are never changed outside a request.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from trustray.serve_apps.config import EditServeConfig
 from trustray.serve_apps.schemas import APIError
 
 EDIT_ID = re.compile(r"^[0-9a-f]{12}$")
+HEARTBEAT_S = 2.0
 
 
 class EditStore:
@@ -59,15 +64,36 @@ class EditStore:
     def _job_path(self, edit_id: str) -> Path:
         return self.root / ".jobs" / f"{edit_id}.json"
 
+    def _alive_path(self, edit_id: str) -> Path:
+        return self.root / ".jobs" / f"{edit_id}.alive"
+
     def write_job(self, edit_id: str, job: dict[str, Any]) -> None:
         atomic_write_text(self._job_path(edit_id), json.dumps(job))
 
+    def beat(self, edit_id: str) -> None:
+        """Say the job's editor is still working on it."""
+        self._alive_path(edit_id).touch()
+
     def drop_job(self, edit_id: str) -> None:
         self._job_path(edit_id).unlink(missing_ok=True)
+        self._alive_path(edit_id).unlink(missing_ok=True)
 
     def _job(self, edit_id: str) -> dict[str, Any] | None:
+        """The job's status; a running one whose editor stopped signalling is marked failed first."""
         path = self._job_path(edit_id)
-        return json.loads(path.read_text()) if EDIT_ID.match(edit_id) and path.is_file() else None
+        if not (EDIT_ID.match(edit_id) and path.is_file()):
+            return None
+        job = json.loads(path.read_text())
+        if job["status"] == "running":
+            alive = self._alive_path(edit_id)
+            last = alive.stat().st_mtime if alive.exists() else job["created"]
+            silent = time.time() - last
+            if silent > self.config.job_timeout_s:
+                job = {**job, "status": "failed", "error": f"interrupted: the editor stopped working on it ({silent:.0f} s "
+                       "without a heartbeat; its replica or node is gone). Nothing was applied: send the edits again."}
+                self.write_job(edit_id, job)
+                self._alive_path(edit_id).unlink(missing_ok=True)
+        return job
 
     def finish(self, edit_id: str, edit_set: EditSet) -> dict[str, Any]:
         """Save a finished edit set in place of its job; returns its summary."""

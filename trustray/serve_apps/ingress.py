@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from trustray.core.rag.index import Passage
@@ -346,6 +347,10 @@ class OpenAIIngress:
             raise APIError(504, "the request timed out", type="server_error", code="timeout") from None
         except APIError:
             raise
+        except (RayActorError, ActorUnavailableError) as error:  # the replica died or is restarting: retryable
+            logger.warning("model replica lost: %r", error)
+            raise APIError(503, "the model replica answering this request went away; Serve is replacing it: retry",
+                           type="server_error", code="replica_unavailable") from None
         except Exception as error:  # a replica fault: logged here, answered as a JSON 500
             logger.error("deployment call failed: %r", error)
             raise APIError(500, f"the model server failed: {type(error).__name__}", type="server_error") from None
