@@ -497,6 +497,13 @@ def table_weak_to_strong(report: dict[str, Any]) -> str:
                            "seeds"], rows)
 
 
+def table_reliability_faults(report: dict[str, Any]) -> str:
+    """Per fault under load: requests sent, unanswered when it struck, answered other than 200, given no answer."""
+    rows = [[fault["name"], str(fault["requests"]), str(fault["unanswered_at_fault"]), str(fault["failed"]),
+             str(fault["lost"])] for fault in report["faults"] if "unanswered_at_fault" in fault]
+    return markdown_table(["fault", "requests", "unanswered when it struck", "failed", "lost"], rows)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
     "weak_to_strong": table_weak_to_strong,
@@ -514,6 +521,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "engine_throughput": table_engine_throughput,
     "serve_llm_compare": table_serve_llm_compare,
     "cpu_serving": table_cpu_serving,
+    "reliability_faults": table_reliability_faults,
 }
 
 

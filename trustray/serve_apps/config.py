@@ -25,6 +25,10 @@ class AutoscalingOptions(BaseConfig):
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for (used when max > min)."
     )
+    upscale_delay_s: float = Field(30.0, ge=0, description="How long the load must stay above the target before a "
+                                   "replica is added (Serve's default).")
+    downscale_delay_s: float = Field(600.0, ge=0, description="How long the load must stay below the target before "
+                                     "a replica is removed (Serve's default).")
 
     @model_validator(mode="after")
     def _check_range(self) -> AutoscalingOptions:
@@ -62,6 +66,8 @@ class DeploymentOptions(BaseConfig):
                 "min_replicas": scaling.min_replicas,
                 "max_replicas": scaling.max_replicas,
                 "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
             }
         return options
 
