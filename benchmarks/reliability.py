@@ -7,7 +7,8 @@ numbers are about Serve's and the app's behaviour, not the model's speed):
   killed (reported failed, nothing applied, the base model's answer unchanged);
 - autoscaling: the chat deployment with min 1 / max 2 replicas under a bounded load from async `openai` clients:
   seconds until the second replica runs, seconds until it is removed once the load stops, failed requests.
-The node-removal fault of the feature stage is a test (tests/test_multinode.py), not measured here.
+- a worker node removed in the middle of the gradient-feature stage on a 3-node cluster on 127.0.0.1
+  (tests/multinode.py): examples missing or duplicated, and whether the features equal an uninterrupted run.
 
 Run: .venv/bin/python benchmarks/reliability.py [--fuzz-cases 200] [--load-seconds 40]
 Writes benchmarks/results/reliability.json and benchmarks/results/autoscaling.json.
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from faults import BODY, load_with_fault, replica_name, seconds_until_answered, summary  # noqa: E402
 from fuzzing import fuzz  # noqa: E402
+from multinode import make_checkpoint, remove_node_mid_stage, start_cluster  # noqa: E402
 
 from trustray.artifacts import atomic_write_text  # noqa: E402
 from trustray.config import load_config  # noqa: E402
@@ -127,6 +129,26 @@ def measure_edit_interrupted(url: str) -> dict:
             "reported_after_s": round(time.monotonic() - began, 1), "base_answer_unchanged": after == before}
 
 
+def measure_node_removal(models: dict[str, str], folder: Path) -> dict:
+    """On its own 3-node cluster (this process reconnects to a local one afterwards)."""
+    import ray
+
+    nodes, workers = start_cluster()
+    try:
+        report = remove_node_mid_stage(nodes, workers, make_checkpoint(models["llama"], folder / "node-removal"),
+                                       folder / "node-removal")
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+    missing = report.get("missing", report["examples"])
+    return {"name": "worker node removed mid feature stage", "requests": report["examples"],
+            "failed": missing + report.get("duplicated", 0), "lost": missing, "duplicated": report.get("duplicated"),
+            "identical_to_uninterrupted": report.get("identical"),
+            "max_abs_difference": report.get("max_abs_difference"),
+            "shards_done_at_removal": report["shards_done_at_removal"], "shards": report["shards"],
+            "seconds": report["seconds"], "error": report["error"]}
+
+
 def measure_autoscaling(url: str, seconds: float, clients: int) -> dict:
     """Load from `clients` async openai clients for `seconds`, replica counts polled meanwhile and until the scale
     down."""
@@ -189,13 +211,15 @@ def main() -> None:
     from trustray.actors.cluster import init_ray
     from trustray.serve_apps.openai_app import run_app, shutdown
 
-    init_ray(num_cpus=2)
     folder = Path(tempfile.mkdtemp(prefix="reliability-"))
     models = tiny_models(folder)
+    node_removal = measure_node_removal(models, folder)
+    logger.info("node removal: %s", node_removal)
+    init_ray(num_cpus=2)
     url = run_app(serve_config(models, folder, []))
     fuzzed = measure_fuzz(url, args.fuzz_cases)
     logger.info("fuzz: %s", {k: v for k, v in fuzzed.items() if k != "statuses"})
-    faults = [measure_replica_kill(url), measure_controller_kill(url), measure_edit_interrupted(url)]
+    faults = [measure_replica_kill(url), measure_controller_kill(url), measure_edit_interrupted(url), node_removal]
     logger.info("faults: %s", faults)
     shutdown()
     scaling = ["deployments.chat.autoscaling={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 2, "

@@ -6,41 +6,23 @@ uninterrupted run)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import ray
+from multinode import ROWS, features, make_checkpoint, remove_node_mid_stage, start_cluster
 
-from trustray.config import PoolResources, load_config
+from trustray.config import load_config
 
 pytestmark = pytest.mark.timeout(300)
-
-ROWS = [
-    {"id": f"ex-{i}", "messages": [{"role": "user", "content": f"Tell me about topic {i}."},
-                                   {"role": "assistant", "content": "It is a thing " * (1 + i % 4) + f"number {i}."}]}
-    for i in range(48)
-]
-# One actor per worker node: each declares one `pool_node`, each actor needs one. The head's CPU runs Ray Data's
-# other tasks (a 1-CPU task cannot start beside a pool actor on a 1-CPU node).
-SPREAD_POOL = PoolResources(size=2, num_cpus=0.5, num_gpus=0, torch_threads=1, custom_resources={"pool_node": 1})
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """The cluster, this process connected to it; the tests' own local cluster is restarted afterwards."""
-    from ray.cluster_utils import Cluster
-
-    from trustray.actors.cluster import init_ray, worker_env
+    from trustray.actors.cluster import init_ray
 
     was_running = ray.is_initialized()
-    ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
-    workers = [nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"pool_node": 1, f"serve_{name}": 1})
-               for name in ("a", "b")]
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address, runtime_env={"env_vars": worker_env()})
+    nodes, workers = start_cluster()
     yield nodes, workers
     ray.shutdown()
     nodes.shutdown()
@@ -50,41 +32,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_llama_dir, tmp_path_factory) -> dict[str, str]:
-    """A LoRA checkpoint of the tiny Llama after one AdamW step and a gaussian reduction."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trustray.core.influence.reductions import build_reduction
-    from trustray.core.influence.warmup import save_checkpoint
-    from trustray.core.lm.batching import collate, encode_chat
-
-    root = tmp_path_factory.mktemp("multinode")
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model(**collate([encode_chat(tokenizer, row["messages"], 64) for row in ROWS[:4]], 0)).loss.backward()
-    optimizer.step()
-    path = save_checkpoint(root / "checkpoint", model, optimizer, step=1, learning_rate=1e-3, epoch=1.0)
-    build_reduction("gaussian", 16, seed=0).save(root / "reduction")
-    return {"model": tiny_llama_dir, "checkpoint": str(path), "reduction": str(root / "reduction")}
-
-
-def features(checkpoint: dict[str, str], store_dir, shard_size: int = 4):
-    from trustray.actors.influence import extract_features
-
-    return extract_features(
-        ROWS, store_dir=str(store_dir), store_metadata={"kind": "multinode"}, dim=16, dtype="float32",
-        model_source=checkpoint["model"], checkpoint_dir=checkpoint["checkpoint"],
-        reduction_dir=checkpoint["reduction"], max_length=64, shard_size=shard_size, micro_batch_size=4,
-        precondition=True, resources=SPREAD_POOL,
-    )
-
-
-def finished_shards(store_dir) -> int:
-    return len(list(store_dir.glob("shard-*.ids.parquet")))
+    return make_checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("multinode"))
 
 
 def nodes_of_actors(class_name: str) -> set[str]:
@@ -140,31 +88,8 @@ def test_serve_deployments_on_different_nodes_answer_together(cluster, tiny_llam
 
 def test_a_worker_node_removed_mid_stage_loses_nothing(cluster, checkpoint, tmp_path):
     nodes, workers = cluster
-    reference = features(checkpoint, tmp_path / "uninterrupted", shard_size=2).load()
-    store_dir = tmp_path / "interrupted"
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["store"] = features(checkpoint, store_dir, shard_size=2)
-        except Exception as error:  # reported by the assertion below
-            outcome["error"] = error
-
-    job = threading.Thread(target=run)
-    job.start()
-    deadline = time.monotonic() + 300
-    while not finished_shards(store_dir) and time.monotonic() < deadline and job.is_alive():
-        time.sleep(0.05)
-    finished_at_removal = finished_shards(store_dir)
-    victim = workers[1]
-    nodes.remove_node(victim, allow_graceful=False)
-    job.join(timeout=400)
-    assert not job.is_alive() and "error" not in outcome, outcome.get("error")
+    report = remove_node_mid_stage(nodes, workers, checkpoint, tmp_path)
+    assert report["finished"], report["error"]
     # The removal happened mid-stage: some shards were done, most were not.
-    assert 0 < finished_at_removal < len(ROWS) // 2 // 2
-    ids, values = outcome["store"].load()
-    assert ids == reference[0] and len(set(ids)) == len(ROWS)
-    np.testing.assert_allclose(values, reference[1], rtol=1e-5, atol=1e-6)
-    # Replace the node so later tests see two workers again.
-    workers[1] = nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"pool_node": 1, "serve_b": 1})
-    nodes.wait_for_nodes()
+    assert 0 < report["shards_done_at_removal"] < report["shards"] // 2
+    assert report["missing"] == report["duplicated"] == 0 and report["identical"], report

@@ -205,8 +205,11 @@ def test_an_edit_job_can_run_in_the_background(client, http):
     assert http.post("/v1/edits", json={**too_long, "wait": True}, headers=_auth()).status_code == 400
 
 
-def test_an_interrupted_job_is_reported_failed_and_changes_nothing(client, http):
+def test_an_interrupted_job_is_reported_failed_and_changes_nothing(client, http, request):
     import ray
+
+    if request.node.callspec.params["url"] != "ft":
+        pytest.skip("the job's bookkeeping is the editor's own: one editor is enough (and saves CI a minute)")
 
     before = _ask(client, "tiny-chat")
     many = {**EDITS, "wait": False, "edits": EDITS["edits"] * 24}  # long enough to be killed while it runs
