@@ -116,3 +116,21 @@ def test_bad_submissions_are_refused_before_upload(args, message, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SystemExit, match=message):
         submit_main(args)
+
+
+def test_an_evaluations_own_flags_are_sent_as_the_overrides_they_stand_for(monkeypatch, tmp_path):
+    from trustray import jobs
+
+    sent = {}
+
+    class Cluster:
+        def submit_job(self, **request):
+            sent.update(request)
+            return "raysubmit_flags"
+
+    monkeypatch.setattr(jobs, "client", lambda address: Cluster())
+    assert jobs.submit_main(["eval:rag", "--config", "configs/eval_rag/cpu.yaml", "--compressor", "truncate",
+                             f"output_dir={tmp_path}", "--no-follow", "--address", "http://127.0.0.1:8265"]) == 0
+    command = sent["entrypoint"].split()
+    assert command[3:5] == ["eval", "rag"] and "compressors=[{name:" in sent["entrypoint"]
+    assert "--compressor" not in command

@@ -116,6 +116,19 @@ def check_config(name: str, config: str | None, overrides: list[str], working_di
     return relative, overrides
 
 
+def evaluation_flags_as_overrides(argv: list[str]) -> list[str]:
+    """An evaluation's own flags (`eval:rag --compressor NAME`) turned into the overrides they stand for, as
+    `trustray eval` does, so they are checked here and sent as overrides."""
+    from trustray.pipelines import EVALUATIONS, load_pipeline
+
+    for item in argv:
+        what = item.removeprefix("eval:")
+        if item.startswith("eval:") and what in EVALUATIONS:
+            spec = load_pipeline(EVALUATIONS[what])
+            return spec["flags"](argv) if "flags" in spec else argv
+    return argv
+
+
 def submit_main(argv: list[str]) -> int:
     """`trustray submit PIPELINE [options] [KEY=VALUE ...]`, options and overrides in any order."""
     import argparse
@@ -132,8 +145,9 @@ def submit_main(argv: list[str]) -> int:
                         "of the job (repeatable)")
     parser.add_argument("--submission-id", help="the job's id (default: one Ray makes up)")
     parser.add_argument("--no-follow", action="store_true", help="return once submitted instead of following the logs")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. limit=100")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. limit=100 (an "
+                        "evaluation's own flags too: eval:rag --compressor truncate)")
+    args = parser.parse_intermixed_args(evaluation_flags_as_overrides(argv))
     return submit(args.pipeline, args.config, args.overrides, args.address, args.working_dir, args.env,
                   not args.no_follow, args.submission_id)
 
