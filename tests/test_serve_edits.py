@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from faults import replica_name
 
 from trustray.config import load_config
 from trustray.serve_apps.config import ServeConfig
@@ -216,9 +217,8 @@ def test_an_interrupted_job_is_reported_failed_and_changes_nothing(client, http,
     response = http.post("/v1/edits", json=many, headers=_auth())
     assert response.status_code == 202
     edit_id = response.json()["id"]
-    (editor,) = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-                 if actor["name"].startswith("SERVE_REPLICA::trustray#EditorDeployment#")]
-    ray.kill(ray.get_actor(editor, namespace="serve"), no_restart=False)  # Serve replaces it
+    # Serve replaces it.
+    ray.kill(ray.get_actor(replica_name("EditorDeployment"), namespace="serve"), no_restart=False)
     assert http.get(f"/v1/edits/{edit_id}", headers=_auth()).json()["status"] == "running"
     status = _poll(http, edit_id)
     assert status["status"] == "failed" and status["error"].startswith("interrupted"), status

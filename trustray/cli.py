@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from trustray import jobs as job_submission
 from trustray import pipelines
 from trustray.runtime import apply_offline_defaults, setup_logging
 
@@ -162,9 +163,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit_main(args.args)
 
 
-ADDRESS_HELP = "the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, else http://127.0.0.1:8265)"
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     from trustray.jobs import job_logs, list_jobs, stop_job
 
@@ -224,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="list jobs on a Ray cluster, show their logs, stop them")
     jobs.add_argument("action", choices=["list", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", help="the submission id (logs, stop)")
-    jobs.add_argument("--address", help=ADDRESS_HELP)
+    jobs.add_argument("--address", help=job_submission.ADDRESS_HELP)
     jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
     jobs.add_argument("--wait", action="store_true", help="stop: wait until the job has stopped")
     jobs.set_defaults(func=cmd_jobs)

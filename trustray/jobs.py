@@ -28,6 +28,7 @@ from trustray.runtime import OFFLINE_DEFAULTS
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ADDRESS_HELP = f"the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, else {DEFAULT_ADDRESS})"
 # Never uploaded: environments, outputs, caches and VCS data (Ray's package limit is a few hundred MiB).
 EXCLUDES = [".git", ".venv", ".venv-*", "outputs", "**/__pycache__", "*.gguf", "*.safetensors", ".ruff_cache",
             ".pytest_cache", ".hypothesis"]
@@ -80,8 +81,8 @@ def entrypoint_args(name: str) -> list[str]:
                      f"{', '.join('eval:' + what for what in EVALUATIONS)}")
 
 
-def check_config(name: str, config: str | None, overrides: list[str], working_dir: Path, local_cluster: bool
-                 ) -> tuple[str | None, list[str]]:
+def check_config(name: str, entry: list[str], config: str | None, overrides: list[str], working_dir: Path,
+                 local_cluster: bool) -> tuple[str | None, list[str]]:
     """Validate the config here; return its path relative to the working directory and the overrides, with a
     relative output folder made absolute (local cluster) or refused (remote cluster)."""
     from pydantic import ValidationError
@@ -89,9 +90,9 @@ def check_config(name: str, config: str | None, overrides: list[str], working_di
     from trustray.config import load_config, resolve_config_path
     from trustray.pipelines import EVALUATIONS, load_pipeline
 
-    kind, what = entrypoint_args(name)
+    kind, what = entry
     spec = load_pipeline(EVALUATIONS[what] if kind == "eval" else what)
-    relative = None
+    path = relative = None
     if config is not None:
         try:
             path = resolve_config_path(config).absolute()  # not resolve(): configs/ is a link into the package
@@ -103,7 +104,7 @@ def check_config(name: str, config: str | None, overrides: list[str], working_di
             raise SystemExit(f"config {path} is outside the working directory {working_dir}, which is all the "
                              "cluster receives: move it there or pass --working-dir") from None
     try:
-        loaded = load_config(spec["config"], str(path) if config is not None else None, overrides)
+        loaded = load_config(spec["config"], path, overrides)
     except (ValidationError, ValueError) as error:
         raise SystemExit(f"invalid config for {name}: {error}") from None
     output_dir = getattr(loaded, "output_dir", None)
@@ -138,8 +139,7 @@ def submit_main(argv: list[str]) -> int:
     parser.add_argument("pipeline", help="a job (e.g. build_index) or an evaluation (eval:rag, eval:edit, "
                         "eval:influence)")
     parser.add_argument("--config", help="YAML config inside the working directory, e.g. configs/build_index/cpu.yaml")
-    parser.add_argument("--address", help="the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS or "
-                        f"$RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", help=ADDRESS_HELP)
     parser.add_argument("--working-dir", help="folder uploaded with the job (default: this source tree)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable "
                         "of the job (repeatable)")
@@ -160,8 +160,9 @@ def submit(name: str, config: str | None, overrides: list[str], address: str | N
         raise SystemExit(f"working directory {folder} does not exist")
     url = resolve_address(address)
     local_cluster = urlparse(url).hostname in LOOPBACK
-    relative, overrides = check_config(name, config, overrides, folder, local_cluster)
-    command = [sys.executable if local_cluster else "python", "-m", "trustray.cli", *entrypoint_args(name)]
+    entry = entrypoint_args(name)
+    relative, overrides = check_config(name, entry, config, overrides, folder, local_cluster)
+    command = [sys.executable if local_cluster else "python", "-m", "trustray.cli", *entry]
     if relative is not None:
         command += ["--config", relative]
     command += overrides
@@ -175,7 +176,7 @@ def submit(name: str, config: str | None, overrides: list[str], address: str | N
     runtime_env = {"working_dir": str(folder), "excludes": EXCLUDES, "env_vars": env_vars}
     jobs = client(url)
     request = {"entrypoint": shlex.join(command), "runtime_env": runtime_env, "submission_id": submission_id,
-               "metadata": {"trustray": " ".join(entrypoint_args(name)), "config": relative or ""}}
+               "metadata": {"trustray": " ".join(entry), "config": relative or ""}}
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
