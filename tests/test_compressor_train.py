@@ -80,7 +80,7 @@ def _tiny_index(folder: Path, embedder_dir: str) -> Path:
     from trustray.data.corpus import load_wiki_corpus
     from trustray.models.embedders import Embedder, EmbedderConfig
 
-    pages = {q["doc_id"] for q in build_cloze_questions(12, seed=0)}
+    pages = {q["doc_id"] for q in build_cloze_questions(12, seed=0, pages="train")}
     docs = [doc for doc in load_wiki_corpus() if doc["id"] in pages] + load_wiki_corpus(10)
     embedder = Embedder(EmbedderConfig(model=embedder_dir), device="cpu")
     PassageIndex(embedder.encode([doc["text"] for doc in docs]), [f"{doc['id']}#0" for doc in docs],

@@ -34,25 +34,36 @@ def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, r
         assert set(written[mode]) >= {"em", "f1", "contains"}
         assert all(0.0 <= written[mode][key] <= 1.0 for key in ("em", "f1", "contains"))
         assert written[mode]["p95_ms"] >= written[mode]["p50_ms"] > 0
+        low, high = written[mode]["contains_ci"]
+        assert low <= written[mode]["contains"] <= high
+    assert written["reference"] == "rag" and written["closed_book"]["contains_minus_reference"]["mean"] == pytest.approx(
+        written["closed_book"]["contains"] - written["rag"]["contains"])
     # Retrieved passages make the RAG prompt longer than the closed-book one.
     assert written["rag"]["tokens_in"] > written["closed_book"]["tokens_in"]
     rows = [json.loads(line) for line in (output / eval_rag.QUESTIONS_FILE).read_text().splitlines()]
     assert len(rows) == 6 and all(len(row["sources"]) == 2 for row in rows)
     assert "closed_book" in eval_rag.format_table(summary)
 
-    # Compressors under a 24-token budget, and the robustness run with 2 random passages mixed into the top 2.
+    # Compressors under a 24-token budget (the extractive one reading the top 3), uncompressed top 1 and top 2, and
+    # the robustness run with 2 random passages mixed into each condition's passages.
     compressors = (f"compressors=[{{name: truncate, budget: 24}}, "
-                   f"{{name: extractive, budget: 24, embedder: {{model: {tiny_embedder_dir}}}}}]")
+                   f"{{name: extractive, budget: 24, top_k: 3, embedder: {{model: {tiny_embedder_dir}}}}}]")
     summary = eval_rag.run(load_config(eval_rag.EvalRagConfig, CONFIGS / "eval_rag/tiny.yaml", [
         f"index_dir={index_dir}", f"embedder.model={tiny_embedder_dir}", f"chat.model={tiny_llama_dir}",
-        f"output_dir={output}", "modes=[rag]", "irrelevant=2", compressors]))
-    assert summary["conditions"] == ["rag", "truncate", "extractive"]
+        f"output_dir={output}", "modes=[rag@1, rag]", "irrelevant=2", "latency_questions=2", compressors]))
+    assert summary["conditions"] == ["rag@1", "rag", "truncate", "extractive"]
+    assert summary["depths"] == {"rag@1": 1, "rag": 2, "truncate": 2, "extractive": 3}
+    assert summary["reference"] == "rag@1" and "contains_minus_reference" in summary["extractive"]
     for condition in ("truncate", "extractive"):
         assert summary[condition]["tokens_in"] < summary["rag"]["tokens_in"]
-        assert 0 < summary[condition]["compression"] < 1 and summary[condition]["context_kept"] < 1
+        assert summary[condition]["context_kept"] < 1
+    assert summary["rag@1"]["context_tokens"] < summary["rag"]["context_tokens"]
     rows = [json.loads(line) for line in (output / eval_rag.QUESTIONS_FILE).read_text().splitlines()]
-    assert all(len(row["sources"]) == 4 for row in rows)  # 2 retrieved + 2 irrelevant
-    assert all(row["truncate"]["context_tokens"] <= 24 and row["extractive"]["context_tokens"] <= 24 for row in rows)
+    assert all(len(row["sources"]) == 3 for row in rows)  # the deepest condition's retrieval
+    for row in rows:  # each condition's own top-k plus the same 2 irrelevant passages
+        assert [len(row[c]["passage_ids"]) for c in ("rag@1", "rag", "truncate", "extractive")] == [3, 4, 4, 5]
+        assert set(row["rag"]["passage_ids"]) == set(row["truncate"]["passage_ids"])
+        assert row["truncate"]["context_tokens"] <= 24 and row["extractive"]["context_tokens"] <= 24
 
 
 def test_translate_flags_become_one_override():
@@ -63,6 +74,28 @@ def test_translate_flags_become_one_override():
     assert override == "compressors=[{name: abstractive, summarizer_dir: '/s'}, {name: abstractive}]"
     config = eval_rag.EvalRagConfig(compressors=[{"name": "abstractive", "summarizer_dir": "/s"}, {"name": "abstractive"}])
     assert [eval_rag.label(c) for c in config.compressors] == ["abstractive+distilled", "abstractive"]
+
+
+def test_modes_and_reference_are_checked():
+    with pytest.raises(ValueError, match="unknown mode"):
+        eval_rag.EvalRagConfig(modes=["rag@0"])
+    with pytest.raises(ValueError, match="unknown mode"):
+        eval_rag.EvalRagConfig(modes=["closed_book@2"])
+    with pytest.raises(ValueError, match="reference"):
+        eval_rag.EvalRagConfig(modes=["rag"], reference="rag@1")
+    config = eval_rag.EvalRagConfig(modes=["closed_book", "rag@5", "rag"], top_k=2,
+                                    compressors=[{"name": "truncate", "top_k": 10}])
+    assert eval_rag.depths(config) == {"closed_book": 0, "rag@5": 5, "rag": 2, "truncate": 10}
+    assert eval_rag.reference_condition(config) == "rag"
+
+
+def test_recall_counts_the_gold_page_among_the_top_k():
+    from trustray.core.rag.index import Passage
+
+    questions = [{"metadata": {"gold_doc_id": "a"}}, {"metadata": {"gold_doc_id": "b"}}]
+    retrieved = [[Passage(f"{d}#0", "", "", 0.0) for d in "axcdefghij"], [Passage(f"{d}#1", "", "", 0.0) for d in "xybdefghij"]]
+    assert eval_rag.recall_at(questions, retrieved) == {"recall@1": 0.5, "recall@3": 1.0, "recall@5": 1.0, "recall@10": 1.0}
+    assert eval_rag.recall_at([{"metadata": {}}, *questions[1:]], retrieved) is None
 
 
 def test_a_plan_the_cluster_cannot_place_is_refused(ray_local):

@@ -68,7 +68,13 @@ def test_the_compressor_keeps_the_summary_within_budget_or_nothing():
         return len(text.split())
 
     summaries = {"long": "one two three four five six seven eight nine ten", "none": ""}
-    compressor = build_compressor("abstractive", count_tokens=count, summarize=lambda q, p: summaries[q])
+    calls = []
+
+    def summarize(questions, passage_lists):
+        calls.append(list(questions))
+        return [summaries[q] for q in questions]
+
+    compressor = build_compressor("abstractive", count_tokens=count, summarize=summarize)
     kept = compressor.compress("long", PASSAGES, budget=6)
     assert kept.passages == [("Summary", "one two three four five")] and kept.context_tokens == 6
     assert kept.source_tokens == count(format_passages(PASSAGES))
@@ -76,6 +82,10 @@ def test_the_compressor_keeps_the_summary_within_budget_or_nothing():
     assert nothing.empty and nothing.context_tokens == 0
     assert compressor.compress("long", PASSAGES, budget=1).empty  # not even the title fits
     assert compressor.compress("long", [], budget=6).empty
+    calls.clear()
+    batch = compressor.compress_batch(["long", "none", "long"], [PASSAGES, PASSAGES, []], budget=6)
+    assert calls == [["long", "none"]]  # one generation call; a question without passages is not summarized
+    assert [c.passages for c in batch] == [kept.passages, [], []]
 
 
 @pytest.mark.parametrize("seq2seq", [False, True])

@@ -42,7 +42,7 @@ class CompressorConfig(BaseConfig):
 
 
 class PassageCompressor:
-    """Compress retrieved passages for one question at a time, counting tokens with the chat model's tokenizer."""
+    """Compress retrieved passages, counting tokens with the chat model's tokenizer."""
 
     def __init__(self, config: CompressorConfig, chat_model: str, device: str | None = None) -> None:
         from trustray.core.rag.compress import build_compressor
@@ -59,7 +59,7 @@ class PassageCompressor:
             raise ValueError(f"scorer_dir is for the extractive compressor, not {config.name!r}")
         if config.name == "abstractive":
             summarizer = self._summarizer(chat_model, device)
-            options["summarize"] = lambda question, passages: summarizer.summarize([question], [passages])[0]
+            options["summarize"] = summarizer.summarize
         elif config.summarizer_dir is not None:
             raise ValueError(f"summarizer_dir is for the abstractive compressor, not {config.name!r}")
         self.compressor = build_compressor(config.name, **options)
@@ -90,6 +90,10 @@ class PassageCompressor:
 
     def compress(self, question: str, passages: Sequence[tuple[str, str]]) -> Compressed:
         return self.compressor.compress(question, passages, self.config.budget)
+
+    def compress_batch(self, questions: Sequence[str], passage_lists: Sequence[Sequence[tuple[str, str]]]) -> list[Compressed]:
+        """Many questions in one call (the abstractive compressor writes their summaries in one generation)."""
+        return self.compressor.compress_batch(questions, passage_lists, self.config.budget)
 
 
 def start_compressor_actor(config: CompressorConfig, chat_model: str, resources: ActorResources | None = None) -> Any:

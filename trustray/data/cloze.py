@@ -4,14 +4,15 @@ Each question is a cloze: one sentence of a Wikipedia intro with a span blanked 
 ("About Eiffel Tower, fill in the blank: The tower was completed in ____."), and the span is the answer. Spans
 are years and proper-noun phrases that are not part of the page title (blanking the title would make the
 question about nothing). Pages that are the evidence of any FanOutQA question (dev split included) are left out,
-so compressor training never sees the evaluation's pages. Deterministic for a seed.
+and `pages` keeps to one side of the RAG evaluation's page split (`trustray.data.rag_eval`): "train" for compressor
+training, "eval" for the evaluation's own cloze questions. Deterministic for a seed.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from typing import Any
+from typing import Any, Literal
 
 from trustray.core.rag.passages import split_sentences
 from trustray.data.corpus import load_wiki_corpus
@@ -36,10 +37,22 @@ def evidence_titles() -> set[str]:
     return {title for title in titles if title}
 
 
-def build_cloze_questions(count: int, seed: int = 0, max_sentence_words: int = 40) -> list[dict[str, Any]]:
-    """`count` cloze questions `{id, question, golden_answers, title, doc_id, sentence}`, at most one per page."""
+PageSide = Literal["all", "train", "eval"]
+
+
+def build_cloze_questions(count: int, seed: int = 0, max_sentence_words: int = 40,
+                          pages: PageSide = "all") -> list[dict[str, Any]]:
+    """`count` cloze questions `{id, question, golden_answers, title, doc_id, sentence}`, at most one per page.
+
+    `pages`: "train" leaves out the RAG evaluation's pages, "eval" keeps only those, "all" takes any page.
+    """
+    from trustray.data.rag_eval import is_eval_page
+
+    if pages not in ("all", "train", "eval"):
+        raise ValueError(f"pages must be 'all', 'train' or 'eval', got {pages!r}")
     excluded = evidence_titles()
-    docs = sorted((doc for doc in load_wiki_corpus() if doc["title"] not in excluded), key=lambda doc: doc["id"])
+    docs = sorted((doc for doc in load_wiki_corpus() if doc["title"] not in excluded
+                   and (pages == "all" or is_eval_page(doc["id"]) == (pages == "eval"))), key=lambda doc: doc["id"])
     rng = random.Random(seed)
     rng.shuffle(docs)
     questions: list[dict[str, Any]] = []

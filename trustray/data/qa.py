@@ -22,6 +22,7 @@ FANOUTQA_DEV_FILE = "data/fanout-final-dev.json"
 RAG_DEV_SOURCE = "rag_dev"
 FANOUTQA_SOURCE = "fanoutqa"
 RAG_DEV_IDS_FILE = "rag_dev_ids.txt"
+RAG_EVAL_SOURCES = {"rag_eval_tune": "tune", "rag_eval_report": "report"}
 
 
 def golden_answers(answer: Any) -> list[str]:
@@ -121,7 +122,12 @@ def validate_qa_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, 
 
 
 def load_qa(source: str | Path = RAG_DEV_SOURCE) -> list[dict[str, Any]]:
-    """`"rag_dev"` (46 questions), `"fanoutqa"` (all single-hop dev questions), or a JSONL/Parquet path."""
+    """`"rag_dev"` (46 questions), `"fanoutqa"` (all single-hop dev questions), `"rag_eval_tune"` /
+    `"rag_eval_report"` (the evaluation set's parts, `trustray.data.rag_eval`), or a JSONL/Parquet path."""
+    if str(source) in RAG_EVAL_SOURCES:
+        from trustray.data.rag_eval import load_rag_eval
+
+        return load_rag_eval(RAG_EVAL_SOURCES[str(source)])
     if str(source) == RAG_DEV_SOURCE:
         return load_rag_dev()
     if str(source) == FANOUTQA_SOURCE:

@@ -7,7 +7,7 @@ Three stages under `output_dir`, each kept as it finishes; a rerun with the same
 and a folder made with other settings is refused (`ArtifactMismatchError` naming the settings that differ):
 
 1. `questions/` — cloze questions made from the corpus itself (`trustray.data.cloze`; FanOutQA evidence pages,
-   dev split included, are never used).
+   dev split included, and the RAG evaluation's pages, `trustray.data.rag_eval`, are never used).
 2. `signal/` — Ray Data: an actor retrieves the top-k passages of each question and splits them into candidate
    sentences (`lsr_candidates`); a pool of chat-model actors scores the gold answer after every candidate and
    closed book (`teacher_logprobs_batch`, the engine's `score`, batched across questions). Each finished batch
@@ -143,7 +143,7 @@ def index_expected_metadata(index_dir: str) -> dict[str, Any]:
 
 def expected_metadata(config: CompressorTrainConfig) -> dict[str, dict[str, Any]]:
     """The metadata each stage folder must hold to be reused: questions ⊂ signal ⊂ training ⊂ compressor."""
-    questions = {"kind": "cloze_questions", **config.questions.model_dump(mode="json")}
+    questions = {"kind": "cloze_questions", "pages": "train", **config.questions.model_dump(mode="json")}
     retrieval = config.retrieval
     embedder = {"embedder": retrieval.embedder.model, "embedder_fingerprint": model_fingerprint(retrieval.embedder.model)}
     teacher = {"teacher_model": config.teacher.chat.model,
@@ -169,7 +169,8 @@ def build_questions(config: CompressorTrainConfig, folder: Path, expected: dict[
     if check_metadata(folder, expected, kind="training questions"):
         return read_jsonl(folder / QUESTIONS_FILE)
     settings = config.questions
-    questions = build_cloze_questions(settings.count, seed=settings.seed, max_sentence_words=settings.max_sentence_words)
+    questions = build_cloze_questions(settings.count, seed=settings.seed, max_sentence_words=settings.max_sentence_words,
+                                      pages="train")
     with atomic_folder(folder) as tmp:
         write_jsonl(questions, tmp / QUESTIONS_FILE)
         write_metadata(tmp, {**expected, "rows": len(questions)})

@@ -39,6 +39,19 @@ class Compressor(Protocol):
 
     def compress(self, question: str, passages: Passages, budget: int) -> Compressed: ...
 
+    def compress_batch(self, questions: Sequence[str], passage_lists: Sequence[Passages],
+                       budget: int) -> list[Compressed]: ...
+
+
+class OneAtATime:
+    """`compress_batch` for compressors with nothing to share across questions: one `compress` per question."""
+
+    def compress_batch(self, questions: Sequence[str], passage_lists: Sequence[Passages],
+                       budget: int) -> list[Compressed]:
+        if len(questions) != len(passage_lists):
+            raise ValueError(f"{len(questions)} questions but {len(passage_lists)} passage lists")
+        return [self.compress(q, passages, budget) for q, passages in zip(questions, passage_lists, strict=True)]
+
 
 COMPRESSORS: dict[str, type] = {}
 
@@ -86,7 +99,7 @@ def select_within_budget(scores: Sequence[float], token_counts: Sequence[int], b
 
 @register
 @dataclass(frozen=True)
-class NoneCompressor:
+class NoneCompressor(OneAtATime):
     """Every retrieved passage, whole (full RAG); the budget is ignored."""
 
     name: ClassVar[str] = "none"
@@ -99,7 +112,7 @@ class NoneCompressor:
 
 @register
 @dataclass(frozen=True)
-class TruncateCompressor:
+class TruncateCompressor(OneAtATime):
     """The first words of each passage, an equal share of the budget each (titles included in the count)."""
 
     name: ClassVar[str] = "truncate"
@@ -134,7 +147,7 @@ def longest_prefix(count_tokens: TokenCounter, title: str, words: list[str], sha
 
 @register
 @dataclass(frozen=True)
-class ExtractiveCompressor:
+class ExtractiveCompressor(OneAtATime):
     """The best-scored sentences of all passages within the budget, each kept under its passage's title; nothing
     when the scorer's EMPTY score beats every sentence."""
 
@@ -161,15 +174,16 @@ class ExtractiveCompressor:
         return Compressed(kept, context, source)
 
 
-# (question, passages) -> the summary the abstractive model writes ("" = keep nothing)
-Summarize = Callable[[str, Passages], str]
+# (questions, their passage lists) -> the summary the abstractive model writes for each ("" = keep nothing)
+Summarize = Callable[[Sequence[str], Sequence[Passages]], list[str]]
 
 
 @register
 @dataclass(frozen=True)
 class AbstractiveCompressor:
     """A summary written by a small LM (`trustray.core.rag.abstractive.Summarizer`), cut to the budget; nothing
-    when it writes nothing. The summary reaches the chat model as one passage titled `title`."""
+    when it writes nothing. The summary reaches the chat model as one passage titled `title`. A batch of questions is
+    summarized in one generation call."""
 
     name: ClassVar[str] = "abstractive"
     title: ClassVar[str] = "Summary"
@@ -177,9 +191,21 @@ class AbstractiveCompressor:
     summarize: Summarize
 
     def compress(self, question: str, passages: Passages, budget: int) -> Compressed:
+        return self.compress_batch([question], [passages], budget)[0]
+
+    def compress_batch(self, questions: Sequence[str], passage_lists: Sequence[Passages],
+                       budget: int) -> list[Compressed]:
         _check_budget(budget)
+        if len(questions) != len(passage_lists):
+            raise ValueError(f"{len(questions)} questions but {len(passage_lists)} passage lists")
+        asked = [row for row, passages in enumerate(passage_lists) if passages]
+        written = self.summarize([questions[row] for row in asked], [passage_lists[row] for row in asked]) if asked else []
+        summaries = dict(zip(asked, written, strict=True))
+        return [self._cut(summaries.get(row, ""), passages, budget) for row, passages in enumerate(passage_lists)]
+
+    def _cut(self, summary: str, passages: Passages, budget: int) -> Compressed:
         source = context_tokens(self.count_tokens, passages)
-        words = self.summarize(question, passages).split() if passages else []
+        words = summary.split()
         count = longest_prefix(self.count_tokens, self.title, words, budget)
         if not count:
             return Compressed([], 0, source)
