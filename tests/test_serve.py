@@ -127,6 +127,9 @@ def test_rag_chat_returns_sources_and_context_tokens(client, serve_config):
     sources = response.model_extra["sources"]
     assert len(sources) == serve_config.rag.top_k
     assert all(set(source) == {"id", "title", "score"} for source in sources)
+    assert response.model_extra["retrieval"] == {
+        "retriever": "dense", "index": Path(serve_config.rag.index_dir).name, "embedder": serve_config.rag.embedder.model,
+        "top_k": serve_config.rag.top_k, "compressor": None, "budget": None}
     usage = response.usage.model_extra
     assert usage["context_tokens"] > 0
     assert response.usage.prompt_tokens > usage["context_tokens"]

@@ -48,10 +48,12 @@ def test_the_rag_answer_reports_the_compressed_context_and_token_counts(url, ser
     assert 0 < compression["tokens_after"] <= BUDGET < compression["tokens_before"]
     assert response.usage.model_extra["context_tokens"] == compression["tokens_after"]
     assert len(response.model_extra["sources"]) == serve_config.rag.top_k  # what was retrieved, before compression
+    setting = response.model_extra["retrieval"]
+    assert (setting["compressor"], setting["budget"], setting["top_k"]) == ("extractive", BUDGET, serve_config.rag.top_k)
     plain = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0)
     assert "compression" not in (plain.model_extra or {})
 
     body = {"model": "rag", "messages": MESSAGES, "max_tokens": 4, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as stream:
         events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
-    assert json.loads(events[0])["compression"] == compression
+    assert json.loads(events[0])["compression"] == compression and json.loads(events[0])["retrieval"] == setting

@@ -41,6 +41,15 @@ class CompressorConfig(BaseConfig):
                                 "keeps its own setting).")
 
 
+    def display_name(self) -> str:
+        """The label, else the name (+lsr with a trained scorer, +distilled with a trained summarizer)."""
+        if self.label:
+            return self.label
+        if self.scorer_dir:
+            return f"{self.name}+lsr"
+        return f"{self.name}+distilled" if self.summarizer_dir else self.name
+
+
 class PassageCompressor:
     """Compress retrieved passages, counting tokens with the chat model's tokenizer."""
 

@@ -48,7 +48,8 @@ class Retriever:
     def __init__(self, index_dir: str | Path, embedder_config: EmbedderConfig | None = None):
         if embedder_config is None:
             metadata = index_metadata(index_dir)
-            embedder_config = EmbedderConfig(model=metadata["embedder"], normalize=metadata["normalize"])
+            embedder_config = EmbedderConfig(model=metadata["embedder"], normalize=metadata["normalize"],
+                                             backend=metadata.get("embedder_backend", "torch"))
         self.embedder = Embedder(embedder_config)
         check_index_embedder(index_dir, embedder_config.model, self.embedder.fingerprint)
         self.index = PassageIndex.load(index_dir)

@@ -26,8 +26,8 @@ from trustray.config import PipelineConfig, PoolResources
 from trustray.core.rag.index import PassageIndex
 from trustray.core.rag.passages import split_passages
 from trustray.data.corpus import load_corpus
-from trustray.models.embedders import Embedder, EmbedderConfig
-from trustray.models.sources import model_fingerprint, resolve_model_source
+from trustray.models.embedders import Embedder, EmbedderConfig, embedder_fingerprint
+from trustray.models.sources import resolve_model_source
 from trustray.pipelines import prepare_output
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def expected_metadata(config: BuildIndexConfig, rows: list[dict[str, str]]) -> d
         "num_docs": len(rows),
         "corpus_fingerprint": corpus_fingerprint(rows),
         "embedder": config.embedder.model,
-        "embedder_fingerprint": model_fingerprint(config.embedder.model),
+        "embedder_fingerprint": embedder_fingerprint(config.embedder),
         "normalize": config.embedder.normalize,
         "passage_tokens": config.passage_tokens,
         "overlap_sentences": config.overlap_sentences,
@@ -216,6 +216,7 @@ def run(config: BuildIndexConfig) -> Path:
             {
                 **expected,
                 "dim": index.dim,
+                "embedder_backend": config.embedder.backend,
                 "num_passages": count,
                 "build_seconds": round(elapsed, 2),
                 "config": config.model_dump(mode="json"),

@@ -125,13 +125,8 @@ class EvalRagConfig(PipelineConfig):
 
 
 def label(compressor: CompressorConfig) -> str:
-    """The condition's name: the compressor's label, else its name (+lsr for a trained scorer, +distilled for a
-    trained summarizer)."""
-    if compressor.label:
-        return compressor.label
-    if compressor.scorer_dir:
-        return f"{compressor.name}+lsr"
-    return f"{compressor.name}+distilled" if compressor.summarizer_dir else compressor.name
+    """The condition's name (`CompressorConfig.display_name`)."""
+    return compressor.display_name()
 
 
 def depths(config: EvalRagConfig) -> dict[str, int]:

@@ -16,6 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -70,6 +71,14 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def rag_setting(rag: RagServeConfig) -> dict[str, Any]:
+    """What the `retrieval` field of a RAG answer reports: retriever, index, k, and the compressor with its budget."""
+    compressor = rag.compressor
+    return {"retriever": "dense", "index": Path(rag.index_dir.rstrip("/")).name, "embedder": rag.embedder.model,
+            "top_k": rag.top_k, "compressor": compressor.display_name() if compressor else None,
+            "budget": compressor.budget if compressor else None}
+
+
 class _Reply:
     """One request after validation: what to generate and how to present it."""
 
@@ -81,6 +90,7 @@ class _Reply:
         self.sources: list[dict[str, Any]] | None = None
         self.context_text: str | None = None
         self.compression: dict[str, Any] | None = None
+        self.retrieval: dict[str, Any] | None = None
         self.edit_id: str | None = None
         self.selective: dict[str, Any] | None = None
         self.adapter: tuple[str, str] | None = None  # ("<name>@<version>", folder) of a published adapter
@@ -119,6 +129,8 @@ class _Reply:
             payload["sources"] = self.sources
         if self.compression is not None:
             payload["compression"] = self.compression
+        if self.retrieval is not None:
+            payload["retrieval"] = self.retrieval
         if self.selective is not None:
             payload["selective"] = self.selective
         if self.adapter is not None:  # which version of a hot-swapped adapter answered
@@ -325,6 +337,7 @@ class OpenAIIngress:
         passages: list[Passage] = (await self._await(self.retriever.retrieve.remote([question], rag.top_k)))[0]
         pairs = [(passage.title, passage.text) for passage in passages]
         reply.sources = [{"id": p.id, "title": p.title, "score": p.score} for p in passages]
+        reply.retrieval = rag_setting(rag)
         if self.compressor is not None:
             compressed = await self._await(self.compressor.compress.remote(question, pairs))
             pairs = compressed.passages
@@ -406,8 +419,8 @@ class OpenAIIngress:
         async def events() -> AsyncIterator[str]:
             finished = False
             try:
-                extra = {key: value for key, value in (("sources", reply.sources), ("compression", reply.compression))
-                         if value is not None}
+                extra = {key: value for key, value in (("sources", reply.sources), ("compression", reply.compression),
+                                                       ("retrieval", reply.retrieval)) if value is not None}
                 yield _sse(reply.chunk([reply.choice(None, None, first=True)], **extra))
                 tail: dict[str, Any] = {"completion_tokens": 0, "finish_reason": "stop"}
                 async for item in pieces:

@@ -335,6 +335,17 @@ class Source(BaseModel):
     score: float
 
 
+class RetrievalSetting(BaseModel):
+    """How the RAG model built this answer's context (the configured setting, the same for every request)."""
+
+    retriever: Literal["dense"] = Field(description="Retrieval method.")
+    index: str = Field(description="Name of the passage index folder.")
+    embedder: str = Field(description="Embedder of the questions and the index.")
+    top_k: int = Field(description="Passages retrieved.")
+    compressor: str | None = Field(description="The compressor the passages went through (None: uncompressed).")
+    budget: int | None = Field(description="The compressor's context-token budget.")
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"]
@@ -345,6 +356,8 @@ class ChatCompletionResponse(BaseModel):
     sources: list[Source] | None = Field(None, description="trustray extension (RAG): the retrieved passages.")
     compression: dict[str, Any] | None = Field(None, description="trustray extension (RAG): the compressed "
                                                "context and its token counts.")
+    retrieval: RetrievalSetting | None = Field(None, description="trustray extension (RAG): the retrieval setting "
+                                               "that made the context.")
     selective: dict[str, Any] | None = Field(None, description="trustray extension: the reward and whether the "
                                              "answer was withheld.")
     system_fingerprint: str | None = Field(None, description="The published adapter version that answered.")
