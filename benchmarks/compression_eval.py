@@ -6,13 +6,16 @@ rerun asks for the same config (a crash loses only the stage in flight):
 
 1. `tune-baselines` (rag_eval_tune): closed book, uncompressed top-1/3/5. Top-1's mean context tokens there, T1,
    set the two budgets: T1 ("at top-1's tokens") and T1 // 2 ("half").
-2. `tune-compressors` (rag_eval_tune): truncate, extractive untrained, extractive LSR and abstractive (distilled)
-   over the top 5 at T1, both extractive ones at T1 // 2 too, the LSR one over the top 10 at T1; top-1 again as
-   the paired reference.
-3. `report-clean` (rag_eval_report): every condition of 1 and 2 at the budgets chosen in 1, with latency (the first
-   `--latency-questions` questions one at a time).
+2. `tune-extractive`, `tune-abstractive` (rag_eval_tune): truncate, extractive untrained, extractive LSR and
+   abstractive (distilled) over the top 5 at T1, the LSR one at T1 // 2 too and over the top 10 at T1; each is
+   compared with stage 1's top-1 answers (paired). The served setting is chosen from these.
+3. `report-baselines`, `report-compressors` (rag_eval_report): every condition of 1 and 2 at the budgets chosen
+   in 1, compared with top-1 as in 2.
 4. `report-irrelevant`: the same report questions with `--irrelevant` random passages mixed into each condition's
-   passages (robustness), top-1/top-5 uncompressed and the compressors at T1.
+   passages (robustness): top-1/top-5 uncompressed and both extractive compressors at T1 over the top 5.
+5. `report-latency`: the first `--latency-questions` report questions again, every condition answering them one
+   at a time, conditions taking turns: p50/p95 latency. Quality stages batch their questions and may share the
+   machine; run this one alone on it.
 
 Writes benchmarks/results/compression_eval.json: rows {method, top_k, budget, split, run, n_questions, contains,
 contains_ci, tokens_in, context_tokens, p50_ms, p95_ms, contains_minus_top1, by_source, ...}, the budgets and where
@@ -41,7 +44,8 @@ RESULT = ROOT / "benchmarks" / "results" / "compression_eval.json"
 PRESET = ROOT / "configs" / "eval_rag" / "compress_cpu.yaml"
 STAGES_ROOT = ROOT / "outputs" / "benchmarks" / "compression_eval"
 BASELINES = ["closed_book", "rag@1", "rag@3", "rag@5"]
-STAGES = ("tune-baselines", "tune-compressors", "report-clean", "report-irrelevant")
+STAGES = ("tune-baselines", "tune-extractive", "tune-abstractive", "report-baselines", "report-compressors",
+          "report-irrelevant", "report-latency")
 SCORER_DIR = "outputs/compressor_train/cpu/compressor"
 SUMMARIZER_DIR = "outputs/abstractive_train/cpu/summarizer"
 COLUMNS = ("em", "f1", "contains", "contains_ci", "tokens_in", "context_tokens", "context_kept", "empty_rate",
@@ -50,10 +54,9 @@ COLUMNS = ("em", "f1", "contains", "contains_ci", "tokens_in", "context_tokens",
 
 def compressors(budgets: dict[str, int], which: tuple[str, ...]) -> list[dict[str, Any]]:
     """The compressor conditions at the named budgets (labels carry method, k and budget name): every method over
-    the top 5 at T1; the extractive ones at half of it too; the LSR one over the top 10 at T1."""
+    the top 5 at T1; the LSR one at half of it too, and over the top 10 at T1."""
     plan = [("truncate", {"name": "truncate"}, 5, "T1"),
             ("extractive-untrained", {"name": "extractive"}, 5, "T1"),
-            ("extractive-untrained", {"name": "extractive"}, 5, "half"),
             ("extractive+lsr", {"name": "extractive", "scorer_dir": SCORER_DIR}, 5, "T1"),
             ("extractive+lsr", {"name": "extractive", "scorer_dir": SCORER_DIR}, 5, "half"),
             ("extractive+lsr", {"name": "extractive", "scorer_dir": SCORER_DIR}, 10, "T1"),
@@ -62,17 +65,29 @@ def compressors(budgets: dict[str, int], which: tuple[str, ...]) -> list[dict[st
             for method, settings, k, budget in plan if budget in which]
 
 
-def stage(name: str, overrides: list[str], extra: list[str]) -> dict[str, Any]:
-    """One `trustray eval rag` run, reused when its folder holds a summary of the same config."""
+def stage_config(name: str, overrides: list[str], extra: list[str]) -> eval_rag.EvalRagConfig:
     folder = STAGES_ROOT / name
-    config = load_config(eval_rag.EvalRagConfig, PRESET, [*extra, *overrides, f"output_dir={folder}", f"name={name}"])
-    written = folder / eval_rag.SUMMARY_FILE
+    return load_config(eval_rag.EvalRagConfig, PRESET, [*extra, *overrides, f"output_dir={folder}", f"name={name}"])
+
+
+def finished_stage(name: str, overrides: list[str], extra: list[str]) -> dict[str, Any] | None:
+    """The stage's summary when its folder holds one of the same config, else None."""
+    config = stage_config(name, overrides, extra)
+    written = config.output_path() / eval_rag.SUMMARY_FILE
     if written.is_file():
         summary = json.loads(written.read_text())
         if summary.get("config") == config.model_dump(mode="json"):
-            logger.info("stage %s: reusing %s", name, written)
             return summary
-    summary = eval_rag.run(config)
+    return None
+
+
+def stage(name: str, overrides: list[str], extra: list[str]) -> dict[str, Any]:
+    """One `trustray eval rag` run, reused when its folder holds a summary of the same config."""
+    summary = finished_stage(name, overrides, extra)
+    if summary is not None:
+        logger.info("stage %s: reusing %s", name, STAGES_ROOT / name)
+        return summary
+    summary = eval_rag.run(stage_config(name, overrides, extra))
     print(eval_rag.format_table(summary))
     return summary
 
@@ -92,50 +107,112 @@ def rows(summary: dict[str, Any], split: str, run: str) -> list[dict[str, Any]]:
     return out
 
 
+def paired_with_top1(summary: dict[str, Any], baselines: dict[str, Any], seed: int) -> None:
+    """Add each condition's paired difference from the top-1 answers of `baselines` (the same questions, read from
+    both runs' per-question files), for compressor stages that did not answer top-1 themselves."""
+    from trustray.core.stats import paired_difference
+
+    def contained(folder: str, condition: str) -> dict[str, float]:
+        lines = (Path(folder) / eval_rag.QUESTIONS_FILE).read_text().splitlines()
+        return {row["id"]: row[condition]["contains"] for row in map(json.loads, lines)}
+
+    top1 = contained(baselines["output_dir"], "rag@1")
+    for condition in summary["conditions"]:
+        mine = contained(summary["output_dir"], condition)
+        if mine.keys() != top1.keys():
+            raise ValueError(f"{condition}: the stages answered different questions")
+        summary[condition]["contains_minus_reference"] = paired_difference(
+            [mine[qid] for qid in top1], list(top1.values()), seed=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--irrelevant", type=int, default=2, help="random passages mixed in for the robustness run")
     parser.add_argument("--latency-questions", type=int, default=32, help="report questions also timed alone")
     parser.add_argument("--until", choices=STAGES, help="stop after this stage (the rest runs on a later call)")
+    parser.add_argument("--only", choices=STAGES[1:], help="run just this stage (after tune-baselines); several "
+                        "stages can run at once as separate processes")
+    parser.add_argument("--assemble", action="store_true", help="write the results file from the stages already "
+                        "finished, running none (the missing ones are listed in it)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     apply_offline_defaults()
     setup_logging()
     quality_only = ["latency_questions=0", "reference=rag@1"]
+    done: dict[str, dict[str, Any]] = {}
 
-    baselines = stage("tune-baselines", args.overrides,
-                      ["qa=rag_eval_tune", f"modes={BASELINES}", "compressors=[]", *quality_only])
-    if args.until == "tune-baselines":
+    def run_stage(name: str, extra: list[str]) -> bool:
+        """Run (or reuse) a stage; False once `--until` (or the `--only` stage) has been reached."""
+        if args.only not in (None, name) and name != "tune-baselines":
+            return True
+        if args.assemble:
+            found = finished_stage(name, args.overrides, extra)
+            if found is not None:
+                done[name] = found
+            return True
+        done[name] = stage(name, args.overrides, extra)
+        return name not in (args.until, args.only)
+
+    if not run_stage("tune-baselines", ["qa=rag_eval_tune", f"modes={BASELINES}", "compressors=[]", *quality_only]):
         return
-    top1_tokens = baselines["rag@1"]["context_tokens"]
+    top1_tokens = done["tune-baselines"]["rag@1"]["context_tokens"]
     budgets = {"T1": int(top1_tokens), "half": int(top1_tokens) // 2}
     logger.info("budgets from the tuning part's top-1 context tokens (%.1f): %s", top1_tokens, budgets)
-    all_compressors = compressors(budgets, ("T1", "half"))
-    tuned = stage("tune-compressors", args.overrides,
-                  ["qa=rag_eval_tune", "modes=[rag@1]", f"compressors={json.dumps(all_compressors)}", *quality_only])
-    if args.until == "tune-compressors":
-        return
-    clean = stage("report-clean", args.overrides,
-                  ["qa=rag_eval_report", f"modes={BASELINES}", f"compressors={json.dumps(all_compressors)}",
-                   f"latency_questions={args.latency_questions}", "reference=rag@1"])
-    if args.until == "report-clean":
-        return
-    noisy = stage("report-irrelevant", args.overrides,
-                  ["qa=rag_eval_report", "modes=[rag@1, rag@5]", f"irrelevant={args.irrelevant}",
-                   f"compressors={json.dumps([c for c in compressors(budgets, ('T1',)) if c['top_k'] == 5])}",
-                   "latency_questions=0", "reference=rag@1"])
+    every = compressors(budgets, ("T1", "half"))
+    extractive = [c for c in every if c["name"] != "abstractive"]
+    abstractive = [c for c in every if c["name"] == "abstractive"]
+    robust = [c for c in extractive if c["top_k"] == 5 and c["budget"] == budgets["T1"] and c["name"] == "extractive"]
+    report = ["qa=rag_eval_report", f"modes={BASELINES}", f"compressors={json.dumps(every)}"]
+    # Compressor stages compare with their part's baseline top-1 answers (the same questions in the same batches).
+    tune = ["qa=rag_eval_tune", "modes=[]", "latency_questions=0"]
+    plan = [
+        ("tune-extractive", [*tune, f"compressors={json.dumps(extractive)}"]),
+        ("tune-abstractive", [*tune, f"compressors={json.dumps(abstractive)}"]),
+        ("report-baselines", ["qa=rag_eval_report", f"modes={BASELINES}", "compressors=[]", *quality_only]),
+        ("report-compressors", ["qa=rag_eval_report", "modes=[]", "latency_questions=0",
+                                f"compressors={json.dumps(every)}"]),
+        ("report-irrelevant", ["qa=rag_eval_report", "modes=[rag@1, rag@5]", f"irrelevant={args.irrelevant}",
+                               f"compressors={json.dumps(robust)}", *quality_only]),
+        # Last and alone on the machine: the first questions again, each condition timed one question at a time.
+        ("report-latency", [*report, f"limit={args.latency_questions}",
+                            f"latency_questions={args.latency_questions}", "reference=rag@1"]),
+    ]
+    for name, extra in plan:
+        if not run_stage(name, extra):
+            return
 
-    report = {
+    missing = [name for name in STAGES if name not in done]
+    if missing:
+        logger.warning("stages not finished yet: %s (their rows are missing)", missing)
+    paired = {"tune-extractive": "tune-baselines", "tune-abstractive": "tune-baselines",
+              "report-compressors": "report-baselines"}
+    for name, baselines in paired.items():
+        if name in done and baselines in done:
+            paired_with_top1(done[name], done[baselines], done[name]["config"]["seed"])
+    clean_rows = [row for name in ("report-baselines", "report-compressors") if name in done
+                  for row in rows(done[name], "report", "clean")]
+    latency = done.get("report-latency")
+    for row in clean_rows:
+        timed = latency[row["condition"]] if latency else {}
+        row.update(p50_ms=timed.get("p50_ms"), p95_ms=timed.get("p95_ms"),
+                   batched_answers_differing=timed.get("batched_answers_differing"))
+    tuned = [row for name in ("tune-extractive", "tune-abstractive") if name in done
+             for row in rows(done[name], "tune", "clean")]
+    first = done["tune-baselines"]
+    result = {
         "machine": machine_info(),
+        "stages_missing": missing,
         "budgets": budgets, "budgets_chosen_on": "rag_eval_tune (top-1 uncompressed context tokens)",
         "top1_context_tokens_tune": top1_tokens,
-        "recall": {"tune": baselines["recall"], "report": clean["recall"]},
+        "recall": {"tune": done["tune-baselines"]["recall"],
+                   "report": done["report-baselines"]["recall"] if "report-baselines" in done else None},
         "irrelevant": args.irrelevant, "latency_questions": args.latency_questions,
-        "rows": [*rows(baselines, "tune", "clean"), *[r for r in rows(tuned, "tune", "clean") if r["method"] != "rag"],
-                 *rows(clean, "report", "clean"), *rows(noisy, "report", "irrelevant")],
+        "chat_model": first["chat_model"], "embedder": first["embedder"], "max_tokens": first["max_tokens"],
+        "rows": [*rows(done["tune-baselines"], "tune", "clean"), *tuned, *clean_rows,
+                 *(rows(done["report-irrelevant"], "report", "irrelevant") if "report-irrelevant" in done else [])],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    atomic_write_text(RESULT, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(RESULT, json.dumps(result, indent=2) + "\n")
     print(f"written: {RESULT}")
 
 

@@ -304,6 +304,52 @@ def table_rag(summary: dict[str, Any]) -> str:
     return markdown_table(["condition"] + [name for name, _, _ in columns], rows)
 
 
+COMPRESSION_METHODS = {"closed_book": "no retrieval", "rag": "uncompressed", "truncate": "truncate",
+                       "extractive-untrained": "extractive, untrained", "extractive+lsr": "extractive, LSR",
+                       "abstractive+distilled": "abstractive, distilled"}
+
+
+def _points(value: float, signed: bool) -> str:
+    """A fraction in percent (points), with its sign when `signed`."""
+    return f"{'+' if signed and value >= 0 else ''}{fmt(value, 'pct1')}"
+
+
+def _interval(values: list[float], signed: bool = False) -> str:
+    return f"{_points(values[0], signed)} to {_points(values[1], signed)}"
+
+
+def table_compression(report: dict[str, Any], split: str, run: str) -> str:
+    """One row per condition of `compression_eval.json` on one part and run: answer-contained accuracy with its
+    95% interval, the paired difference from top-1 with its interval, per source, tokens and latency."""
+    picked = [row for row in report["rows"] if row["split"] == split and row["run"] == run]
+    sources = sorted({source for row in picked for source in (row.get("by_source") or {})})
+    budget_name = {budget: name for name, budget in report["budgets"].items()}
+    latency = all(row.get("p50_ms") is not None for row in picked)
+    head = ["method", "k", "budget", "contains % [95% CI]", "− top-1, points [95% CI]",
+            *[f"{source} %" for source in sources], "tokens in", "context tokens"] + (["p50 ms", "p95 ms"] if latency else [])
+    rows = []
+    for row in picked:
+        versus = row.get("contains_minus_top1")
+        budget = "–" if row["budget"] is None else f"{row['budget']} ({budget_name.get(row['budget'], '')})"
+        cells = [COMPRESSION_METHODS[row["method"]], fmt(row["top_k"], None) if row["top_k"] else "–", budget,
+                 f"{fmt(row['contains'], 'pct1')} [{_interval(row['contains_ci'])}]",
+                 f"{_points(versus['mean'], True)} [{_interval(versus['ci'], signed=True)}]" if versus else "reference",
+                 *[fmt(row["by_source"][source]["contains"], "pct1") if row.get("by_source") else "–" for source in sources],
+                 fmt(row["tokens_in"], "f0"), fmt(row["context_tokens"], "f0")]
+        if latency:
+            cells += [fmt(row["p50_ms"], "f0"), fmt(row["p95_ms"], "f0")]
+        rows.append(cells)
+    return markdown_table(head, rows)
+
+
+def table_retrieval_recall(report: dict[str, Any]) -> str:
+    """recall@k of the gold page per retriever, on each part and source of the evaluation set."""
+    ks = [key for key in report["rows"][0] if key.startswith("recall@")]
+    rows = [[row["retriever"], f"{row['split']} / {row['source']}", fmt(row["n_questions"], None),
+             *[fmt(row[k], "pct1") for k in ks]] for row in report["rows"]]
+    return markdown_table(["retriever", "part / source", "questions", *[f"{k} %" for k in ks]], rows)
+
+
 SERVED_EDIT_COLUMNS = ["edits", "ES", "GS", "probes kept", "neighbours kept"]
 
 
@@ -506,6 +552,8 @@ def table_reliability_faults(report: dict[str, Any]) -> str:
 
 TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
+    "compression": table_compression,
+    "retrieval_recall": table_retrieval_recall,
     "weak_to_strong": table_weak_to_strong,
     "active_preference": table_active_preference,
     "edit_scaling": table_edit_scaling,
