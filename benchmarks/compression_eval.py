@@ -12,13 +12,15 @@ rerun asks for the same config (a crash loses only the stage in flight):
 3. `report-baselines`, `report-compressors` (rag_eval_report): every condition of 1 and 2 at the budgets chosen
    in 1, compared with top-1 as in 2.
 4. `report-irrelevant`: the same report questions with `--irrelevant` random passages mixed into each condition's
-   passages (robustness): top-1/top-5 uncompressed and both extractive compressors at T1 over the top 5.
+   passages (robustness): top-5 uncompressed and both extractive compressors at T1 over the top 5, each losing
+   what it loses against its own clean run.
 5. `report-latency`: the first `--latency-questions` report questions again, every condition answering them one
    at a time, conditions taking turns: p50/p95 latency. Quality stages batch their questions and may share the
    machine; run this one alone on it.
 
 Writes benchmarks/results/compression_eval.json: rows {method, top_k, budget, split, run, n_questions, contains,
-contains_ci, tokens_in, context_tokens, p50_ms, p95_ms, contains_minus_top1, by_source, ...}, the budgets and where
+contains_ci, tokens_in, context_tokens, p50_ms, p95_ms, reference, contains_minus_reference, by_source, and in the
+robustness run contains_minus_clean ...}, the budgets and where
 they were chosen, recall@k, the machine. Needs the cpu index, `trustray run compressor_train --config
 configs/compressor_train/cpu.yaml` and `trustray run abstractive_train --config configs/abstractive_train/cpu.yaml`.
 Run: .venv/bin/python benchmarks/compression_eval.py [--latency-questions 32] [--irrelevant 2] [key=value ...]
@@ -49,7 +51,7 @@ STAGES = ("tune-baselines", "tune-extractive", "tune-abstractive", "report-basel
 SCORER_DIR = "outputs/compressor_train/cpu/compressor"
 SUMMARIZER_DIR = "outputs/abstractive_train/cpu/summarizer"
 COLUMNS = ("em", "f1", "contains", "contains_ci", "tokens_in", "context_tokens", "context_kept", "empty_rate",
-           "p50_ms", "p95_ms", "by_source", "batched_answers_differing")
+           "p50_ms", "p95_ms", "by_source")
 
 
 def compressors(budgets: dict[str, int], which: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -81,6 +83,25 @@ def finished_stage(name: str, overrides: list[str], extra: list[str]) -> dict[st
     return None
 
 
+def partial_stage(name: str, overrides: list[str], extra: list[str]) -> dict[str, Any] | None:
+    """An unfinished stage's summary over the conditions whose answers were kept (their `eval rag` run reuses
+    them), or None when it has none; the summary says which conditions are missing."""
+    config = stage_config(name, overrides, extra)
+    kept = [c for c in eval_rag.depths(config)
+            if eval_rag.answers_file(config.output_path(), config, c).is_file()]
+    if not kept:
+        return None
+    reduced = config.model_copy(update={
+        "modes": [m for m in config.modes if m in kept],
+        "compressors": [c for c in config.compressors if eval_rag.label(c) in kept],
+        "reference": config.reference if config.reference in kept else None, "latency_questions": 0})
+    summary = eval_rag.run(reduced)
+    summary["conditions_missing"] = [c for c in eval_rag.depths(config) if c not in kept]
+    logger.warning("stage %s is unfinished: %d conditions kept, missing %s", name, len(kept),
+                   summary["conditions_missing"])
+    return summary
+
+
 def stage(name: str, overrides: list[str], extra: list[str]) -> dict[str, Any]:
     """One `trustray eval rag` run, reused when its folder holds a summary of the same config."""
     summary = finished_stage(name, overrides, extra)
@@ -103,26 +124,28 @@ def rows(summary: dict[str, Any], split: str, run: str) -> list[dict[str, Any]]:
                     "budget": setting["budget"] if setting else None, "split": split, "run": run,
                     "n_questions": summary["n_questions"],
                     **{key: metrics.get(key) for key in COLUMNS},
-                    "contains_minus_top1": metrics.get("contains_minus_reference")})
+                    # Only a stage that answered questions one at a time compared them with the batched answers.
+                    "batched_answers_differing": metrics.get("batched_answers_differing") if summary["latency_questions"]
+                    else None,
+                    "reference": summary.get("reference"),
+                    "contains_minus_reference": metrics.get("contains_minus_reference")})
     return out
 
 
-def paired_with_top1(summary: dict[str, Any], baselines: dict[str, Any], seed: int) -> None:
-    """Add each condition's paired difference from the top-1 answers of `baselines` (the same questions, read from
-    both runs' per-question files), for compressor stages that did not answer top-1 themselves."""
+def contained(summary: dict[str, Any], condition: str) -> dict[str, float]:
+    """Per question id, whether `condition`'s answer contained a gold answer (from the stage's per-question file)."""
+    lines = (Path(summary["output_dir"]) / eval_rag.QUESTIONS_FILE).read_text().splitlines()
+    return {row["id"]: row[condition]["contains"] for row in map(json.loads, lines)}
+
+
+def paired(first: dict[str, Any], condition: str, second: dict[str, Any], other: str, seed: int) -> dict[str, Any]:
+    """`condition` of stage `first` minus `other` of stage `second` on the same questions, paired bootstrap."""
     from trustray.core.stats import paired_difference
 
-    def contained(folder: str, condition: str) -> dict[str, float]:
-        lines = (Path(folder) / eval_rag.QUESTIONS_FILE).read_text().splitlines()
-        return {row["id"]: row[condition]["contains"] for row in map(json.loads, lines)}
-
-    top1 = contained(baselines["output_dir"], "rag@1")
-    for condition in summary["conditions"]:
-        mine = contained(summary["output_dir"], condition)
-        if mine.keys() != top1.keys():
-            raise ValueError(f"{condition}: the stages answered different questions")
-        summary[condition]["contains_minus_reference"] = paired_difference(
-            [mine[qid] for qid in top1], list(top1.values()), seed=seed)
+    mine, theirs = contained(first, condition), contained(second, other)
+    if mine.keys() != theirs.keys():
+        raise ValueError(f"{condition} and {other}: the stages answered different questions")
+    return paired_difference([mine[qid] for qid in theirs], list(theirs.values()), seed=seed)
 
 
 def main() -> None:
@@ -132,8 +155,9 @@ def main() -> None:
     parser.add_argument("--until", choices=STAGES, help="stop after this stage (the rest runs on a later call)")
     parser.add_argument("--only", choices=STAGES[1:], help="run just this stage (after tune-baselines); several "
                         "stages can run at once as separate processes")
-    parser.add_argument("--assemble", action="store_true", help="write the results file from the stages already "
-                        "finished, running none (the missing ones are listed in it)")
+    parser.add_argument("--assemble", action="store_true", help="write the results file from what is finished, "
+                        "answering no question: whole stages, and of an unfinished stage the conditions whose answers "
+                        "were kept (what is missing is listed in it)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     apply_offline_defaults()
@@ -146,7 +170,7 @@ def main() -> None:
         if args.only not in (None, name) and name != "tune-baselines":
             return True
         if args.assemble:
-            found = finished_stage(name, args.overrides, extra)
+            found = finished_stage(name, args.overrides, extra) or partial_stage(name, args.overrides, extra)
             if found is not None:
                 done[name] = found
             return True
@@ -161,18 +185,22 @@ def main() -> None:
     every = compressors(budgets, ("T1", "half"))
     extractive = [c for c in every if c["name"] != "abstractive"]
     abstractive = [c for c in every if c["name"] == "abstractive"]
-    robust = [c for c in extractive if c["top_k"] == 5 and c["budget"] == budgets["T1"] and c["name"] == "extractive"]
     report = ["qa=rag_eval_report", f"modes={BASELINES}", f"compressors={json.dumps(every)}"]
+    # On the reporting part the conditions the targets name come first (each is kept as it finishes).
+    first = ("extractive+lsr@5/T1", "extractive-untrained@5/T1", "extractive+lsr@5/half")
+    report_order = sorted(every, key=lambda c: (c["label"] not in first, first.index(c["label"]) if c["label"] in first
+                                                else 0))
+    robust = [c for c in report_order if c["top_k"] == 5 and c["budget"] == budgets["T1"] and c["name"] == "extractive"]
     # Compressor stages compare with their part's baseline top-1 answers (the same questions in the same batches).
-    tune = ["qa=rag_eval_tune", "modes=[]", "latency_questions=0"]
+    tune = ["qa=rag_eval_tune", "modes=[]", "latency_questions=0", "reference=null"]
     plan = [
         ("tune-extractive", [*tune, f"compressors={json.dumps(extractive)}"]),
         ("tune-abstractive", [*tune, f"compressors={json.dumps(abstractive)}"]),
         ("report-baselines", ["qa=rag_eval_report", f"modes={BASELINES}", "compressors=[]", *quality_only]),
-        ("report-compressors", ["qa=rag_eval_report", "modes=[]", "latency_questions=0",
-                                f"compressors={json.dumps(every)}"]),
-        ("report-irrelevant", ["qa=rag_eval_report", "modes=[rag@1, rag@5]", f"irrelevant={args.irrelevant}",
-                               f"compressors={json.dumps(robust)}", *quality_only]),
+        ("report-compressors", ["qa=rag_eval_report", "modes=[]", "latency_questions=0", "reference=null",
+                                f"compressors={json.dumps(report_order)}"]),
+        ("report-irrelevant", ["qa=rag_eval_report", "modes=[rag@5]", f"irrelevant={args.irrelevant}",
+                               f"compressors={json.dumps(robust)}", "latency_questions=0", "reference=rag@5"]),
         # Last and alone on the machine: the first questions again, each condition timed one question at a time.
         ("report-latency", [*report, f"limit={args.latency_questions}",
                             f"latency_questions={args.latency_questions}", "reference=rag@1"]),
@@ -182,13 +210,24 @@ def main() -> None:
             return
 
     missing = [name for name in STAGES if name not in done]
+    unfinished = {name: summary["conditions_missing"] for name, summary in done.items() if "conditions_missing" in summary}
     if missing:
         logger.warning("stages not finished yet: %s (their rows are missing)", missing)
     paired = {"tune-extractive": "tune-baselines", "tune-abstractive": "tune-baselines",
               "report-compressors": "report-baselines"}
     for name, baselines in paired.items():
         if name in done and baselines in done:
-            paired_with_top1(done[name], done[baselines], done[name]["config"]["seed"])
+            for condition in done[name]["conditions"]:
+                done[name][condition]["contains_minus_reference"] = paired(
+                    done[name], condition, done[baselines], "rag@1", done[name]["config"]["seed"])
+            done[name]["reference"] = "rag@1"
+    noisy_rows = rows(done["report-irrelevant"], "report", "irrelevant") if "report-irrelevant" in done else []
+    for row in noisy_rows:  # what mixing in irrelevant passages cost each condition, on the same questions
+        clean = next((done[name] for name in ("report-baselines", "report-compressors")
+                      if name in done and row["condition"] in done[name]["conditions"]), None)
+        if clean is not None:
+            row["contains_minus_clean"] = paired(done["report-irrelevant"], row["condition"], clean, row["condition"],
+                                                 done["report-irrelevant"]["config"]["seed"])
     clean_rows = [row for name in ("report-baselines", "report-compressors") if name in done
                   for row in rows(done[name], "report", "clean")]
     latency = done.get("report-latency")
@@ -198,18 +237,18 @@ def main() -> None:
                    batched_answers_differing=timed.get("batched_answers_differing"))
     tuned = [row for name in ("tune-extractive", "tune-abstractive") if name in done
              for row in rows(done[name], "tune", "clean")]
-    first = done["tune-baselines"]
+    baseline = done["tune-baselines"]
     result = {
         "machine": machine_info(),
-        "stages_missing": missing,
+        "stages_missing": missing, "conditions_missing": unfinished,
         "budgets": budgets, "budgets_chosen_on": "rag_eval_tune (top-1 uncompressed context tokens)",
         "top1_context_tokens_tune": top1_tokens,
         "recall": {"tune": done["tune-baselines"]["recall"],
                    "report": done["report-baselines"]["recall"] if "report-baselines" in done else None},
         "irrelevant": args.irrelevant, "latency_questions": args.latency_questions,
-        "chat_model": first["chat_model"], "embedder": first["embedder"], "max_tokens": first["max_tokens"],
+        "chat_model": baseline["chat_model"], "embedder": baseline["embedder"], "max_tokens": baseline["max_tokens"],
         "rows": [*rows(done["tune-baselines"], "tune", "clean"), *tuned, *clean_rows,
-                 *(rows(done["report-irrelevant"], "report", "irrelevant") if "report-irrelevant" in done else [])],
+                 *noisy_rows],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     atomic_write_text(RESULT, json.dumps(result, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Builds (or reuses) the cpu-preset index, runs `trustray eval rag` with the cpu preset, and writes
 benchmarks/results/rag_eval_dev.json (keys `closed_book` and `rag`, each with em/f1/contains, plus the machine).
-Run: .venv/bin/python benchmarks/rag_eval.py [--preset cpu]
+Run: .venv/bin/python benchmarks/rag_eval.py [--preset cpu] [key=value ...] (latency_questions=0 when other jobs
+share the machine: quality only)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ RESULT = ROOT / "benchmarks" / "results" / "rag_eval_dev.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval_rag overrides, e.g. latency_questions=0")
     args = parser.parse_args()
     apply_offline_defaults()
     setup_logging()
@@ -33,7 +35,7 @@ def main() -> None:
         load_config(
             eval_rag.EvalRagConfig,
             ROOT / f"configs/eval_rag/{args.preset}.yaml",
-            [f"index_dir={index_dir}", f"name=rag_eval_{args.preset}"],
+            [f"index_dir={index_dir}", f"name=rag_eval_{args.preset}", *args.overrides],
         )
     )
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])

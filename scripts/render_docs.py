@@ -320,20 +320,29 @@ def _interval(values: list[float], signed: bool = False) -> str:
 
 def table_compression(report: dict[str, Any], split: str, run: str) -> str:
     """One row per condition of `compression_eval.json` on one part and run: answer-contained accuracy with its
-    95% interval, the paired difference from top-1 with its interval, per source, tokens and latency."""
+    95% interval, the paired difference from the reference (and, with irrelevant passages, from the same condition's
+    clean run) with its interval, per source, tokens and latency."""
     picked = [row for row in report["rows"] if row["split"] == split and row["run"] == run]
     sources = sorted({source for row in picked for source in (row.get("by_source") or {})})
     budget_name = {budget: name for name, budget in report["budgets"].items()}
+    references = {row["reference"] for row in picked if row.get("reference")}
+    reference = " / ".join(sorted(references)) or "reference"
     latency = all(row.get("p50_ms") is not None for row in picked)
-    head = ["method", "k", "budget", "contains % [95% CI]", "− top-1, points [95% CI]",
-            *[f"{source} %" for source in sources], "tokens in", "context tokens"] + (["p50 ms", "p95 ms"] if latency else [])
+    noisy = any(row.get("contains_minus_clean") for row in picked)
+
+    def difference(value: dict[str, Any] | None, fallback: str) -> str:
+        return f"{_points(value['mean'], True)} [{_interval(value['ci'], signed=True)}]" if value else fallback
+
+    head = ["method", "k", "budget", "contains % [95% CI]", f"− {reference}, points [95% CI]",
+            *(["− clean run, points [95% CI]"] if noisy else []), *[f"{source} %" for source in sources],
+            "tokens in", "context tokens", *(["p50 ms", "p95 ms"] if latency else [])]
     rows = []
     for row in picked:
-        versus = row.get("contains_minus_top1")
         budget = "–" if row["budget"] is None else f"{row['budget']} ({budget_name.get(row['budget'], '')})"
         cells = [COMPRESSION_METHODS[row["method"]], fmt(row["top_k"], None) if row["top_k"] else "–", budget,
                  f"{fmt(row['contains'], 'pct1')} [{_interval(row['contains_ci'])}]",
-                 f"{_points(versus['mean'], True)} [{_interval(versus['ci'], signed=True)}]" if versus else "reference",
+                 difference(row.get("contains_minus_reference"), "reference" if row["condition"] in references else "–"),
+                 *([difference(row.get("contains_minus_clean"), "–")] if noisy else []),
                  *[fmt(row["by_source"][source]["contains"], "pct1") if row.get("by_source") else "–" for source in sources],
                  fmt(row["tokens_in"], "f0"), fmt(row["context_tokens"], "f0")]
         if latency:

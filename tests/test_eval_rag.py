@@ -11,7 +11,7 @@ from trustray.pipelines import build_index, eval_rag
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, ray_local):
+def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, ray_local, monkeypatch):
     index_dir = build_index.run(
         load_config(
             build_index.BuildIndexConfig,
@@ -43,6 +43,17 @@ def test_eval_rag_tiny_end_to_end(tmp_path, tiny_llama_dir, tiny_embedder_dir, r
     rows = [json.loads(line) for line in (output / eval_rag.QUESTIONS_FILE).read_text().splitlines()]
     assert len(rows) == 6 and all(len(row["sources"]) == 2 for row in rows)
     assert "closed_book" in eval_rag.format_table(summary)
+
+    # A rerun with the same settings (latency aside) answers nothing again: each condition's answers were kept.
+    def no_more_answers(*args, **kwargs):
+        raise AssertionError("a finished condition was answered again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(eval_rag, "answer_batch", no_more_answers)
+        again = eval_rag.run(load_config(eval_rag.EvalRagConfig, CONFIGS / "eval_rag/tiny.yaml", [
+            f"index_dir={index_dir}", f"embedder.model={tiny_embedder_dir}", f"chat.model={tiny_llama_dir}",
+            f"output_dir={output}", "latency_questions=0"]))
+    assert again["rag"]["contains"] == summary["rag"]["contains"] and again["rag"]["p50_ms"] is None
 
     # Compressors under a 24-token budget (the extractive one reading the top 3), uncompressed top 1 and top 2, and
     # the robustness run with 2 random passages mixed into each condition's passages.

@@ -6,7 +6,8 @@ Reads top to bottom: load questions → retrieve the deepest top-k any condition
 `irrelevant` > 0, random passages of the index are mixed into every condition's passages, the robustness run) →
 recall@k of the gold page where the questions name one → the quality pass: every condition (closed book, `rag` or
 `rag@K` uncompressed, each compressor over its own top-k) answers all questions in batches (ChatModelActor,
-greedy; compressors in their own actors) → the latency pass: the first `latency_questions` questions answered one
+greedy; compressors in their own actors; each condition's answers are kept as it finishes, and a rerun with the
+same settings reuses them) → the latency pass: the first `latency_questions` questions answered one
 at a time, conditions taking turns, each timed end to end (its own retrieval, the compressor, generation) → exact
 match, token F1, answer-contained accuracy with a 95% bootstrap interval, the paired difference from the reference
 condition, generator prompt tokens, context tokens, p50/p95 latency → `output_dir/summary.json` + per-question
@@ -16,11 +17,13 @@ compression asks closed book.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import re
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,7 +41,7 @@ from trustray.core.rag.index import Passage
 from trustray.core.rag.metrics import answer_contained, exact_match, token_f1
 from trustray.core.rag.prompting import closed_book_messages, rag_messages
 from trustray.core.stats import bootstrap_ci, paired_difference
-from trustray.data.io import write_jsonl
+from trustray.data.io import read_jsonl, write_jsonl
 from trustray.data.qa import load_qa
 from trustray.models.embedders import EmbedderConfig
 from trustray.models.engines import EngineConfig, SamplingParams
@@ -50,6 +53,8 @@ logger = logging.getLogger(__name__)
 # Written into output_dir: the summary (what `format_table` shows) and one row per question.
 SUMMARY_FILE = "summary.json"
 QUESTIONS_FILE = "questions.jsonl"
+# One JSONL file per finished condition (answers of the batched pass): what a rerun after a crash reuses.
+ANSWERS_DIR = "answers"
 MODE = re.compile(r"^(closed_book|rag)(@([1-9][0-9]?))?$")
 RECALL_AT = (1, 3, 5, 10)
 MAX_TOP_K = 50
@@ -235,6 +240,20 @@ def summarize(rows: list[dict[str, Any]], goldens: list[list[str]], sources: lis
     return summary
 
 
+# What a condition's batched answers depend on, besides the condition itself and the passages it reads.
+ANSWER_SETTINGS = {"qa", "index_dir", "embedder", "chat", "irrelevant", "max_tokens", "limit", "batch_size", "seed"}
+
+
+def answers_file(output_dir: Path, config: EvalRagConfig, condition: str) -> Path:
+    """Where one condition's batched answers are kept as soon as they are done: named by what they depend on, so
+    a rerun after a crash (or with other conditions beside it) reuses them and other settings never do."""
+    spec = next((c.model_dump(mode="json") for c in config.compressors if label(c) == condition), condition)
+    settings = {**config.model_dump(mode="json", include=ANSWER_SETTINGS), "condition": spec,
+                "depth": depths(config)[condition]}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return output_dir / ANSWERS_DIR / f"{digest}.jsonl"
+
+
 def check_resources(config: EvalRagConfig) -> None:
     """The chat actor and every compressor actor are alive at once: refuse a plan the cluster cannot place, which
     would otherwise wait forever for the last actor."""
@@ -298,6 +317,12 @@ def run(config: EvalRagConfig) -> dict:
                for start in range(0, len(questions), config.batch_size)]
     with tqdm(total=len(conditions) * len(batches), desc="answer batches") as progress:
         for condition in conditions:
+            saved = answers_file(output_dir, config, condition)
+            if saved.is_file():
+                logger.info("%s: reusing the answers in %s (same settings)", condition, saved)
+                answers_of[condition] = read_jsonl(saved)
+                progress.update(len(batches))
+                continue
             answers_of[condition] = []
             for rows in batches:
                 answered = answer_batch([texts[i] for i in rows], [contexts[condition][i] for i in rows], chat,
@@ -308,6 +333,7 @@ def run(config: EvalRagConfig) -> dict:
                         row["context_tokens"] = context_tokens(count_tokens, [(p.title, p.text) for p in found or []])
                 answers_of[condition].extend(answered)
                 progress.update()
+            write_jsonl(answers_of[condition], saved)
 
     # Latency: conditions take turns on each question, so a change of load on the machine during the run shifts
     # every condition's latency alike instead of whichever condition was running then.
@@ -337,7 +363,7 @@ def run(config: EvalRagConfig) -> dict:
         summary[condition].update(
             p50_ms=float(np.percentile(latencies, 50)) if latency_count else None,
             p95_ms=float(np.percentile(latencies, 95)) if latency_count else None,
-            batched_answers_differing=differs[condition])
+            batched_answers_differing=differs[condition] if latency_count else None)
         if differs[condition]:
             logger.warning("%s: %d of %d answers given alone differ from the batched ones (padding changes the "
                            "floating-point sums)", condition, differs[condition], latency_count)
