@@ -46,8 +46,8 @@ RESULT = ROOT / "benchmarks" / "results" / "compression_eval.json"
 PRESET = ROOT / "configs" / "eval_rag" / "compress_cpu.yaml"
 STAGES_ROOT = ROOT / "outputs" / "benchmarks" / "compression_eval"
 BASELINES = ["closed_book", "rag@1", "rag@3", "rag@5"]
-STAGES = ("tune-baselines", "tune-extractive", "tune-abstractive", "report-baselines", "report-compressors",
-          "report-irrelevant", "report-latency")
+STAGES = ("tune-baselines", "tune-extractive", "tune-abstractive", "tune-untrained-half", "report-baselines",
+          "report-compressors", "report-irrelevant", "report-latency")
 SCORER_DIR = "outputs/compressor_train/cpu/compressor"
 SUMMARIZER_DIR = "outputs/abstractive_train/cpu/summarizer"
 COLUMNS = ("em", "f1", "contains", "contains_ci", "tokens_in", "context_tokens", "context_kept", "empty_rate",
@@ -182,12 +182,17 @@ def main() -> None:
     top1_tokens = done["tune-baselines"]["rag@1"]["context_tokens"]
     budgets = {"T1": int(top1_tokens), "half": int(top1_tokens) // 2}
     logger.info("budgets from the tuning part's top-1 context tokens (%.1f): %s", top1_tokens, budgets)
-    every = compressors(budgets, ("T1", "half"))
-    extractive = [c for c in every if c["name"] != "abstractive"]
+    base = compressors(budgets, ("T1", "half"))
+    extractive = [c for c in base if c["name"] != "abstractive"]
+    abstractive = [c for c in base if c["name"] == "abstractive"]
+    # Added after tune-extractive showed half the budget beating T1: is the training what makes it good there?
+    untrained_half = [{"name": "extractive", "top_k": 5, "budget": budgets["half"],
+                       "label": "extractive-untrained@5/half"}]
+    every = [*base, *untrained_half]
     abstractive = [c for c in every if c["name"] == "abstractive"]
     report = ["qa=rag_eval_report", f"modes={BASELINES}", f"compressors={json.dumps(every)}"]
     # On the reporting part the conditions the targets name come first (each is kept as it finishes).
-    first = ("extractive+lsr@5/T1", "extractive-untrained@5/T1", "extractive+lsr@5/half")
+    first = ("extractive+lsr@5/T1", "extractive-untrained@5/T1", "extractive+lsr@5/half", "extractive-untrained@5/half")
     report_order = sorted(every, key=lambda c: (c["label"] not in first, first.index(c["label"]) if c["label"] in first
                                                 else 0))
     robust = [c for c in report_order if c["top_k"] == 5 and c["budget"] == budgets["T1"] and c["name"] == "extractive"]
@@ -196,6 +201,7 @@ def main() -> None:
     plan = [
         ("tune-extractive", [*tune, f"compressors={json.dumps(extractive)}"]),
         ("tune-abstractive", [*tune, f"compressors={json.dumps(abstractive)}"]),
+        ("tune-untrained-half", [*tune, f"compressors={json.dumps(untrained_half)}"]),
         ("report-baselines", ["qa=rag_eval_report", f"modes={BASELINES}", "compressors=[]", *quality_only]),
         ("report-compressors", ["qa=rag_eval_report", "modes=[]", "latency_questions=0", "reference=null",
                                 f"compressors={json.dumps(report_order)}"]),
@@ -213,9 +219,9 @@ def main() -> None:
     unfinished = {name: summary["conditions_missing"] for name, summary in done.items() if "conditions_missing" in summary}
     if missing:
         logger.warning("stages not finished yet: %s (their rows are missing)", missing)
-    paired = {"tune-extractive": "tune-baselines", "tune-abstractive": "tune-baselines",
-              "report-compressors": "report-baselines"}
-    for name, baselines in paired.items():
+    compared_with = {"tune-extractive": "tune-baselines", "tune-abstractive": "tune-baselines",
+                     "tune-untrained-half": "tune-baselines", "report-compressors": "report-baselines"}
+    for name, baselines in compared_with.items():
         if name in done and baselines in done:
             for condition in done[name]["conditions"]:
                 done[name][condition]["contains_minus_reference"] = paired(
@@ -235,12 +241,24 @@ def main() -> None:
         timed = latency[row["condition"]] if latency else {}
         row.update(p50_ms=timed.get("p50_ms"), p95_ms=timed.get("p95_ms"),
                    batched_answers_differing=timed.get("batched_answers_differing"))
-    tuned = [row for name in ("tune-extractive", "tune-abstractive") if name in done
+    tuned = [row for name in ("tune-extractive", "tune-abstractive", "tune-untrained-half") if name in done
              for row in rows(done[name], "tune", "clean")]
+    # What the training buys: the LSR-trained minus the untrained scorer, paired, wherever both answered.
+    holder = {(summary["qa"], condition): summary for name, summary in done.items() if name != "report-irrelevant"
+              for condition in summary["conditions"]}
+    lsr_minus_untrained = {}
+    for part in ("tune", "report"):
+        for budget in ("T1", "half"):
+            trained, untrained = f"extractive+lsr@5/{budget}", f"extractive-untrained@5/{budget}"
+            first_stage = holder.get((f"rag_eval_{part}", trained))
+            second_stage = holder.get((f"rag_eval_{part}", untrained))
+            if first_stage and second_stage:
+                lsr_minus_untrained[f"{part}/{budget}"] = paired(first_stage, trained, second_stage, untrained,
+                                                                  first_stage["config"]["seed"])
     baseline = done["tune-baselines"]
     result = {
         "machine": machine_info(),
-        "stages_missing": missing, "conditions_missing": unfinished,
+        "stages_missing": missing, "conditions_missing": unfinished, "lsr_minus_untrained": lsr_minus_untrained,
         "budgets": budgets, "budgets_chosen_on": "rag_eval_tune (top-1 uncompressed context tokens)",
         "top1_context_tokens_tune": top1_tokens,
         "recall": {"tune": done["tune-baselines"]["recall"],

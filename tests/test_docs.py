@@ -57,12 +57,27 @@ def test_check_names_the_page_that_differs(results, monkeypatch, capsys):
 
 
 def test_the_rag_table_has_a_row_per_condition_and_drops_missing_columns(results):
-    summary = copy.deepcopy(results["compression_eval"]["summaries"]["clean"])
+    summary = copy.deepcopy(results["rag_eval_dev"])
+    for condition in summary["conditions"]:
+        summary[condition].update(p50_ms=100.0, p95_ms=200.0)
     table = render_docs.table_rag(summary).splitlines()
     assert table[0] == "| condition | EM | F1 | contains | tokens in | × full RAG | p50 ms | p95 ms |"
     assert len(table) == 2 + len(summary["conditions"]) and table[2].startswith("| no retrieval | ")
     del summary["rag"]["p95_ms"]
     assert "p95 ms" not in render_docs.table_rag(summary).splitlines()[0]
+
+
+def test_the_compression_table_has_a_row_per_condition_of_the_part(results):
+    report = copy.deepcopy(results["compression_eval"])
+    picked = [row for row in report["rows"] if row["split"] == "tune"]
+    table = render_docs.table_compression(report, "tune", "clean").splitlines()
+    assert len(table) == 2 + len(picked)
+    assert "| contains % [95% CI] | − rag@1, points [95% CI] |" in table[0] and "p50 ms" not in table[0]
+    top1 = next(line for line in table if line.startswith("| uncompressed | 1 |"))
+    assert "| reference |" in top1
+    for row in picked:
+        row.update(p50_ms=1.0, p95_ms=2.0)
+    assert render_docs.table_compression(report, "tune", "clean").splitlines()[0].endswith("| p50 ms | p95 ms |")
 
 
 def test_paths_select_compute_and_format():

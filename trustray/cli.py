@@ -123,6 +123,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     serve_config = load_config(
         ServeConfig, preset("serve"), [f"port={args.port}", f"rag.index_dir={index_dir}", *args.serve_overrides]
     )
+    compressor = serve_config.rag.compressor if serve_config.rag else None
+    if compressor is not None and compressor.scorer_dir and not Path(compressor.scorer_dir).is_dir():
+        # The served preset's scorer is trained apart (over an hour on 2 cores): a first run serves the untrained
+        # one at the same budget, and says so.
+        print(f"[{time.perf_counter() - started:6.1f}s] no trained compressor at {compressor.scorer_dir}: serving the "
+              f"untrained extractive one (train it: trustray run compressor_train --config "
+              f"configs/compressor_train/cpu.yaml)", flush=True)
+        serve_config.rag.compressor = compressor.model_copy(update={"scorer_dir": None})
     url = run_app(serve_config)
     t = step(f"Serve app up at {url}", t)
 
@@ -140,6 +148,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 print(f"\nQ: {question}\nA: {body['choices'][0]['message']['content'].strip()}")
                 for source in body.get("sources", []):
                     print(f"   source: {source['title']} ({source['id']}, score {source['score']:.3f})")
+                if setting := body.get("retrieval"):
+                    compressor = (f", {setting['compressor']} compressor at {setting['budget']} tokens"
+                                  if setting["compressor"] else ", uncompressed")
+                    print(f"   retrieval: {setting['retriever']} top-{setting['top_k']} from {setting['index']}{compressor}")
                 usage = body["usage"]
                 print(
                     f"   {elapsed:.2f}s, prompt {usage['prompt_tokens']} tokens "
