@@ -96,9 +96,10 @@ def partial_stage(name: str, overrides: list[str], extra: list[str]) -> dict[str
         "compressors": [c for c in config.compressors if eval_rag.label(c) in kept],
         "reference": config.reference if config.reference in kept else None, "latency_questions": 0})
     summary = eval_rag.run(reduced)
-    summary["conditions_missing"] = [c for c in eval_rag.depths(config) if c not in kept]
-    logger.warning("stage %s is unfinished: %d conditions kept, missing %s", name, len(kept),
-                   summary["conditions_missing"])
+    missing = [c for c in eval_rag.depths(config) if c not in kept]
+    if missing:  # with none missing, the run above finished the stage (its summary is the whole stage's)
+        summary["conditions_missing"] = missing
+        logger.warning("stage %s is unfinished: %d conditions kept, missing %s", name, len(kept), missing)
     return summary
 
 
