@@ -122,6 +122,25 @@ def test_specific_relations_are_well_represented(records):
     assert sum(n for relation, n in counts.items() if relation != "subject_area") > 0.4 * len(records)
 
 
+def test_offtemplate_questions_share_no_template_or_subject_with_any_edit(records):
+    from trustray.data.offtemplate import edit_template_patterns, load_offtemplate_questions
+
+    questions = load_offtemplate_questions(fanoutqa=150, cloze=150)
+    assert [q["source"] for q in questions].count("fanoutqa") == 150 and len(questions) == 300
+    assert len({q["id"] for q in questions}) == 300 and all(q["prompt"] and q["answer"] for q in questions)
+    assert load_offtemplate_questions(fanoutqa=150, cloze=150) == questions  # seeded
+    edited_subjects = {record["subject"] for record in records} | {record["title"] for record in records}
+    # No question is asked with an edit template, nor (cloze) about a page any record edits.
+    patterns = edit_template_patterns()
+    assert len(patterns) == 7 * len(TEMPLATES) and patterns[0].match("What is the nationality of Ann Lee?")
+    assert not [q for q in questions if any(p.match(q["prompt"]) for p in patterns)]
+    cloze_pages = [q["prompt"].removeprefix("About ").split(", fill in the blank")[0]
+                   for q in questions if q["source"] == "cloze"]
+    assert len(cloze_pages) == 150 and not set(cloze_pages) & edited_subjects
+    with pytest.raises(ValueError, match="at least one"):
+        load_offtemplate_questions(fanoutqa=0, cloze=0)
+
+
 def test_load_edit_split_limits_and_copies():
     first = load_edit_split("dev", limit=5)
     assert len(first) == 5 and all(record["split"] == "dev" for record in first)

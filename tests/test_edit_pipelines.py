@@ -55,9 +55,17 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     rows = {(row["editor"], row["n_edits"]): row for row in report["rows"]}
     assert set(rows) == {("ft", 1), ("ft", 4), ("ft_kl", 1)}
     for row in rows.values():
-        assert {"es", "gs", "ls", "ppl_ratio", "seconds", "peak_mem_mb", "es_generate", "rag_dev_closed_book"} <= row.keys()
+        assert {"es", "gs", "ls", "ppl_ratio", "seconds", "peak_mem_mb", "es_generate", "rag_dev_closed_book", "es_exact",
+                "offtemplate_agreement", "ls_gold_drawdown", "known_kept", "scored_records"} <= row.keys()
         assert 0 <= row["es"] <= 1 and row["ppl_ratio"] > 0 and row["peak_mem_mb"] >= 0
         assert row["prefix_cached"] and row["run"]["editor"] == row["editor"]
+        assert 0 <= row["offtemplate_agreement"] <= 1 and set(row["offtemplate_by_source"]) == {"fanoutqa", "cloze"}
+        # The drawdown is measured from the unedited model's own gold accuracy, which the base row reports too.
+        assert row["offtemplate_gold_before"] == pytest.approx(report["base"]["offtemplate_gold"])
+        assert row["ls_gold_drawdown"] == pytest.approx(row["offtemplate_gold_before"] - row["offtemplate_gold"])
+    # N = 1 is the mean of single edits (two in the tiny preset), N = 4 one edit of four records.
+    assert rows[("ft", 1)]["single_edit_runs"] == 2 == rows[("ft", 1)]["scored_records"]
+    assert rows[("ft", 4)]["scored_records"] == 4 and "single_edit_runs" not in rows[("ft", 4)]
     saved = json.loads((tmp_path / "results" / "edit_scaling.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["rows"]) == 3
     assert (tmp_path / "results" / "edit_scaling.png").read_bytes()[:4] == b"\x89PNG"
@@ -87,6 +95,18 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     forced = changed.model_copy(update={"force": True, "editors": changed.editors[:1], "n_edits": [1]})
     assert [(row["editor"], row["n_edits"]) for row in eval_edit.run(forced)["rows"]] == [("ft", 1)]
     assert sorted(path.stem for path in (tmp_path / "eval" / "rows").glob("*.json")) == ["base", "ft-1"]
+
+
+def test_single_edit_rows_average_runs_and_slice_each_records_pairs():
+    from trustray.pipelines import eval_edit
+
+    runs = [{"es": 1.0, "known_kept": None, "by": {"a": 0.5}, "note": "x"},
+            {"es": 0.5, "known_kept": 0.25, "by": {"a": 1.0}, "ppl": 10.0}]
+    assert eval_edit.mean_rows(runs) == {"es": 0.75, "known_kept": 0.25, "by": {"a": 0.75}, "note": "x", "ppl": 10.0}
+    records = [{"paraphrases": ["a", "b"], "locality": [1]}, {"paraphrases": ["c"], "locality": [2, 3, 4]},
+               {"paraphrases": [], "locality": [5]}]
+    assert eval_edit.pair_spans(records, 1) == {"edit": slice(1, 2), "paraphrase": slice(2, 3), "locality": slice(1, 4)}
+    assert eval_edit.pair_spans(records, 2) == {"edit": slice(2, 3), "paraphrase": slice(3, 3), "locality": slice(4, 5)}
 
 
 def test_eval_edit_hides_scored_probes_from_editors_and_fills_beyond_the_split(monkeypatch):

@@ -9,10 +9,14 @@ import torch
 
 from trustray.core.editing.base import encode_pairs
 from trustray.core.editing.evaluation import (
+    ProbeSet,
+    answer_examples,
     generation_scores,
     locality_reference,
     perplexity,
     prefix_cache,
+    probe_reference,
+    probe_scores,
     teacher_forced_scores,
 )
 from trustray.core.editing.metrics import agreement, exact_match, token_accuracy
@@ -24,6 +28,21 @@ RECORDS = [
      "locality": [{"prompt": f"Where is city {i}?", "answer": "north"}]}
     for i, colour in enumerate(["blue", "red", "green"])
 ]
+PROBES = ProbeSet.from_rows([
+    {"prompt": "Who wrote the old song?", "answer": "Anna Berg", "source": "fanoutqa"},
+    {"prompt": "How tall is the tower?", "answer": "300 metres", "source": "fanoutqa"},
+    {"prompt": "About Lake Ohrid, fill in the blank: it was listed in ____.", "answer": "1979", "source": "cloze"},
+])
+
+
+def gold_rows(tokenizer, prompts, answers) -> list[torch.Tensor]:
+    """Per pair, its gold next tokens where labelled and -1 elsewhere: the predictions of a model that knows every
+    answer."""
+    rows = []
+    for example in answer_examples(tokenizer, prompts, answers, 128):
+        labels = torch.tensor(example["labels"][1:])
+        rows.append(torch.where(labels == -100, torch.full_like(labels, -1), labels))
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +120,57 @@ def test_generation_scores_count_answers_that_contain_the_new_target():
     scores = generation_scores(generate, RECORDS)
     assert scores["es_generate"] == pytest.approx(1 / 3)
     assert scores["gs_generate"] == 0.0  # "Thing 0 has which colour?" does not contain "thing 0"
+
+
+def test_ls_known_counts_only_the_tokens_the_unedited_model_predicted(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    locality = [item for record in RECORDS for item in record["locality"]]
+    # A reference that knew every gold token: ls_known is then plain gold accuracy.
+    knowing = gold_rows(tokenizer, [i["prompt"] for i in locality], [i["answer"] for i in locality])
+    scores = teacher_forced_scores(model, tokenizer, RECORDS, knowing)
+    assert scores["ls_known"] == pytest.approx(scores["ls_gold"]) and scores["ls_known_records"] == len(RECORDS)
+    # The model's own reference: every token it got right it still gets right.
+    own = teacher_forced_scores(model, tokenizer, RECORDS, locality_reference(model, tokenizer, RECORDS))
+    assert own.get("ls_known", 1.0) == 1.0
+
+
+def test_probe_scores_before_after_agreement_and_known_facts(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    reference = probe_reference(model, tokenizer, PROBES)
+    same = probe_scores(model, tokenizer, PROBES, reference)
+    assert same["agreement"] == 1.0 and same["drawdown"] == 0.0 and same["gold"] == same["gold_before"]
+    assert same["n"] == 3 and {k: v["n"] for k, v in same["by_source"].items()} == {"fanoutqa": 2, "cloze": 1}
+    # Pretend the unedited model knew every answer: gold_before is 1, all are known, and the kept fraction is the
+    # fraction this model answers exactly, computed here token by token.
+    knowing = gold_rows(tokenizer, PROBES.prompts, PROBES.answers)
+    scores = probe_scores(model, tokenizer, PROBES, knowing)
+    exact = []
+    for example in PROBES.examples(tokenizer):
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"][1:])
+        with torch.no_grad():
+            argmax = model(input_ids=ids).logits[0, :-1].argmax(-1)
+        exact.append(bool((argmax[labels != -100] == labels[labels != -100]).all()))
+    assert scores["gold_before"] == 1.0 and scores["known"] == 3
+    assert scores["known_kept"] == pytest.approx(sum(exact) / 3)
+    assert scores["drawdown"] == pytest.approx(1.0 - scores["gold"])
+    with pytest.raises(ValueError, match="reference"):
+        probe_scores(model, tokenizer, PROBES, reference[:2])
+
+
+def test_probe_scores_on_a_cached_prefix_equal_the_full_model(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    cache = prefix_cache(model, tokenizer, RECORDS, layers=1, probes=PROBES)
+    reference = probe_reference(model, tokenizer, PROBES)
+    assert all(torch.equal(a, b) for a, b in
+               zip(reference, probe_reference(model, tokenizer, PROBES, prefix=cache), strict=True))
+    weight = model.model.layers[1].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    try:
+        full = probe_scores(model, tokenizer, PROBES, reference)
+        cached = probe_scores(model, tokenizer, PROBES, reference, prefix=cache)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert cached == full and full["agreement"] < 1.0

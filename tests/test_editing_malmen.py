@@ -11,6 +11,7 @@ from torch.func import functional_call
 from trustray.core.editing import base as editing_base
 from trustray.core.editing.base import batches, encode_pairs
 from trustray.core.editing.editset import EditSet
+from trustray.core.editing.evaluation import answer_examples
 from trustray.core.editing.malmen import (
     MalmenEditor,
     RunningNormalizer,
@@ -119,11 +120,14 @@ def test_compute_deltas_shapes_rows_and_clean_model(model, tokenizer):
     before = snapshot(model)
     editor = MalmenEditor(model, tokenizer, settings(batch_size=2))
     cached = editor.cache(records)
-    encoded = encode_pairs(tokenizer, [r["prompt"] for r in records], [r["target_new"] for r in records])
+    # Keys where the answer's own tokens are predicted, not the end of turn after them (`key_end_of_turn`).
+    encoded = answer_examples(tokenizer, [r["prompt"] for r in records], [r["target_new"] for r in records], 128)
     answer_tokens = sum(sum(label != -100 for label in example["labels"]) for example in encoded)
     for name, (keys, grads) in cached.items():
         module = model.get_submodule(name)
         assert keys.shape == (answer_tokens, module.in_features) and grads.shape == (answer_tokens, module.out_features)
+    with_end = MalmenEditor(model, tokenizer, settings(batch_size=2, key_end_of_turn=True)).cache(records)
+    assert all(keys.shape[0] == answer_tokens + len(records) for keys, _ in with_end.values())
     with torch.no_grad():  # as an inference caller would: the editor enables gradients itself
         deltas = editor.compute_deltas(records)
     assert set(deltas) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
@@ -207,7 +211,7 @@ def differentiable_meta_loss(editor: MalmenEditor, model, tokenizer, records, ge
     params = {}
     for name, (keys, grads) in cached.items():
         net, layer = editor.hypernet(name)
-        prior = editor.preservation_prior(name)
+        prior = editor.preservation_prior(name, keys.shape[0])
         solution = ridge(keys, net.value_diffs(keys, grads, layer), net.log_lambda[layer].exp(), prior)
         params[f"{name}.weight"] = model.get_submodule(name).weight.detach() + solution.T
     pairs = editor.meta_pairs(records)
@@ -231,12 +235,12 @@ def differentiable_meta_loss(editor: MalmenEditor, model, tokenizer, records, ge
     )
 
 
-@pytest.mark.parametrize("preserve_weight", [0.0, 3.0])
-def test_two_stage_meta_gradient_equals_autograd(model, tokenizer, preserve_weight):
+@pytest.mark.parametrize(("preserve_weight", "preserve_units"), [(0.0, "rows"), (3.0, "rows"), (0.2, "edit_keys")])
+def test_two_stage_meta_gradient_equals_autograd(model, tokenizer, preserve_weight, preserve_units):
     records, general = make_records(6), TINY_CORPUS[:3]
     # η₀ large enough that the locality and retention terms carry several percent of the gradient.
     editor = MalmenEditor(model, tokenizer, settings(loc_coef=0.7, retention_coef=0.5, batch_size=64, lr_init=0.03,
-                                                     preserve_weight=preserve_weight))
+                                                     preserve_weight=preserve_weight, preserve_units=preserve_units))
     kept = make_records(5, offset=20)
     editor.fit_preservation([r["locality"][0]["prompt"] for r in kept], [r["locality"][0]["answer"] for r in kept])
     perturb(editor)
@@ -370,7 +374,12 @@ def test_text_keys_are_every_positions_moment_and_add_to_the_prior(model, tokeni
     editor.fit_preservation([r["locality"][0]["prompt"] for r in kept], [r["locality"][0]["answer"] for r in kept])
     editor.settings.preserve_weight, editor.settings.preserve_text_weight = 2.0, 3.0
     name = next(iter(editor.modules))
-    torch.testing.assert_close(editor.preservation_prior(name), 2.0 * editor.preserved[name] + 3.0 * editor.preserved_text[name])
+    expected = 2.0 * editor.preserved[name] + 3.0 * editor.preserved_text[name]
+    torch.testing.assert_close(editor.preservation_prior(name, 50), expected)
+    # In edit-key units the same weights are per edit key: the prior grows with the keys of the solve.
+    editor.settings.preserve_units = "edit_keys"
+    torch.testing.assert_close(editor.preservation_prior(name, 50), 50 * expected)
+    editor.settings.preserve_units = "rows"
     moved = {}
     for mu in (0.0, 1e4):
         editor.settings.preserve_text_weight = mu

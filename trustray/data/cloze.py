@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 from typing import Any, Literal
 
 from trustray.core.rag.passages import split_sentences
@@ -40,17 +41,18 @@ def evidence_titles() -> set[str]:
 PageSide = Literal["all", "train", "eval"]
 
 
-def build_cloze_questions(count: int, seed: int = 0, max_sentence_words: int = 40,
-                          pages: PageSide = "all") -> list[dict[str, Any]]:
+def build_cloze_questions(count: int, seed: int = 0, max_sentence_words: int = 40, pages: PageSide = "all",
+                          exclude_titles: Collection[str] = ()) -> list[dict[str, Any]]:
     """`count` cloze questions `{id, question, golden_answers, title, doc_id, sentence}`, at most one per page.
 
     `pages`: "train" leaves out the RAG evaluation's pages, "eval" keeps only those, "all" takes any page.
+    Pages titled in `exclude_titles` are left out too.
     """
     from trustray.data.rag_eval import is_eval_page
 
     if pages not in ("all", "train", "eval"):
         raise ValueError(f"pages must be 'all', 'train' or 'eval', got {pages!r}")
-    excluded = evidence_titles()
+    excluded = evidence_titles() | set(exclude_titles)
     docs = sorted((doc for doc in load_wiki_corpus() if doc["title"] not in excluded
                    and (pages == "all" or is_eval_page(doc["id"]) == (pages == "eval"))), key=lambda doc: doc["id"])
     rng = random.Random(seed)

@@ -352,6 +352,12 @@ def _cached_dataset(seed: int) -> dict[str, list[dict[str, Any]]]:
     return build_edit_dataset(seed)
 
 
+def edited_titles(seed: int = 0) -> frozenset[str]:
+    """Wikipedia titles of every record's subject in train, dev and test: the pages an edit may touch (pool pages
+    and pages without a fact are never edited)."""
+    return frozenset(record["title"] for records in _cached_dataset(seed).values() for record in records)
+
+
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")

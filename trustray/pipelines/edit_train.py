@@ -62,6 +62,10 @@ class EditTrainConfig(PipelineConfig):
     eval_every: int = Field(25, ge=1, description="Steps between dev evaluations.")
     eval_edits: int = Field(64, ge=1, description="Dev records edited at once in each evaluation.")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints (the unit of resume).")
+    keep_checkpoints: int | None = Field(
+        None, ge=1, description="Newest checkpoints kept on disk (None: all). A run cut short (a smaller `steps`) "
+        "can end only at a kept one.",
+    )
     seed: int = Field(0, description="Seeds the batches and the editor's initialisation.")
     preserve_records: int = Field(0, ge=0, description="MALMEN's preserved keys: the last N training records are kept out of the meta-training batches and their (prompt, true answer) pairs give E[k₀k₀ᵀ] (`fit_preservation`), weighted by the editor setting `preserve_weight`.")
     preserve_texts: int = Field(0, ge=0, description="MALMEN's preserved general-text keys: this many Wikipedia intros (none from eval_edit's held-out pool) give E[ttᵀ] over every position (`fit_text_preservation`), weighted by the editor setting `preserve_text_weight`.")
@@ -228,8 +232,8 @@ def run(config: EditTrainConfig) -> Path:
             "preserved_texts": general[: config.preserve_texts], "retention_texts": general[config.preserve_texts :],
             # the worker's working directory is not the caller's
             "init_from": str(Path(config.init_from).resolve()) if config.init_from else None}
-    # No pruning: a shorter run of the same settings ends at one of these checkpoints.
-    plan = TrainingPlan.every(out / "checkpoints", config.steps, config.checkpoint_every)
+    # A shorter run of the same settings ends at one of the kept checkpoints.
+    plan = TrainingPlan.every(out / "checkpoints", config.steps, config.checkpoint_every, config.keep_checkpoints)
     began = time.perf_counter()
     final = run_training(EditorTraining, data, plan, config.resources, out)
     history = read_step(final)["history"]

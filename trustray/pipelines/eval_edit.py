@@ -5,11 +5,16 @@
 
 For every editor and every N in `n_edits`, one Ray task (a fresh process, so its memory peak is its own) loads the
 model, edits the first N records of the split at once, and measures on the edited records (all of them up to
-`eval_sample`, that fixed sample beyond): teacher-forced ES / GS / LS (LS = agreement with the unedited model;
-`ls_gold` against the gold locality answers; GS and LS on the first `paraphrases_scored` / `locality_scored` of
-each record's paraphrases and probes), ES / GS by generation on `generation_sample` records, perplexity on
-held-out Wikipedia text (ratio to the unedited model) and answer-contained accuracy on the RAG dev split (closed
-book, and with retrieval when `index_dir` holds an index), plus the editing time and peak memory.
+`eval_sample`, that fixed sample beyond): teacher-forced ES / GS / LS (LS = agreement with the unedited model on
+the records' own probes, which share the edits' relations and templates; `ls_gold` against their gold answers;
+`ls_known` on the gold tokens the unedited model predicted; GS and LS on the first `paraphrases_scored` /
+`locality_scored` of each record's paraphrases and probes), locality on off-template questions no edit is about
+(`trustray.data.offtemplate`: gold accuracy after, its drawdown `ls_gold_drawdown` from before, agreement with
+the unedited model, and `known_kept`, the share of exactly-known answers still exact), ES / GS by generation on
+`generation_sample` records, perplexity on held-out Wikipedia text (ratio to the unedited model) and
+answer-contained accuracy on the RAG dev split (closed book, and with retrieval when `index_dir` holds an index),
+plus the editing time and peak memory. The N = 1 row is the mean of `single_edit_runs` single edits, each on its
+own record with the model restored between.
 
 Editors never see what is scored: the records they edit keep only the paraphrases and locality probes beyond the
 scored ones (`ft_kl` anchors on those, and on Wikipedia intros disjoint from the perplexity texts). When N exceeds
@@ -82,6 +87,13 @@ class GeneralAbility(BaseConfig):
     max_tokens: int = Field(24, ge=1, description="Answer tokens generated per question.")
 
 
+class OffTemplate(BaseConfig):
+    """The papers' locality set (`trustray.data.offtemplate`): questions no edit is about, in no edit template."""
+
+    fanoutqa: int = Field(200, ge=0, description="FanOutQA dev single-hop questions.")
+    cloze: int = Field(200, ge=0, description="Cloze questions about never-edited Wikipedia pages.")
+
+
 class EvalEditConfig(PipelineConfig):
     output_root: ClassVar[str] = "outputs/eval_edit"
 
@@ -96,6 +108,18 @@ class EvalEditConfig(PipelineConfig):
     locality_scored: int | None = Field(
         2, ge=1, description="Locality probes per record in LS (None: all); editors that anchor on locality "
         "probes (`ft_kl`) get only the others, never the scored ones.",
+    )
+    offtemplate: OffTemplate | None = Field(
+        default_factory=OffTemplate, description="Off-template locality questions scored before and after every "
+        "edit (None: not measured).",
+    )
+    single_edit_runs: int = Field(
+        64, ge=1, description="The N = 1 row edits each of the first this many records on its own (one edit at a "
+        "time, the model restored between) and averages the runs: one record says little.",
+    )
+    single_general_runs: int = Field(
+        4, ge=1, description="Of those single edits, how many also measure perplexity and RAG dev accuracy (each "
+        "costs a perplexity pass and the dev questions' generations).",
     )
     data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
     split: str = Field("test", description="Split edited and scored.")
@@ -208,17 +232,34 @@ def task_engine(config: EvalEditConfig) -> Any:
     return HFEngine(EngineConfig(model=config.model, dtype="float32"), device=device)
 
 
+def offtemplate_probes(config: EvalEditConfig) -> Any:
+    """The off-template `ProbeSet` of the config, or None."""
+    from trustray.core.editing.evaluation import ProbeSet
+    from trustray.data.offtemplate import load_offtemplate_questions
+
+    if config.offtemplate is None:
+        return None
+    return ProbeSet.from_rows(load_offtemplate_questions(config.offtemplate.fanoutqa, config.offtemplate.cloze,
+                                                         config.data.seed))
+
+
 def scoring_cache_task(config: EvalEditConfig, scored: list[dict], path: str) -> str:
-    """Write the frozen-prefix states of every scored pair and the unedited locality predictions to `path`."""
+    """Write the frozen-prefix states of every scored pair (and off-template probe) and the unedited model's
+    predictions on the locality and off-template probes to `path`."""
     import torch
 
-    from trustray.core.editing.evaluation import locality_reference, prefix_cache
+    from trustray.core.editing.evaluation import locality_reference, prefix_cache, probe_reference
 
     engine = task_engine(config)
-    cache = prefix_cache(engine.model, engine.tokenizer, scored, config.scoring_prefix_layers, config.batch_size)
+    probes = offtemplate_probes(config)
+    cache = prefix_cache(engine.model, engine.tokenizer, scored, config.scoring_prefix_layers, config.batch_size,
+                         probes=probes)
     reference = locality_reference(engine.model, engine.tokenizer, scored, config.batch_size, prefix=cache)
+    probe_ref = (probe_reference(engine.model, engine.tokenizer, probes, config.batch_size, prefix=cache)
+                 if probes is not None else None)
     with atomic_folder(path) as tmp:
-        torch.save({"layers": cache.layers, "states": cache.states, "reference": reference}, tmp / "cache.pt")
+        torch.save({"layers": cache.layers, "states": cache.states, "reference": reference,
+                    "probe_reference": probe_ref}, tmp / "cache.pt")
         write_metadata(tmp, scoring_expected_metadata(config))
     return path
 
@@ -259,47 +300,170 @@ def general_scores(engine: Any, tokenizer: Any, texts: list[str], general: dict[
     return scores
 
 
-def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
-             fingerprint: str, cache_path: str | None) -> dict[str, Any]:
-    """One point of the curve (`run=None`: the unedited model's general-ability baseline)."""
-    import torch
+def probe_row(scores: dict[str, Any]) -> dict[str, Any]:
+    """`probe_scores` under the report's names."""
+    return {"offtemplate_gold": scores["gold"], "offtemplate_gold_before": scores["gold_before"],
+            "ls_gold_drawdown": scores["drawdown"], "offtemplate_agreement": scores["agreement"],
+            "known_kept": scores["known_kept"], "known_facts": scores["known"],
+            "offtemplate_by_source": scores["by_source"]}
 
+
+def mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key by key mean of the numbers (nested dicts too) over the rows that have the key with a value; other
+    values are taken from the first row that has one."""
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(key for row in rows for key in row):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if values and isinstance(values[0], dict):
+            merged[key] = mean_rows(values)
+        elif values and isinstance(values[0], int | float) and not isinstance(values[0], bool):
+            merged[key] = sum(values) / len(values)
+        else:
+            merged[key] = values[0] if values else None
+    return merged
+
+
+def pair_spans(records: list[dict], index: int) -> dict[str, slice]:
+    """Where record `index`'s scored pairs sit, per kind, among the pairs of `records` (in record order)."""
+    counts = {"edit": lambda r: 1, "paraphrase": lambda r: len(r["paraphrases"]),
+              "locality": lambda r: len(r["locality"])}
+    spans = {}
+    for kind, count in counts.items():
+        start = sum(count(record) for record in records[:index])
+        spans[kind] = slice(start, start + count(records[index]))
+    return spans
+
+
+class RowScorer:
+    """What a task measures after an edit, against the unedited model's predictions (from the scoring cache, or
+    taken here before any edit is applied)."""
+
+    def __init__(self, config: EvalEditConfig, engine: Any, maker: Any, scored: list[dict],
+                 cache_path: str | None, edited: set[int]) -> None:
+        import torch
+
+        from trustray.core.editing.evaluation import PrefixCache, probe_reference
+
+        self.config, self.engine, self.maker, self.scored = config, engine, maker, scored
+        self.probes = offtemplate_probes(config)
+        self.texts, _ = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
+        self.prefix = None
+        if cache_path is not None:
+            cache = torch.load(Path(cache_path) / "cache.pt", weights_only=True)
+            self.reference = cache["reference"][: sum(len(record["locality"]) for record in scored)]
+            self.probe_reference = cache["probe_reference"]
+            if min(edited) >= cache["layers"]:
+                self.prefix = PrefixCache(cache["layers"], cache["states"])
+        else:
+            self.reference = maker.locality_reference(scored, config.batch_size)
+            self.probe_reference = (probe_reference(engine.model, engine.tokenizer, self.probes, config.batch_size)
+                                    if self.probes is not None else None)
+
+    def teacher_forced(self, index: int | None = None) -> dict[str, Any]:
+        """ES / GS / LS (with `ls_known`) on every scored record, or on record `index` alone, and off-template."""
+        from trustray.core.editing.evaluation import PrefixCache, probe_scores
+
+        records, reference, prefix = self.scored, self.reference, self.prefix
+        if index is not None:
+            spans = pair_spans(self.scored, index)
+            records, reference = self.scored[index : index + 1], self.reference[spans["locality"]]
+            if prefix is not None:
+                prefix = PrefixCache(prefix.layers, {**prefix.states, **{kind: prefix.states[kind][span]
+                                                                         for kind, span in spans.items()}})
+        row = self.maker.scores(records, reference, self.config.batch_size, prefix)
+        if self.probes is not None:
+            row.update(probe_row(probe_scores(self.engine.model, self.engine.tokenizer, self.probes,
+                                              self.probe_reference, self.config.batch_size, prefix=prefix)))
+        return row
+
+    def generation(self, records: list[dict]) -> dict[str, float]:
+        """ES / GS by greedy generation on `records`."""
+        from trustray.core.editing.evaluation import generation_scores
+        from trustray.models.engines import SamplingParams
+
+        sampling = SamplingParams(max_tokens=16, temperature=0.0)
+
+        def generate(prompts: list[str]) -> list[str]:
+            requests = [[{"role": "user", "content": prompt}] for prompt in prompts]
+            return [c.text for c in self.engine.generate(requests, sampling)]
+
+        return generation_scores(generate, records)
+
+    def general(self, general: dict[str, Any]) -> dict[str, Any]:
+        return general_scores(self.engine, self.engine.tokenizer, self.texts, general, self.config)
+
+
+def base_row(config: EvalEditConfig, engine: Any, general: dict[str, Any]) -> dict[str, Any]:
+    """The unedited model: perplexity, RAG dev accuracy and off-template gold accuracy."""
+    from trustray.core.editing.evaluation import probe_reference, probe_scores
+
+    texts, _ = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
+    row = general_scores(engine, engine.tokenizer, texts, general, config)
+    probes = offtemplate_probes(config)
+    if probes is not None:
+        reference = probe_reference(engine.model, engine.tokenizer, probes, config.batch_size)
+        row["offtemplate_gold"] = probe_scores(engine.model, engine.tokenizer, probes, reference,
+                                               config.batch_size)["gold"]
+    return row
+
+
+def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
+             fingerprint: str, cache_path: str | None, n_edits: int = 0) -> dict[str, Any]:
+    """One point of the curve (`run=None`: the unedited model's baseline). At N = 1 (`n_edits`) each of `records`
+    is edited on its own and the runs are averaged; otherwise all of `records` are edited at once."""
     from trustray.actors.editor import EditSetMaker
-    from trustray.core.editing.evaluation import PrefixCache, generation_scores
-    from trustray.models.engines import SamplingParams
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
     engine = task_engine(config)
-    texts, replay = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
     if run is None:
-        return general_scores(engine, engine.tokenizer, texts, general, config)
+        return base_row(config, engine, general)
+    _, replay = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
     scored = scored_records(config, records)
     maker = EditSetMaker(engine.model, engine.tokenizer, fingerprint, run.editor, run.editor_dir, run.editor_settings,
                          general_text=replay)
-    with PeakMemory(engine.device) as memory:
-        edit_set, seconds = maker.compute_deltas(editor_records(config, records))
-    prefix = None
-    if cache_path is not None:
-        cache = torch.load(Path(cache_path) / "cache.pt", weights_only=True)
-        reference = cache["reference"][: sum(len(record["locality"]) for record in scored)]
-        if min(edited_layers(edit_set.deltas)) >= cache["layers"]:
-            prefix = PrefixCache(cache["layers"], cache["states"])
-        del cache
+    given = editor_records(config, records)
+    if n_edits == 1:
+        row = single_edit_row(config, maker, given, scored, general, engine, cache_path)
     else:
-        reference = maker.locality_reference(scored, config.batch_size)
-    with maker.applied(edit_set):
-        row = maker.scores(scored, reference, config.batch_size, prefix)
-        if config.generation_sample:
-            sampling = SamplingParams(max_tokens=16, temperature=0.0)
+        with PeakMemory(engine.device) as memory:
+            edit_set, seconds = maker.compute_deltas(given)
+        scorer = RowScorer(config, engine, maker, scored, cache_path, edited_layers(edit_set.deltas))
+        with maker.applied(edit_set):
+            row = scorer.teacher_forced()
+            if config.generation_sample:
+                row.update(scorer.generation(scored[: config.generation_sample]))
+            row.update(scorer.general(general))
+        row.update({"seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1),
+                    "scored_records": len(scored), "prefix_cached": scorer.prefix is not None})
+    return {**row, "run": run.model_dump(mode="json")}
 
-            def generate(prompts: list[str]) -> list[str]:
-                requests = [[{"role": "user", "content": prompt}] for prompt in prompts]
-                return [c.text for c in engine.generate(requests, sampling)]
 
-            row.update(generation_scores(generate, scored[: config.generation_sample]))
-        row.update(general_scores(engine, engine.tokenizer, texts, general, config))
-    return {**row, "seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1), "scored": len(scored),
-            "prefix_cached": prefix is not None, "run": run.model_dump(mode="json")}
+def single_edit_row(config: EvalEditConfig, maker: Any, given: list[dict], scored: list[dict],
+                    general: dict[str, Any], engine: Any, cache_path: str | None) -> dict[str, Any]:
+    """The N = 1 row: each scored record edited alone, measured and reverted; the mean over the runs (perplexity
+    and RAG dev accuracy over the first `single_general_runs`), the slowest run's memory."""
+    from trustray.core.editing.base import ProgressLog
+
+    runs, peak, scorer = [], 0.0, None
+    progress = ProgressLog("single edits", len(scored))
+    for index in range(len(scored)):
+        with PeakMemory(engine.device) as memory:
+            edit_set, seconds = maker.compute_deltas(given[index : index + 1])
+        peak = max(peak, memory.peak_mb)
+        if scorer is None:
+            scorer = RowScorer(config, engine, maker, scored, cache_path, edited_layers(edit_set.deltas))
+        with maker.applied(edit_set):
+            row = {**scorer.teacher_forced(index), "seconds": seconds}
+            if index < config.generation_sample:
+                row.update(scorer.generation(scored[index : index + 1]))
+            if index < config.single_general_runs:
+                row.update(scorer.general(general))
+        runs.append(row)
+        progress.update()
+    row = mean_rows(runs)
+    return {**row, "seconds": round(row["seconds"], 2), "peak_mem_mb": round(peak, 1), "scored_records": len(runs),
+            "single_edit_runs": len(runs), "general_runs": min(len(runs), config.single_general_runs),
+            "prefix_cached": scorer is not None and scorer.prefix is not None}
 
 
 def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
@@ -313,7 +477,8 @@ def scoring_expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     """What the scoring cache depends on: the scored pairs and the cached layers."""
     return {"kind": "edit-scoring-cache", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", include={"data", "split", "eval_sample", "paraphrases_scored",
-                                                                 "locality_scored", "scoring_prefix_layers"})}
+                                                                 "locality_scored", "scoring_prefix_layers",
+                                                                 "offtemplate"})}
 
 
 def load_all_records(config: EvalEditConfig) -> list[dict]:
@@ -370,8 +535,9 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     if not (rows_dir / "base.json").is_file():
         jobs["base"] = task.remote(config, None, [], general, fingerprint, None)
     for key, (editor_run, n) in todo.items():
-        jobs[key] = task.remote(config, editor_run, records[:n], general, fingerprint,
-                                str(cache_path) if cache_path else None)
+        chosen = records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
+        jobs[key] = task.remote(config, editor_run, chosen, general, fingerprint,
+                                str(cache_path) if cache_path else None, n)
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []

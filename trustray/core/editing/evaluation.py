@@ -3,7 +3,11 @@
 Teacher-forced (the literature's ES / GS / LS): per record, the fraction of answer tokens that are the model's
 argmax given the gold prefix — ES on `(prompt, target_new)`, GS on every `(paraphrase, target_new)`, LS as the
 agreement with the unedited model's argmax on `(locality prompt, answer)` (`reference` predictions), since a
-small model may never have known the gold locality answers; `ls_gold` reports accuracy against them too. Only
+small model may never have known the gold locality answers; `ls_gold` reports accuracy against them too, and
+`ls_known` the fraction of the gold tokens the unedited model predicted that it still predicts (records with
+none are left out). The records' probes share the edits' relations and templates; `probe_scores` measures a
+`ProbeSet` of questions no edit is about (the papers' locality: gold accuracy before/after and its drawdown,
+agreement, and how many exactly-known answers are kept). Only
 the answer's own tokens are scored: the template's end-of-turn token is not (a model that ends its turn after a
 wrong answer would otherwise score on a fact it does not know).
 By generation: the greedy continuation of the chat prompt contains `target_new` (case-insensitive).
@@ -31,6 +35,7 @@ from trustray.core.lm.losses import example_losses
 from trustray.core.lm.prefix import prefix_states, skipped_prefix, with_states
 
 KINDS = ("edit", "paraphrase", "locality")
+PROBES = "probes"  # the prefix cache's kind for a `ProbeSet`
 
 
 def _pairs(records: Sequence[EditRecord], kind: str) -> tuple[list[str], list[str], list[int]]:
@@ -50,14 +55,19 @@ def _pairs(records: Sequence[EditRecord], kind: str) -> tuple[list[str], list[st
     return prompts, answers, owners
 
 
+def answer_examples(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+                    max_length: int) -> list[dict[str, Any]]:
+    """Encoded chat pairs with labels on the answer's own tokens (special tokens unlabelled)."""
+    special = set(tokenizer.all_special_ids)
+    return [{**example, "labels": [IGNORE_INDEX if label in special else label for label in example["labels"]]}
+            for example in encode_pairs(tokenizer, prompts, answers, max_length)]
+
+
 def scored_examples(tokenizer: Any, records: Sequence[EditRecord], kind: str,
                     max_length: int) -> tuple[list[dict[str, Any]], list[int]]:
-    """Encoded pairs of `kind` with labels on the answer's own tokens (special tokens unlabelled), and owners."""
+    """Encoded pairs of `kind` (see `answer_examples`), and the record owning each."""
     prompts, answers, owners = _pairs(records, kind)
-    special = set(tokenizer.all_special_ids)
-    examples = [{**example, "labels": [IGNORE_INDEX if label in special else label for label in example["labels"]]}
-                for example in encode_pairs(tokenizer, prompts, answers, max_length)]
-    return examples, owners
+    return answer_examples(tokenizer, prompts, answers, max_length), owners
 
 
 @dataclass
@@ -74,12 +84,15 @@ class PrefixCache:
 
 
 def prefix_cache(model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], layers: int,
-                 batch_size: int = 16, max_length: int = 128) -> PrefixCache:
-    """Run the decoder layers below `layers` once for every pair `teacher_forced_scores` scores on `records`."""
+                 batch_size: int = 16, max_length: int = 128, probes: ProbeSet | None = None) -> PrefixCache:
+    """Run the decoder layers below `layers` once for every pair `teacher_forced_scores` scores on `records`, and
+    for the `probes` (kind "probes") when given."""
     cache = PrefixCache(layers)
     for kind in KINDS:
         examples, _ = scored_examples(tokenizer, records, kind, max_length)
         cache.states[kind] = prefix_states(model, examples, layers, batch_size) if examples else []
+    if probes is not None:
+        cache.states[PROBES] = prefix_states(model, probes.examples(tokenizer, max_length), layers, batch_size)
     return cache
 
 
@@ -145,13 +158,93 @@ def teacher_forced_scores(
             if len(reference) != len(examples):
                 raise ValueError(f"{len(reference)} reference predictions for {len(examples)} locality pairs; "
                                  "recompute them for these records")
-            agree, start = [], 0
-            for predictions, _, mask in results:
-                rows = reference[start : start + len(predictions)]
-                agree.append(agreement(predictions, _padded(rows, predictions.shape[1]), mask))
+            agree, known, kept, start = [], [], [], 0
+            for predictions, targets, mask in results:
+                rows = _padded(reference[start : start + len(predictions)], predictions.shape[1])
+                agree.append(agreement(predictions, rows, mask))
+                was_right = mask & (rows == targets)
+                known.append(was_right.sum(dim=1))
+                kept.append((was_right & (predictions == targets)).sum(dim=1))
                 start += len(predictions)
             scores["ls"] = float(_per_record(torch.cat(agree), owners, len(records)).mean())
+            known_tokens, kept_tokens = torch.cat(known).float(), torch.cat(kept).float()
+            per_record_known = _per_record(known_tokens, owners, len(records))
+            has_known = per_record_known > 0
+            if has_known.any():
+                per_record_kept = _per_record(kept_tokens, owners, len(records)) / per_record_known.clamp(min=1e-12)
+                scores["ls_known"] = float(per_record_kept[has_known].mean())
+                scores["ls_known_records"] = int(has_known.sum())
     return scores
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Fixed questions with gold answers that no edit is about (e.g. `trustray.data.offtemplate`): the editing
+    papers' locality set. `sources` names where each came from, for a breakdown."""
+
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, str]]) -> ProbeSet:
+        """From `{prompt, answer, source}` rows."""
+        if not rows:
+            raise ValueError("a probe set needs at least one question")
+        return cls(tuple(r["prompt"] for r in rows), tuple(r["answer"] for r in rows),
+                   tuple(r.get("source", "all") for r in rows))
+
+    def examples(self, tokenizer: Any, max_length: int = 128) -> list[dict[str, Any]]:
+        return answer_examples(tokenizer, self.prompts, self.answers, max_length)
+
+
+def probe_reference(model: nn.Module, tokenizer: Any, probes: ProbeSet, batch_size: int = 16,
+                    max_length: int = 128, prefix: PrefixCache | None = None) -> list[Tensor]:
+    """The unedited model's teacher-forced predictions on each probe `[T-1]`: compute before applying an edit."""
+    examples = probes.examples(tokenizer, max_length)
+    predictions = [row for batch, _, _ in _predict(model, examples, batch_size, prefix, PROBES) for row in batch]
+    return [row[: len(example["input_ids"]) - 1] for row, example in zip(predictions, examples, strict=True)]
+
+
+def probe_scores(model: nn.Module, tokenizer: Any, probes: ProbeSet, reference: Sequence[Tensor],
+                 batch_size: int = 16, max_length: int = 128, prefix: PrefixCache | None = None) -> dict[str, Any]:
+    """Locality on a probe set, before (`reference`, the unedited model's predictions) and after:
+
+    - `gold` / `gold_before`: mean teacher-forced accuracy on the gold answer tokens (the papers' LS), and
+      `drawdown` = before − after (MEND's measure; > 0 is a loss);
+    - `agreement`: mean fraction of answer tokens whose argmax is unchanged;
+    - `known_kept`: of the probes the unedited model answered exactly (every gold token its argmax), the fraction
+      still answered exactly (`known`: how many it knew; None when it knew none).
+
+    The same keys per source under `by_source`.
+    """
+    examples = probes.examples(tokenizer, max_length)
+    if len(reference) != len(examples):
+        raise ValueError(f"{len(reference)} reference predictions for {len(examples)} probes; recompute them")
+    after, before, agree, known, kept, start = [], [], [], [], [], 0
+    for predictions, targets, mask in _predict(model, examples, batch_size, prefix, PROBES):
+        rows = _padded(reference[start : start + len(predictions)], predictions.shape[1])
+        start += len(predictions)
+        after.append(token_accuracy(predictions, targets, mask))
+        before.append(token_accuracy(rows, targets, mask))
+        agree.append(agreement(predictions, rows, mask))
+        known.append(exact_match(rows, targets, mask).bool())
+        kept.append(exact_match(predictions, targets, mask).bool())
+    columns = {"after": torch.cat(after), "before": torch.cat(before), "agree": torch.cat(agree),
+               "known": torch.cat(known), "kept": torch.cat(kept)}
+
+    def summary(selected: Tensor) -> dict[str, Any]:
+        knew = columns["known"] & selected
+        gold, gold_before = float(columns["after"][selected].mean()), float(columns["before"][selected].mean())
+        return {"n": int(selected.sum()), "gold": gold, "gold_before": gold_before, "drawdown": gold_before - gold,
+                "agreement": float(columns["agree"][selected].mean()), "known": int(knew.sum()),
+                "known_kept": float(columns["kept"][knew].float().mean()) if knew.any() else None}
+
+    sources = list(probes.sources)
+    result = summary(torch.ones(len(sources), dtype=torch.bool))
+    result["by_source"] = {source: summary(torch.tensor([s == source for s in sources]))
+                           for source in dict.fromkeys(sources)}
+    return result
 
 
 def generation_scores(

@@ -40,6 +40,12 @@ Choices that differ from, or are implicit in, the reference code:
   It is the identity until it has seen two rows.
 - With `prefix_layers` > 0, the decoder layers below the lowest edited one are run once per call and bypassed
   (`trustray.core.lm.prefix`); the results are the same as with the full model.
+- No key where the chat template's end-of-turn token is predicted (`key_end_of_turn`, off by default; the
+  reference has no chat template). That position is in every edit, so it spent about one key in four of the
+  solve on a token the metrics never score, and every edit's value there pulled against the others'.
+- The preserved-key weight can count in edit keys (`preserve_units: edit_keys`, μ = ρ·n): with a weight in rows
+  the prior is fixed while KᵀK grows with the number of edits, so an editor meta-trained on 64 edits per step
+  saw a prior about 16 times stronger, relative to its edits, than it meets at 1,024.
 - `rounds` (inference only, not in the paper): once many facts overfill a layer's key space, one solve leaves
   many of them unwritten, and a larger η buys ES at a steep locality cost (SmolLM2, 1,024 edits: η ×2 took ES
   0.55 → 0.73 and LS 0.59 → 0.19). Solving again on the edited model gives the unwritten facts fresh value
@@ -52,7 +58,7 @@ import contextlib
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +99,8 @@ class MalmenSettings(EditorSettings):
     retention_coef: float = Field(0.0, ge=0, description="Weight of the KL(pre ‖ post) on general text (0: off); needs `general` texts.")
     preserve_weight: float = Field(0.0, ge=0, description="μ of the preserved-key term: the solve is (KᵀK + μ·E[k₀k₀ᵀ] + μₜ·E[ttᵀ] + λI)⁻¹KᵀD with k₀ the answer keys `fit_preservation` saw (0: off). In units of rows: μ = 1000 weighs like 1,000 typical preserved keys asked to keep their values.")
     preserve_text_weight: float = Field(0.0, ge=0, description="μₜ of the general-text keys t: every position of the texts `fit_text_preservation` saw (0: off). Chat answer keys alone leave the directions plain text uses free, which costs perplexity.")
+    preserve_units: Literal["rows", "edit_keys"] = Field("rows", description="What μ and μₜ count: 'rows' (the term weighs like that many preserved keys, whatever the number of edits) or 'edit_keys' (μ = ρ·n with n the edit keys of the solve, so the balance between edits and preserved keys is the same at every number of edits, in meta-training and at inference alike).")
+    key_end_of_turn: bool = Field(False, description="Also cache a key where the model predicts the chat template's end-of-turn token after the answer. Off: only the answer's own tokens give keys and value gradients (the end-of-turn position is in every edit, and spent about one key in four of the solve's budget on a token nobody scores).")
     rounds: int = Field(1, ge=1, description="Editing rounds of `compute_deltas`: each round re-traces the edits on the model with the shifts found so far applied and solves again, so facts the earlier rounds left unwritten get new value gradients (already-written ones have small ones). Inference only; meta-training uses one round.")
     round_step: float = Field(1.0, gt=0, description="Factor on each round's solved shift. With rounds = 2 and 0.5, the first round writes half of the shift a single solve would.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip of the hyper-networks' meta-gradient norm.")
@@ -255,6 +263,16 @@ class MalmenEditor(Editor):
     def _pairs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
         return self._with_prefix(encode_pairs(self.tokenizer, prompts, answers, self.settings.max_length))
 
+    def _edit_pairs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
+        """The pairs whose answer positions are the edit keys: without `key_end_of_turn`, special tokens (the
+        template's end of turn) are unlabelled, so no key predicts them and their NLL adds no value gradient."""
+        examples = encode_pairs(self.tokenizer, prompts, answers, self.settings.max_length)
+        if not self.settings.key_end_of_turn:
+            special = set(self.tokenizer.all_special_ids)
+            examples = [{**example, "labels": [-100 if label in special else label for label in example["labels"]]}
+                        for example in examples]
+        return self._with_prefix(examples)
+
     def _texts(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """General text with every token labelled (at least two tokens, so some position predicts one)."""
         examples = []
@@ -283,7 +301,7 @@ class MalmenEditor(Editor):
         G is the gradient of the sum over sub-batches of each sub-batch's mean answer NLL. Training steps pass
         `update_normalizers=True` so the hyper-networks' input statistics follow the cached rows.
         """
-        examples = self._pairs([r["prompt"] for r in records], [r["target_new"] for r in records])
+        examples = self._edit_pairs([r["prompt"] for r in records], [r["target_new"] for r in records])
         with self._session() as weights:
             return self._cache(examples, weights, update_normalizers)
 
@@ -323,9 +341,10 @@ class MalmenEditor(Editor):
         """Store E[k₀k₀ᵀ] per edited module over the keys predicting `answers` to `prompts` (facts to keep).
 
         MEMIT's covariance term, on the positions that matter for locality: answer positions of other chat
-        questions, which share the chat template's key directions with every edit. Returns the number of keys.
+        questions (the same positions as the edit keys: with or without the end of turn, as `key_end_of_turn`),
+        which share the chat template's key directions with every edit. Returns the number of keys.
         """
-        self.preserved, count = self._key_moments(self._pairs(prompts, answers))
+        self.preserved, count = self._key_moments(self._edit_pairs(prompts, answers))
         return count
 
     def fit_text_preservation(self, texts: Sequence[str]) -> int:
@@ -334,16 +353,18 @@ class MalmenEditor(Editor):
         self.preserved_text, count = self._key_moments(self._texts(texts))
         return count
 
-    def preservation_prior(self, name: str) -> Tensor | None:
-        """μ·E[k₀k₀ᵀ] + μₜ·E[ttᵀ] of module `name`, or None when both preserved-key terms are off."""
+    def preservation_prior(self, name: str, edit_keys: int) -> Tensor | None:
+        """μ·E[k₀k₀ᵀ] + μₜ·E[ttᵀ] of module `name` for a solve over `edit_keys` keys (the weights times
+        `edit_keys` when `preserve_units` is "edit_keys"), or None when both preserved-key terms are off."""
         terms = []
+        scale = edit_keys if self.settings.preserve_units == "edit_keys" else 1
         for weight, moments, fit in ((self.settings.preserve_weight, self.preserved, "fit_preservation"),
                                      (self.settings.preserve_text_weight, self.preserved_text, "fit_text_preservation")):
             if weight == 0:
                 continue
             if name not in moments:
                 raise ValueError(f"a preserved-key weight > 0 needs its key moments: call {fit} first")
-            terms.append(weight * moments[name].to(self.device))
+            terms.append(weight * scale * moments[name].to(self.device))
         return sum(terms) if terms else None
 
     def _chunks(self, keys: Tensor, grads: Tensor) -> zip:
@@ -356,7 +377,8 @@ class MalmenEditor(Editor):
         for name, (keys, grads) in cached.items():
             net, layer = self.hypernet(name)
             diffs = torch.cat([net.value_diffs(k, g, layer) for k, g in self._chunks(keys, grads)])
-            solutions[name] = ridge_solve(keys, diffs, net.log_lambda[layer].exp(), self.preservation_prior(name))
+            solutions[name] = ridge_solve(keys, diffs, net.log_lambda[layer].exp(),
+                                          self.preservation_prior(name, keys.shape[0]))
         return solutions
 
     @torch.no_grad()
@@ -381,6 +403,7 @@ class MalmenEditor(Editor):
         not grow with the number of edits."""
         grams: dict[str, Tensor] = {}
         crosses: dict[str, Tensor] = {}
+        rows: dict[str, int] = {}
         progress = ProgressLog("malmen: keys and value shifts", len(records))
         for start in range(0, len(records), self.settings.batch_size):
             batch = records[start : start + self.settings.batch_size]
@@ -394,12 +417,14 @@ class MalmenEditor(Editor):
                 # In place: a fresh [in, in] float64 sum per sub-batch made the process's memory creep with N.
                 grams[name].addmm_(keys64.T, keys64)
                 crosses[name].addmm_(keys64.T, diffs.to(torch.float64))
+                rows[name] = rows.get(name, 0) + keys64.shape[0]
             progress.update(len(batch))
         deltas = {}
         for name in grams:
             net, layer = self.hypernet(name)
             lam = net.log_lambda[layer].exp()
-            deltas[name] = ridge_solve_gram(grams[name], crosses[name], lam, self.preservation_prior(name)).T.contiguous()
+            prior = self.preservation_prior(name, rows[name])
+            deltas[name] = ridge_solve_gram(grams[name], crosses[name], lam, prior).T.contiguous()
         return deltas
 
     # ---- meta-training ------------------------------------------------------------------------------------------
@@ -430,7 +455,8 @@ class MalmenEditor(Editor):
         if s.retention_coef > 0 and not general:
             raise ValueError("retention_coef > 0 needs `general` texts for the retention KL")
         pairs = self.meta_pairs(records)
-        parts = {part: self._pairs(*pairs[part]) for part in ("edit", "gen", "loc")}
+        parts = {"edit": self._edit_pairs(*pairs["edit"]), "gen": self._pairs(*pairs["gen"]),
+                 "loc": self._pairs(*pairs["loc"])}
         retention = self._texts(general) if s.retention_coef > 0 else []
         with self._session() as weights:
             cached = self._cache(parts["edit"], weights, update_normalizers=True)
@@ -487,7 +513,8 @@ class MalmenEditor(Editor):
         for name, (keys, grads) in cached.items():
             net, layer = self.hypernet(name)
             lam = net.log_lambda[layer].exp()
-            diff_grads, lam_grad = ridge_backward(keys, lam, solutions[name], solution_grads[name], self.preservation_prior(name))
+            diff_grads, lam_grad = ridge_backward(keys, lam, solutions[name], solution_grads[name],
+                                                  self.preservation_prior(name, keys.shape[0]))
             (lam_grad * lam.detach() * net.log_lambda[layer]).backward()  # ∂L/∂log λ = λ·∂L/∂λ
             for (k, g), diff_grad in zip(self._chunks(keys, grads), diff_grads.split(self.settings.hyper_chunk), strict=True):
                 (diff_grad * net.value_diffs(k, g, layer)).sum().backward()
