@@ -428,3 +428,59 @@ def test_rounds_solve_again_on_the_edited_model(model, tokenizer):
 
     half = {name: 0.5 * delta for name, delta in first.items()}
     assert edit_nll(combined) < edit_nll(half) < edit_nll({})
+
+
+def test_an_untrained_malmen_is_the_identity_network_and_is_asked_for_explicitly(model, tokenizer):
+    from trustray.core.editing.factory import build_editor
+
+    with pytest.raises(ValueError, match="meta-learned"):
+        build_editor("malmen", model, tokenizer, "tiny", settings=settings())
+    with pytest.raises(ValueError, match="no editor_dir"):
+        build_editor("malmen", model, tokenizer, "tiny", editor_dir="somewhere", settings=settings(), untrained=True)
+    editor = build_editor("malmen", model, tokenizer, "tiny", settings=settings(lr_init=0.5), untrained=True)
+    records = make_records(3)
+    # The identity network asks each answer token for d = −η (k·k) g, and the ridge solve combines them.
+    for name, (keys, grads) in editor.cache(records).items():
+        net, layer = editor.hypernet(name)
+        torch.testing.assert_close(net.value_diffs(keys, grads, layer), -0.5 * (keys * keys).sum(-1, keepdim=True) * grads)
+
+
+def test_subject_keys_are_one_per_edit_at_the_subjects_last_token(model, tokenizer):
+    from trustray.core.editing.memit import PromptPositions
+
+    records = [{**record, "subject": f"thing {i}"} for i, record in enumerate(make_records(3))]
+    with pytest.raises(ValueError, match="below the last"):  # its subject position cannot reach the answer
+        MalmenEditor(model, tokenizer, settings(key_position="subject"))
+    editor = MalmenEditor(model, tokenizer, settings(key_position="subject", modules={"layers": [0]}))
+    cached = editor.cache(records)
+    top = "model.layers.0.mlp.down_proj"
+    keys, grads = cached[top]
+    assert all(k.shape[0] == len(records) for k, _ in cached.values())
+    # Each row is the key at the subject's last token and the answer NLL's gradient with respect to the layer's
+    # output there (through attention from the answer positions), checked one record at a time.
+    for row, record in enumerate(records):
+        position = PromptPositions(tokenizer, record["prompt"]).subject_last(record["subject"])
+        example = answer_examples(tokenizer, [record["prompt"]], [record["target_new"]], 128)[0]
+        seen = {}
+
+        def hook(module, args, output, seen=seen, position=position):
+            seen["key"] = args[0][0, position].detach()
+            output.retain_grad()
+            seen["output"] = output
+            return output
+
+        handle = model.get_submodule(top).register_forward_hook(hook)
+        try:
+            [batch] = batches([example], 1, "cpu")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            (_answer_nll(logits, batch["labels"]) / editor.settings.batch_size).backward()
+        finally:
+            handle.remove()
+        torch.testing.assert_close(keys[row], seen["key"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[row], seen["output"].grad[0, position], rtol=1e-4, atol=1e-8)
+        model.zero_grad(set_to_none=True)
+    assert grads.abs().sum() > 0
+    deltas = editor.compute_deltas(records)
+    assert all(torch.isfinite(delta).all() for delta in deltas.values())
+    with pytest.raises(ValueError, match="subject"):
+        editor.cache(make_records(1))

@@ -42,7 +42,7 @@ class EditSetMaker:
     def __init__(self, model: Any, tokenizer: Any, fingerprint: str, editor: str, editor_dir: str | None = None,
                  editor_settings: Mapping[str, Any] | None = None, general_text: list[str] | None = None,
                  default_anchors: Sequence[Mapping[str, str]] = (), anchors_per_edit: int = 0,
-                 preserved_chats: int = 0):
+                 preserved_chats: int = 0, untrained: bool = False):
         self.model, self.tokenizer, self.fingerprint = model, tokenizer, fingerprint
         settings = dict(editor_settings or {})
         fields = registered_editor(editor).Settings.model_fields
@@ -52,7 +52,7 @@ class EditSetMaker:
             settings["preserved_chats"] = [dict(anchor) for anchor in default_anchors[:preserved_chats]]
         self.default_anchors = [dict(anchor) for anchor in default_anchors] if "loc_coef" in fields else []
         self.anchors_per_edit = anchors_per_edit
-        self.editor = build_editor(editor, model, tokenizer, fingerprint, editor_dir, settings)
+        self.editor = build_editor(editor, model, tokenizer, fingerprint, editor_dir, settings, untrained)
 
     @classmethod
     def load(cls, source: str, fingerprint: str, editor: str, editor_dir: str | None = None,

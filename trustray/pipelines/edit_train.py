@@ -150,7 +150,8 @@ class EditorTraining:
             logger.info("starting from the editor in %s", data["init_from"])
         preserved = data["preserved"]
         if preserved:
-            count = self.editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved])
+            count = self.editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved],
+                                                 [r.get("subject") for r in preserved])
             logger.info("preserved keys: %d answer positions of %d held-out training records", count, len(preserved))
         if data["preserved_texts"]:
             count = self.editor.fit_text_preservation(data["preserved_texts"])

@@ -61,6 +61,12 @@ class EditorRun(BaseConfig):
     editor: str = Field(description="A name from trustray.core.editing.registry.EDITORS.")
     editor_dir: str | None = Field(None, description="Meta-trained editor folder (malmen / mend).")
     editor_settings: dict[str, Any] = Field(default_factory=dict, description="Settings of ft / ft_kl; for a meta-trained editor, overrides of its inference settings (e.g. MALMEN's rounds, round_step).")
+    untrained: bool = Field(False, description="A meta-learned editor with fresh networks (MALMEN's hyper-network "
+                            "is then the identity; tune its lr_init and log_lambda_init in editor_settings): what "
+                            "meta-training buys.")
+    general_texts: int | None = Field(None, ge=1, description="Wikipedia intros (from the held-out pool, disjoint "
+                                      "from the perplexity texts) given as general text to this editor, e.g. MEMIT's "
+                                      "covariance (None: the config's replay_texts).")
     max_edits: int | None = Field(None, ge=1, description="Largest N for this editor (baselines may stop at 1,024).")
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9_+.]+$", description="Name of its rows and curve (default: the editor's name); set it to compare two runs of one editor.")
 
@@ -151,9 +157,10 @@ class EvalEditConfig(PipelineConfig):
 
     @model_validator(mode="after")
     def _texts_fit_the_eval_pool(self) -> EvalEditConfig:
-        if self.general.ppl_texts + self.replay_texts > EDIT_EVAL_POOL:
-            raise ValueError(f"general.ppl_texts + replay_texts must be at most {EDIT_EVAL_POOL} (the intros held "
-                             "out of meta-training for evaluation)")
+        largest = max([self.replay_texts, *(run.general_texts or 0 for run in self.editors)])
+        if self.general.ppl_texts + largest > EDIT_EVAL_POOL:
+            raise ValueError(f"general.ppl_texts + replay_texts (or an editor's general_texts) must be at most "
+                             f"{EDIT_EVAL_POOL} (the intros held out of meta-training for evaluation)")
         return self
 
 
@@ -417,10 +424,10 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     engine = task_engine(config)
     if run is None:
         return base_row(config, engine, general)
-    _, replay = edit_eval_texts(config.general.ppl_texts, config.replay_texts)
+    _, replay = edit_eval_texts(config.general.ppl_texts, run.general_texts or config.replay_texts)
     scored = scored_records(config, records)
     maker = EditSetMaker(engine.model, engine.tokenizer, fingerprint, run.editor, run.editor_dir, run.editor_settings,
-                         general_text=replay)
+                         general_text=replay, untrained=run.untrained)
     given = editor_records(config, records)
     if n_edits == 1:
         row = single_edit_row(config, maker, given, scored, general, engine, cache_path)
@@ -563,25 +570,29 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     return report
 
 
+PLOT_PANELS = (("es", "ES (teacher-forced)"), ("offtemplate_agreement", "off-template locality (agreement)"),
+               ("ls", "strict LS (the edits' own probes)"), ("ppl_ratio", "perplexity ratio (log)"))
+
+
 def write_plot(path: Path, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
-    """ES, GS, LS and perplexity ratio against the number of simultaneous edits, one line per editor."""
+    """ES, off-template locality, strict LS and perplexity ratio against the number of simultaneous edits, one
+    line per editor (a row without a panel's metric is left out of that panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    figure, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(16, 3.8))
     for editor in sorted({row["editor"] for row in rows}):
-        mine = [row for row in rows if row["editor"] == editor]
-        for axis, key in zip(axes, ("es", "gs", "ls", "ppl_ratio"), strict=True):
+        for axis, (key, title) in zip(axes, PLOT_PANELS, strict=True):
+            mine = [row for row in rows if row["editor"] == editor and row.get(key) is not None]
             axis.plot([row["n_edits"] for row in mine], [row[key] for row in mine], marker="o", label=editor)
-            axis.set_title(key)
+            axis.set_title(title, fontsize=10)
             axis.set_xscale("log")
             axis.set_xlabel("edits at once")
             axis.grid(alpha=0.3)
     # A broken model's ratio is orders of magnitude above 1 (MEND at 4,096 edits): only a log axis shows the rest.
-    axes[3].set_yscale("log")
-    axes[3].set_title("ppl_ratio (log)")
+    axes[-1].set_yscale("log")
     axes[0].legend(fontsize=8)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     save_figure(figure, path, machine)
@@ -589,9 +600,15 @@ def write_plot(path: Path, rows: list[dict[str, Any]], machine: dict[str, Any]) 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'editor':<16} {'N':>6} {'ES':>6} {'GS':>6} {'LS':>6} {'ppl x':>6} {'s':>8} {'MB':>8}"]
+    def number(value: Any) -> str:
+        return "     -" if value is None else f"{value:6.3f}"
+
+    lines = [f"{'editor':<16} {'N':>6} {'ES':>6} {'GS':>6} {'LS':>6} {'offLS':>6} {'drawd':>6} {'kept':>6} "
+             f"{'ppl x':>6} {'s':>8} {'MB':>8}"]
     for row in report["rows"]:
-        lines.append(f"{row['editor']:<16} {row['n_edits']:>6} {row['es']:6.3f} {row['gs']:6.3f} {row['ls']:6.3f} "
+        lines.append(f"{row['editor']:<16} {row['n_edits']:>6} {row['es']:6.3f} {number(row.get('gs'))} "
+                     f"{number(row.get('ls'))} {number(row.get('offtemplate_agreement'))} "
+                     f"{number(row.get('ls_gold_drawdown'))} {number(row.get('known_kept'))} "
                      f"{row['ppl_ratio']:6.3f} {row['seconds']:8.1f} {row['peak_mem_mb']:8.0f}")
     lines.append(f"written: {report['written']}")
     return "\n".join(lines)

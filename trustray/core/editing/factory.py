@@ -51,9 +51,14 @@ def load_trained_editor(editor_dir: str | Path, model: nn.Module, tokenizer: Any
 
 
 def build_editor(name: str, model: nn.Module, tokenizer: Any, fingerprint: str, editor_dir: str | None = None,
-                 settings: Mapping[str, Any] | None = None) -> Editor:
+                 settings: Mapping[str, Any] | None = None, untrained: bool = False) -> Editor:
     """A meta-trained editor from `editor_dir` (`settings` override its own), or one that needs no meta-training
-    (ft, ft_kl, memit) built from `settings`."""
+    (ft, ft_kl, memit) built from `settings`. `untrained`: a meta-learned editor with fresh networks (MALMEN's are
+    the identity), the baseline that shows what meta-training buys."""
+    if untrained:
+        if editor_dir:
+            raise ValueError("an untrained editor takes no editor_dir")
+        return build_untrained_editor(name, model, tokenizer, settings)
     if editor_dir:
         editor = load_trained_editor(editor_dir, model, tokenizer, fingerprint, settings)
         if editor.name != name:

@@ -43,6 +43,9 @@ Choices that differ from, or are implicit in, the reference code:
 - No key where the chat template's end-of-turn token is predicted (`key_end_of_turn`, off by default; the
   reference has no chat template). That position is in every edit, so it spent about one key in four of the
   solve on a token the metrics never score, and every edit's value there pulled against the others'.
+- Keys at the subject's last token instead of the answer tokens (`key_position: subject`), MEMIT's position:
+  same-relation facts share most of their answer-position key (`benchmarks/edit_key_specificity.py`), so a
+  solve cannot tell them apart there.
 - The preserved-key weight can count in edit keys (`preserve_units: edit_keys`, μ = ρ·n): with a weight in rows
   the prior is fixed while KᵀK grows with the number of edits, so an editor meta-trained on 64 edits per step
   saw a prior about 16 times stronger, relative to its edits, than it meets at 1,024.
@@ -75,6 +78,7 @@ from trustray.core.editing.base import (
     encode_pairs,
 )
 from trustray.core.editing.editset import EditSet
+from trustray.core.editing.memit import PromptPositions
 from trustray.core.editing.metrics import agreement, answer_window, token_accuracy
 from trustray.core.editing.normalize import RunningStats
 from trustray.core.editing.registry import register
@@ -100,6 +104,7 @@ class MalmenSettings(EditorSettings):
     preserve_weight: float = Field(0.0, ge=0, description="μ of the preserved-key term: the solve is (KᵀK + μ·E[k₀k₀ᵀ] + μₜ·E[ttᵀ] + λI)⁻¹KᵀD with k₀ the answer keys `fit_preservation` saw (0: off). In units of rows: μ = 1000 weighs like 1,000 typical preserved keys asked to keep their values.")
     preserve_text_weight: float = Field(0.0, ge=0, description="μₜ of the general-text keys t: every position of the texts `fit_text_preservation` saw (0: off). Chat answer keys alone leave the directions plain text uses free, which costs perplexity.")
     preserve_units: Literal["rows", "edit_keys"] = Field("rows", description="What μ and μₜ count: 'rows' (the term weighs like that many preserved keys, whatever the number of edits) or 'edit_keys' (μ = ρ·n with n the edit keys of the solve, so the balance between edits and preserved keys is the same at every number of edits, in meta-training and at inference alike).")
+    key_position: Literal["answer", "subject"] = Field("answer", description="Where the edit keys are: 'answer' caches one key per answer token, at the position predicting it (the reference); 'subject' one key per edit, at the last token of the record's `subject` in its prompt (MEMIT's position, where facts about the same relation share far less of their key), with the value gradient the answer NLL sends back there through attention. 'subject' needs every record (and preserved fact) to name a subject found in its prompt.")
     key_end_of_turn: bool = Field(False, description="Also cache a key where the model predicts the chat template's end-of-turn token after the answer. Off: only the answer's own tokens give keys and value gradients (the end-of-turn position is in every edit, and spent about one key in four of the solve's budget on a token nobody scores).")
     rounds: int = Field(1, ge=1, description="Editing rounds of `compute_deltas`: each round re-traces the edits on the model with the shifts found so far applied and solves again, so facts the earlier rounds left unwritten get new value gradients (already-written ones have small ones). Inference only; meta-training uses one round.")
     round_step: float = Field(1.0, gt=0, description="Factor on each round's solved shift. With rounds = 2 and 0.5, the first round writes half of the shift a single solve would.")
@@ -206,6 +211,10 @@ class MalmenEditor(Editor):
         super().__init__(model, tokenizer, settings)
         self.modules = linear_modules(model, self.module_names)
         check_prefix_layers(self.model, self.settings.modules, self.settings.prefix_layers)
+        last = model.config.num_hidden_layers - 1
+        if self.settings.key_position == "subject" and any(f"layers.{last}." in name for name in self.module_names):
+            raise ValueError(f"key_position 'subject' needs every edited layer below the last ({last}): there the "
+                             "subject's position has no path to the answer, so its value gradient is zero")
         weight = next(iter(self.modules.values())).weight
         self.device, self.dtype = weight.device, weight.dtype
         shapes: dict[str, list[str]] = {}
@@ -263,15 +272,41 @@ class MalmenEditor(Editor):
     def _pairs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
         return self._with_prefix(encode_pairs(self.tokenizer, prompts, answers, self.settings.max_length))
 
-    def _edit_pairs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
-        """The pairs whose answer positions are the edit keys: without `key_end_of_turn`, special tokens (the
-        template's end of turn) are unlabelled, so no key predicts them and their NLL adds no value gradient."""
+    def _edit_pairs(self, prompts: Sequence[str], answers: Sequence[str],
+                    subjects: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+        """The pairs whose keys are cached: without `key_end_of_turn`, special tokens (the template's end of turn)
+        are unlabelled, so no key predicts them and their NLL adds no value gradient. With `key_position`
+        "subject", each pair also carries `key_index`: its subject's last prompt token."""
         examples = encode_pairs(self.tokenizer, prompts, answers, self.settings.max_length)
         if not self.settings.key_end_of_turn:
             special = set(self.tokenizer.all_special_ids)
             examples = [{**example, "labels": [-100 if label in special else label for label in example["labels"]]}
                         for example in examples]
+        if self.settings.key_position == "subject":
+            subjects = list(subjects) if subjects is not None else [None] * len(prompts)
+            for example, prompt, subject in zip(examples, prompts, subjects, strict=True):
+                positions = PromptPositions(self.tokenizer, prompt)
+                index = positions.subject_last(subject) if subject else None
+                if index is None:
+                    raise ValueError(f"key_position 'subject' needs the subject in the prompt; {subject!r} is not in "
+                                     f"{prompt[:80]!r}")
+                if example["input_ids"][: index + 1] != positions.ids[: index + 1]:
+                    raise ValueError(f"the conversation does not start with the prompt's tokens: {prompt[:80]!r}")
+                example["key_index"] = index
         return self._with_prefix(examples)
+
+    def _key_masks(self, examples: Sequence[Mapping[str, Any]]) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        """(batch, mask of its key positions): each pair's `key_index` when it has one, else every position
+        that predicts a labelled token."""
+        size = self.settings.batch_size
+        for start, batch in zip(range(0, len(examples), size), self._batches(examples), strict=True):
+            chunk = examples[start : start + size]
+            if "key_index" not in chunk[0]:
+                yield batch, edit_positions(batch["labels"])
+                continue
+            mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            mask[torch.arange(len(chunk)), torch.tensor([example["key_index"] for example in chunk])] = True
+            yield batch, mask.to(batch["labels"].device)
 
     def _texts(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """General text with every token labelled (at least two tokens, so some position predicts one)."""
@@ -301,14 +336,14 @@ class MalmenEditor(Editor):
         G is the gradient of the sum over sub-batches of each sub-batch's mean answer NLL. Training steps pass
         `update_normalizers=True` so the hyper-networks' input statistics follow the cached rows.
         """
-        examples = self._edit_pairs([r["prompt"] for r in records], [r["target_new"] for r in records])
+        examples = self._edit_pairs([r["prompt"] for r in records], [r["target_new"] for r in records],
+                                    [r.get("subject") for r in records])
         with self._session() as weights:
             return self._cache(examples, weights, update_normalizers)
 
     def _cache(self, examples: list[dict[str, Any]], weights: list[Tensor], update_normalizers: bool) -> Cache:
         with KeyValueTracer(self.modules, torch.zeros(1, 1, dtype=torch.bool)) as tracer:
-            for batch in self._batches(examples):
-                tracer.mask = edit_positions(batch["labels"])
+            for batch, tracer.mask in self._key_masks(examples):
                 keep = answer_window(batch["labels"])  # the same NLL without projecting the prompt positions
                 logits = self.model(**model_inputs(dict(batch)), logits_to_keep=keep).logits.float()
                 # Weighted by the sub-batch's share of a full one: a partial last sub-batch (or a single edit) gets
@@ -324,12 +359,11 @@ class MalmenEditor(Editor):
 
     @torch.no_grad()
     def _key_moments(self, examples: list[dict[str, Any]]) -> tuple[dict[str, Tensor], int]:
-        """(E[kkᵀ] per edited module over the positions predicting a labelled token, number of positions)."""
+        """(E[kkᵀ] per edited module over the key positions (`_key_masks`), number of positions)."""
         sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in self.modules.items()}
         count = 0
         with self._session(), KeyMoments(self.modules, sums) as tracer:
-            for batch in self._batches(examples):
-                tracer.mask = edit_positions(batch["labels"])
+            for batch, tracer.mask in self._key_masks(examples):
                 with torch.no_grad():
                     self.model(**model_inputs(dict(batch)), logits_to_keep=1)  # only the keys are wanted
                 count += int(tracer.mask.sum())
@@ -337,14 +371,16 @@ class MalmenEditor(Editor):
             raise ValueError("no labelled positions to take preserved keys from")
         return {name: (total / count).float() for name, total in sums.items()}, count
 
-    def fit_preservation(self, prompts: Sequence[str], answers: Sequence[str]) -> int:
+    def fit_preservation(self, prompts: Sequence[str], answers: Sequence[str],
+                         subjects: Sequence[str | None] | None = None) -> int:
         """Store E[k₀k₀ᵀ] per edited module over the keys predicting `answers` to `prompts` (facts to keep).
 
-        MEMIT's covariance term, on the positions that matter for locality: answer positions of other chat
-        questions (the same positions as the edit keys: with or without the end of turn, as `key_end_of_turn`),
-        which share the chat template's key directions with every edit. Returns the number of keys.
+        MEMIT's covariance term, on the positions that matter for locality: the key positions of other chat
+        questions (where the edits' keys are: answer tokens, with or without the end of turn as
+        `key_end_of_turn`, or the `subjects`' last tokens), which share key directions with every edit. Returns
+        the number of keys.
         """
-        self.preserved, count = self._key_moments(self._edit_pairs(prompts, answers))
+        self.preserved, count = self._key_moments(self._edit_pairs(prompts, answers, subjects))
         return count
 
     def fit_text_preservation(self, texts: Sequence[str]) -> int:
@@ -455,7 +491,8 @@ class MalmenEditor(Editor):
         if s.retention_coef > 0 and not general:
             raise ValueError("retention_coef > 0 needs `general` texts for the retention KL")
         pairs = self.meta_pairs(records)
-        parts = {"edit": self._edit_pairs(*pairs["edit"]), "gen": self._pairs(*pairs["gen"]),
+        parts = {"edit": self._edit_pairs(*pairs["edit"], [r.get("subject") for r in records]),
+                 "gen": self._pairs(*pairs["gen"]),
                  "loc": self._pairs(*pairs["loc"])}
         retention = self._texts(general) if s.retention_coef > 0 else []
         with self._session() as weights:
