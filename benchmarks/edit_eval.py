@@ -1,9 +1,11 @@
 """How many facts can be fixed at once, at what cost? The editing scaling curve on the embedded default.
 
-Runs `trustray eval edit` with a preset (default cpu; its MALMEN editor comes from
-`trustray run edit_train --config configs/edit_train/<preset>.yaml`, run that first) and copies the report into
-benchmarks/results: edit_scaling.json (rows {editor, n_edits, es, gs, ls, ppl_ratio, seconds, peak_mem_mb, ...},
-the unedited baseline, the machine) and edit_scaling.png.
+Runs `trustray eval edit` with a preset (default cpu) and copies the report into benchmarks/results:
+edit_scaling.json (rows {editor, n_edits, es, es_exact, gs, ls, ls_known, ls_gold_drawdown, offtemplate_agreement,
+known_kept, ppl_ratio, seconds, peak_mem_mb, scored_records, ...}, the unedited baseline, the machine) and
+edit_scaling.png. The cpu preset's meta-trained editors come first: `trustray run edit_train --config
+configs/edit_train/cpu_scale.yaml` (cut at its newest checkpoint with `steps=K`) and `cpu_mend.yaml`. Rows are kept
+as they finish and a rerun computes only the missing ones, so the grid can be run over several sessions.
 Run: .venv/bin/python benchmarks/edit_eval.py [--preset cpu] [key=value ...]
 """
 

@@ -1,12 +1,14 @@
 """MALMEN without meta-training: tune the identity hyper-network's step η and ridge λ on dev edits.
 
-With fresh networks MALMEN's hyper-network is the identity, so each answer token asks for the value change
-d = −η (k·k) g and one ridge solve per layer combines them: a closed-form, gradient-driven editor with two
-settings. Tuned here on `--edits` dev records edited at once (teacher-forced ES × strict LS, the issue's product;
+With fresh networks MALMEN's hyper-network is the identity, and so is its input normaliser (it has seen no
+rows), so each answer token asks for the value change d = −η (k·k) g on the raw key and value gradient, and one
+ridge solve per layer combines them: a closed-form, gradient-driven editor with two settings. Raw gradients are
+small, so η's scale is far above the η₀ a trained network starts from (1e-3 on standardised inputs): at 1e-3
+the edits barely move the answers (the grid's first rows). Tuned here on `--edits` dev records edited at once (teacher-forced ES × strict LS, the issue's product;
 off-template agreement reported too), it is the baseline that shows what meta-training buys: `malmen_identity` in
 configs/eval_edit/cpu.yaml takes the best pair, and is reported on the test split there. Writes
 benchmarks/results/edit_identity_tune.json with every grid point and the machine.
-Run: .venv/bin/python benchmarks/edit_identity_tune.py [--edits 256] [--lr 3e-4 1e-3 3e-3 1e-2] [--log-lambda 0 3 6]
+Run: .venv/bin/python benchmarks/edit_identity_tune.py [--edits 256] [--lr 1e-3 0.03 0.1 0.3 1 3] [--log-lambda 0 4]
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import torch
 
 from trustray.actors.editor import EditSetMaker
 from trustray.artifacts import atomic_write_text
-from trustray.core.editing.evaluation import ProbeSet, probe_reference, probe_scores
+from trustray.core.editing.evaluation import (
+    ProbeSet,
+    locality_reference,
+    prefix_cache,
+    probe_reference,
+    probe_scores,
+)
 from trustray.data.edits import load_edit_split
 from trustray.data.offtemplate import load_offtemplate_questions
 from trustray.models.engines import EngineConfig
@@ -38,8 +46,8 @@ BASE_SETTINGS = {"modules": {"layers": [-6, -5, -4, -3, -2, -1], "module": "mlp.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, default=256)
-    parser.add_argument("--lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
-    parser.add_argument("--log-lambda", type=float, nargs="+", default=[0.0, 3.0, 6.0])
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 0.03, 0.1, 0.3, 1.0, 3.0])
+    parser.add_argument("--log-lambda", type=float, nargs="+", default=[0.0, 4.0])
     parser.add_argument("--offtemplate", type=int, default=100, help="FanOutQA and cloze questions, each")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
@@ -49,21 +57,25 @@ def main() -> None:
     engine = HFEngine(EngineConfig(model=DEFAULT_CHAT_MODEL, dtype="float32"), device="cpu")
     model, tokenizer = engine.model, engine.tokenizer
     records = load_edit_split("dev")[: args.edits]
+    # As eval_edit scores: 2 paraphrases and 2 locality probes per record, the editor sees only the others; the 24
+    # unedited layers run once for every scored pair.
+    scored = [{**r, "paraphrases": r["paraphrases"][:2], "locality": r["locality"][:2]} for r in records]
+    given = [{**r, "paraphrases": r["paraphrases"][2:], "locality": r["locality"][2:]} for r in records]
     probes = ProbeSet.from_rows(load_offtemplate_questions(args.offtemplate, args.offtemplate))
-    probe_ref = probe_reference(model, tokenizer, probes)
-    grid, reference = [], None
+    prefix = prefix_cache(model, tokenizer, scored, BASE_SETTINGS["prefix_layers"], probes=probes)
+    probe_ref = probe_reference(model, tokenizer, probes, prefix=prefix)
+    reference = locality_reference(model, tokenizer, scored, prefix=prefix)
+    grid = []
     for lr in args.lr:
         for log_lambda in args.log_lambda:
             settings = {**BASE_SETTINGS, "lr_init": lr, "log_lambda_init": log_lambda}
             maker = EditSetMaker(model, tokenizer, model_fingerprint(DEFAULT_CHAT_MODEL), "malmen",
                                  editor_settings=settings, untrained=True)
-            if reference is None:
-                reference = maker.locality_reference(records)
             began = time.perf_counter()
-            edit_set, _ = maker.compute_deltas(records)
+            edit_set, _ = maker.compute_deltas(given)
             with maker.applied(edit_set):
-                scores = maker.scores(records, reference)
-                offtemplate = probe_scores(model, tokenizer, probes, probe_ref)
+                scores = maker.scores(scored, reference, prefix=prefix)
+                offtemplate = probe_scores(model, tokenizer, probes, probe_ref, prefix=prefix)
             point = {"lr_init": lr, "log_lambda_init": log_lambda, **{k: scores[k] for k in ("es", "es_exact", "gs", "ls")},
                      "es_times_ls": scores["es"] * scores["ls"], "offtemplate_agreement": offtemplate["agreement"],
                      "ls_gold_drawdown": offtemplate["drawdown"], "seconds": round(time.perf_counter() - began, 1)}
