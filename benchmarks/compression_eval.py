@@ -245,8 +245,9 @@ def main() -> None:
     tuned = [row for name in ("tune-extractive", "tune-abstractive", "tune-untrained-half") if name in done
              for row in rows(done[name], "tune", "clean")]
     # What the training buys: the LSR-trained minus the untrained scorer, paired, wherever both answered.
-    holder = {(summary["qa"], condition): summary for name, summary in done.items() if name != "report-irrelevant"
-              for condition in summary["conditions"]}
+    # The latency stage answers only the first questions again: the quality stages hold the whole parts.
+    holder = {(summary["qa"], condition): summary for name, summary in done.items()
+              if name not in ("report-irrelevant", "report-latency") for condition in summary["conditions"]}
     lsr_minus_untrained = {}
     for part in ("tune", "report"):
         for budget in ("T1", "half"):
