@@ -56,7 +56,7 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert set(rows) == {("ft", 1), ("ft", 4), ("ft_kl", 1)}
     for row in rows.values():
         assert {"es", "gs", "ls", "ppl_ratio", "seconds", "peak_mem_mb", "es_generate", "rag_dev_closed_book", "es_exact",
-                "offtemplate_agreement", "ls_gold_drawdown", "known_kept", "scored_records"} <= row.keys()
+                "offtemplate_agreement", "ls_gold_drawdown", "known_kept", "known_tokens_kept", "scored_records"} <= row.keys()
         assert 0 <= row["es"] <= 1 and row["ppl_ratio"] > 0 and row["peak_mem_mb"] >= 0
         assert row["prefix_cached"] and row["run"]["editor"] == row["editor"]
         assert 0 <= row["offtemplate_agreement"] <= 1 and set(row["offtemplate_by_source"]) == {"fanoutqa", "cloze"}

@@ -152,6 +152,16 @@ def test_probe_scores_before_after_agreement_and_known_facts(model_and_tokenizer
         exact.append(bool((argmax[labels != -100] == labels[labels != -100]).all()))
     assert scores["gold_before"] == 1.0 and scores["known"] == 3
     assert scores["known_kept"] == pytest.approx(sum(exact) / 3)
+    # Every gold token was known: the kept share is this model's pooled token accuracy, counted here.
+    right = total = 0
+    for example in PROBES.examples(tokenizer):
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"][1:])
+        with torch.no_grad():
+            argmax = model(input_ids=ids).logits[0, :-1].argmax(-1)
+        right += int((argmax[labels != -100] == labels[labels != -100]).sum())
+        total += int((labels != -100).sum())
+    assert scores["known_tokens"] == total and scores["known_tokens_kept"] == pytest.approx(right / total)
+    assert same["known_tokens_kept"] in (None, 1.0)  # the unedited model keeps every token it knew
     assert scores["drawdown"] == pytest.approx(1.0 - scores["gold"])
     with pytest.raises(ValueError, match="reference"):
         probe_scores(model, tokenizer, PROBES, reference[:2])

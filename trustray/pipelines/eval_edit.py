@@ -312,6 +312,7 @@ def probe_row(scores: dict[str, Any]) -> dict[str, Any]:
     return {"offtemplate_gold": scores["gold"], "offtemplate_gold_before": scores["gold_before"],
             "ls_gold_drawdown": scores["drawdown"], "offtemplate_agreement": scores["agreement"],
             "known_kept": scores["known_kept"], "known_facts": scores["known"],
+            "known_tokens_kept": scores["known_tokens_kept"], "known_tokens": scores["known_tokens"],
             "offtemplate_by_source": scores["by_source"]}
 
 

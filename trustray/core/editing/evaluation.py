@@ -214,14 +214,16 @@ def probe_scores(model: nn.Module, tokenizer: Any, probes: ProbeSet, reference: 
       `drawdown` = before − after (MEND's measure; > 0 is a loss);
     - `agreement`: mean fraction of answer tokens whose argmax is unchanged;
     - `known_kept`: of the probes the unedited model answered exactly (every gold token its argmax), the fraction
-      still answered exactly (`known`: how many it knew; None when it knew none).
+      still answered exactly (`known`: how many it knew; None when it knew none);
+    - `known_tokens_kept`: of all the gold answer tokens the unedited model predicted (`known_tokens`), the
+      fraction still predicted (a small model may know few answers exactly but many of their tokens).
 
     The same keys per source under `by_source`.
     """
     examples = probes.examples(tokenizer, max_length)
     if len(reference) != len(examples):
         raise ValueError(f"{len(reference)} reference predictions for {len(examples)} probes; recompute them")
-    after, before, agree, known, kept, start = [], [], [], [], [], 0
+    after, before, agree, known, kept, tokens_known, tokens_kept, start = [], [], [], [], [], [], [], 0
     for predictions, targets, mask in _predict(model, examples, batch_size, prefix, PROBES):
         rows = _padded(reference[start : start + len(predictions)], predictions.shape[1])
         start += len(predictions)
@@ -230,15 +232,22 @@ def probe_scores(model: nn.Module, tokenizer: Any, probes: ProbeSet, reference: 
         agree.append(agreement(predictions, rows, mask))
         known.append(exact_match(rows, targets, mask).bool())
         kept.append(exact_match(predictions, targets, mask).bool())
+        was_right = mask & (rows == targets)
+        tokens_known.append(was_right.sum(dim=1))
+        tokens_kept.append((was_right & (predictions == targets)).sum(dim=1))
     columns = {"after": torch.cat(after), "before": torch.cat(before), "agree": torch.cat(agree),
-               "known": torch.cat(known), "kept": torch.cat(kept)}
+               "known": torch.cat(known), "kept": torch.cat(kept), "tokens_known": torch.cat(tokens_known),
+               "tokens_kept": torch.cat(tokens_kept)}
 
     def summary(selected: Tensor) -> dict[str, Any]:
         knew = columns["known"] & selected
         gold, gold_before = float(columns["after"][selected].mean()), float(columns["before"][selected].mean())
+        token_count = int(columns["tokens_known"][selected].sum())
         return {"n": int(selected.sum()), "gold": gold, "gold_before": gold_before, "drawdown": gold_before - gold,
                 "agreement": float(columns["agree"][selected].mean()), "known": int(knew.sum()),
-                "known_kept": float(columns["kept"][knew].float().mean()) if knew.any() else None}
+                "known_kept": float(columns["kept"][knew].float().mean()) if knew.any() else None,
+                "known_tokens": token_count,
+                "known_tokens_kept": int(columns["tokens_kept"][selected].sum()) / token_count if token_count else None}
 
     sources = list(probes.sources)
     result = summary(torch.ones(len(sources), dtype=torch.bool))
