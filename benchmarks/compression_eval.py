@@ -185,7 +185,6 @@ def main() -> None:
     logger.info("budgets from the tuning part's top-1 context tokens (%.1f): %s", top1_tokens, budgets)
     base = compressors(budgets, ("T1", "half"))
     extractive = [c for c in base if c["name"] != "abstractive"]
-    abstractive = [c for c in base if c["name"] == "abstractive"]
     # Added after tune-extractive showed half the budget beating T1: is the training what makes it good there?
     untrained_half = [{"name": "extractive", "top_k": 5, "budget": budgets["half"],
                        "label": "extractive-untrained@5/half"}]

@@ -34,6 +34,7 @@ from trustray.data.offtemplate import load_offtemplate_questions
 from trustray.models.engines import EngineConfig
 from trustray.models.hf_engine import HFEngine
 from trustray.models.sources import DEFAULT_CHAT_MODEL, model_fingerprint
+from trustray.pipelines.eval_edit import EvalEditConfig, editor_records, scored_records
 from trustray.runtime import apply_offline_defaults, machine_info, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +58,10 @@ def main() -> None:
     engine = HFEngine(EngineConfig(model=DEFAULT_CHAT_MODEL, dtype="float32"), device="cpu")
     model, tokenizer = engine.model, engine.tokenizer
     records = load_edit_split("dev")[: args.edits]
-    # As eval_edit scores: 2 paraphrases and 2 locality probes per record, the editor sees only the others; the 24
-    # unedited layers run once for every scored pair.
-    scored = [{**r, "paraphrases": r["paraphrases"][:2], "locality": r["locality"][:2]} for r in records]
-    given = [{**r, "paraphrases": r["paraphrases"][2:], "locality": r["locality"][2:]} for r in records]
+    # Scored as eval_edit scores (its default paraphrases and probes per record; the editor sees only the others),
+    # the unedited layers below MALMEN's run once for every scored pair.
+    scoring = EvalEditConfig(editors=[{"editor": "malmen"}], eval_sample=len(records))
+    scored, given = scored_records(scoring, records), editor_records(scoring, records)
     probes = ProbeSet.from_rows(load_offtemplate_questions(args.offtemplate, args.offtemplate))
     prefix = prefix_cache(model, tokenizer, scored, BASE_SETTINGS["prefix_layers"], probes=probes)
     probe_ref = probe_reference(model, tokenizer, probes, prefix=prefix)

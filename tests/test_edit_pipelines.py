@@ -87,6 +87,14 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     with pytest.raises(ValueError, match="label"):
         eval_edit.EvalEditConfig(editors=[{"editor": "ft"}, {"editor": "ft"}])
+    # Part of the grid: only its rows, reused from the same folder; never copied over the full report.
+    part = raised.model_copy(update={"only": ["ft"], "results_dir": None})
+    assert {row["editor"] for row in eval_edit.run(part)["rows"]} == {"ft"}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(ValueError, match="results_dir"):
+        eval_edit.EvalEditConfig(editors=[{"editor": "ft"}], only=["ft"], results_dir="x")
+    with pytest.raises(ValueError, match="does not have"):
+        eval_edit.EvalEditConfig(editors=[{"editor": "ft"}], only=["memit"])
     changed = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
                           [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "locality_scored=1"])
     with pytest.raises(ArtifactMismatchError, match="locality_scored"):

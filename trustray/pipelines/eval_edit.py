@@ -145,6 +145,11 @@ class EvalEditConfig(PipelineConfig):
     batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
     resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Each task.")
     results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
+    only: list[str] | None = Field(
+        None, description="Run and report just these of `editors` (names or labels), e.g. the baselines first of a grid "
+        "run over several sessions; rows are shared with the full run. A partial report is not copied: set "
+        "results_dir to null.",
+    )
 
     @field_validator("editors")
     @classmethod
@@ -154,6 +159,17 @@ class EvalEditConfig(PipelineConfig):
             raise ValueError(f"each editor may appear once (its rows are keyed by name; set label to tell two runs "
                              f"of one editor apart): {names}")
         return editors
+
+    @model_validator(mode="after")
+    def _only_names_editors(self) -> EvalEditConfig:
+        if self.only is not None:
+            unknown = sorted(set(self.only) - {run.name for run in self.editors})
+            if unknown:
+                raise ValueError(f"only names editors the config does not have: {unknown}")
+            if self.results_dir:
+                raise ValueError("only runs part of the comparison, whose report must not replace the full one: "
+                                 "set results_dir to null")
+        return self
 
     @model_validator(mode="after")
     def _texts_fit_the_eval_pool(self) -> EvalEditConfig:
@@ -478,7 +494,7 @@ def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     """What every row of an output folder shares (editors and N may grow between runs; resources may change)."""
     return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
-                                                                 "output_dir", "force", "results_dir"})}
+                                                                 "output_dir", "force", "results_dir", "only"})}
 
 
 def scoring_expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
@@ -518,8 +534,9 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     fingerprint = model_fingerprint(config.model)
     general = general_requests(config)
     options = {**config.resources.ray_options(), "max_calls": 1}
+    editors = [run for run in config.editors if config.only is None or run.name in config.only]
     todo: dict[str, tuple[EditorRun, int]] = {}
-    for editor_run in config.editors:
+    for editor_run in editors:
         for n in sorted({min(n, len(records)) for n in config.n_edits}):
             if editor_run.max_edits and n > editor_run.max_edits:
                 continue
@@ -549,7 +566,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []
-    for editor_run in config.editors:
+    for editor_run in editors:
         mine = [path for path in rows_dir.glob(f"{editor_run.name}-*.json") if path.stem.rsplit("-", 1)[0] == editor_run.name]
         for path in sorted(mine, key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             row = json.loads(path.read_text())

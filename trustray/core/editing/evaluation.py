@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from trustray.core.editing.base import EditRecord, batches, encode_pairs
-from trustray.core.editing.metrics import agreement, answer_predictions, exact_match, token_accuracy
+from trustray.core.editing.metrics import (
+    agreement,
+    answer_predictions,
+    exact_match,
+    known_tokens,
+    token_accuracy,
+)
 from trustray.core.lm.batching import IGNORE_INDEX
 from trustray.core.lm.losses import example_losses
 from trustray.core.lm.prefix import prefix_states, skipped_prefix, with_states
@@ -162,16 +168,16 @@ def teacher_forced_scores(
             for predictions, targets, mask in results:
                 rows = _padded(reference[start : start + len(predictions)], predictions.shape[1])
                 agree.append(agreement(predictions, rows, mask))
-                was_right = mask & (rows == targets)
-                known.append(was_right.sum(dim=1))
-                kept.append((was_right & (predictions == targets)).sum(dim=1))
+                known_count, kept_count = known_tokens(predictions, rows, targets, mask)
+                known.append(known_count)
+                kept.append(kept_count)
                 start += len(predictions)
             scores["ls"] = float(_per_record(torch.cat(agree), owners, len(records)).mean())
-            known_tokens, kept_tokens = torch.cat(known).float(), torch.cat(kept).float()
-            per_record_known = _per_record(known_tokens, owners, len(records))
+            known_counts, kept_counts = torch.cat(known).float(), torch.cat(kept).float()
+            per_record_known = _per_record(known_counts, owners, len(records))
             has_known = per_record_known > 0
             if has_known.any():
-                per_record_kept = _per_record(kept_tokens, owners, len(records)) / per_record_known.clamp(min=1e-12)
+                per_record_kept = _per_record(kept_counts, owners, len(records)) / per_record_known.clamp(min=1e-12)
                 scores["ls_known"] = float(per_record_kept[has_known].mean())
                 scores["ls_known_records"] = int(has_known.sum())
     return scores
@@ -232,9 +238,9 @@ def probe_scores(model: nn.Module, tokenizer: Any, probes: ProbeSet, reference: 
         agree.append(agreement(predictions, rows, mask))
         known.append(exact_match(rows, targets, mask).bool())
         kept.append(exact_match(predictions, targets, mask).bool())
-        was_right = mask & (rows == targets)
-        tokens_known.append(was_right.sum(dim=1))
-        tokens_kept.append((was_right & (predictions == targets)).sum(dim=1))
+        known_count, kept_count = known_tokens(predictions, rows, targets, mask)
+        tokens_known.append(known_count)
+        tokens_kept.append(kept_count)
     columns = {"after": torch.cat(after), "before": torch.cat(before), "agree": torch.cat(agree),
                "known": torch.cat(known), "kept": torch.cat(kept), "tokens_known": torch.cat(tokens_known),
                "tokens_kept": torch.cat(tokens_kept)}

@@ -58,3 +58,10 @@ def exact_match(predictions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 def agreement(predictions: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """Per example: the fraction of answer positions where two models predict the same token `[B]`."""
     return (((predictions == reference) & mask).sum(dim=1).float()) / mask.sum(dim=1).clamp(min=1)
+
+
+def known_tokens(predictions: Tensor, reference: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example: (answer tokens the reference model predicted right, how many of those `predictions` still
+    predict right), each `[B]`."""
+    was_right = mask & (reference == targets)
+    return was_right.sum(dim=1), (was_right & (predictions == targets)).sum(dim=1)
