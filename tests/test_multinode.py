@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import ray
 from multinode import ROWS, features, make_checkpoint, remove_node_mid_stage, start_cluster
+from ray.data import DataContext
 
 from trustray.config import load_config
 
@@ -23,7 +24,14 @@ def cluster():
 
     was_running = ray.is_initialized()
     nodes, workers = start_cluster()
+    # Actor pools start their actors asynchronously: on a slow machine a small job can finish on the first actor
+    # before the second is placed, and an actor never placed has no node. Waiting for the whole pool makes the
+    # placement these tests check deterministic.
+    context = DataContext.get_current()
+    default_wait = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = 120
     yield nodes, workers
+    context.wait_for_min_actors_s = default_wait
     ray.shutdown()
     nodes.shutdown()
     if was_running:
