@@ -359,6 +359,21 @@ def table_retrieval_recall(report: dict[str, Any]) -> str:
     return markdown_table(["retriever", "part / source", "questions", *[f"{k} %" for k in ks]], rows)
 
 
+def table_embedder_backends(report: dict[str, Any]) -> str:
+    """Per embedder backend: its pipeline's rate against the same loop, its vectors' cosine to the first
+    backend's, and recall@1 / @5 of the gold page on each part of the evaluation set."""
+    parts = list(next(iter(report["backends"].values()))["recall"])
+    rows = []
+    for backend, entry in report["backends"].items():
+        cosine = entry.get("cosine_to_first")
+        rows.append([backend, fmt(entry["pipeline_passages_per_s"], "f1"), fmt(entry["ratio_to_loop"], "f2"),
+                     fmt(cosine["min"], "f4") if cosine else "1 (itself)",
+                     *[f"{fmt(entry['recall'][part]['recall@1'], 'pct1')} / {fmt(entry['recall'][part]['recall@5'], 'pct1')}"
+                       for part in parts]])
+    return markdown_table(["backend", "passages/s", "× loop", "min cosine", *[f"{part} R@1 / R@5 %" for part in parts]],
+                          rows)
+
+
 SERVED_EDIT_COLUMNS = ["edits", "ES", "GS", "probes kept", "neighbours kept"]
 
 
@@ -563,6 +578,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "rag": table_rag,
     "compression": table_compression,
     "retrieval_recall": table_retrieval_recall,
+    "embedder_backends": table_embedder_backends,
     "weak_to_strong": table_weak_to_strong,
     "active_preference": table_active_preference,
     "edit_scaling": table_edit_scaling,
