@@ -51,6 +51,26 @@ def test_index_contents(built, tiny_embedder_dir):
     assert hits[0].id == index.ids[7] and hits[0].score == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_slice_holds_every_kth_document_as_the_full_index_does(built, tiny_embedder_dir, tmp_path):
+    config, folder = built
+    full = PassageIndex.load(folder)
+    # Fractional splitting tasks and actors, as the quickstart builds beside a Serve app.
+    sliced = tiny_config(tiny_embedder_dir, tmp_path / "slice", every=4, every_offset=1, split_cpus=0.25,
+                         **{"resources.num_cpus": 0.25})
+    assert build_index.is_built(config) and not build_index.is_built(sliced)
+    index = PassageIndex.load(build_index.run(sliced))
+    assert build_index.is_built(sliced)
+    kept = {row["id"] for row in build_index.corpus_rows(config)[1::4]}
+    assert index.ids == [pid for pid in full.ids if pid.split("#")[0] in kept]
+    rows = [full.ids.index(pid) for pid in index.ids]
+    np.testing.assert_allclose(index.index.reconstruct_n(0, len(index)),
+                               full.index.reconstruct_n(0, len(full))[rows], atol=1e-5)
+    metadata = json.loads((tmp_path / "slice" / METADATA_FILE).read_text())
+    assert (metadata["every"], metadata["every_offset"], metadata["num_docs"]) == (4, 1, DOCS // 4)
+    with pytest.raises(ValueError, match="every_offset=4 must be below every=4"):
+        tiny_config(tiny_embedder_dir, tmp_path / "x", every=4, every_offset=4)
+
+
 def test_retriever_checks_the_embedder(built, tmp_path):
     _, folder = built
     retriever = Retriever(folder)

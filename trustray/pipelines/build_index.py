@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import trustray
 from trustray.artifacts import atomic_folder, check_metadata, write_metadata
@@ -45,6 +45,11 @@ class BuildIndexConfig(PipelineConfig):
     name: str = Field("wiki-minilm", description="Index name; the default folder is outputs/index/<name>.")
     corpus: str = Field("wiki", description="'wiki' (bundled Wikipedia intros) or a JSONL/Parquet corpus path.")
     limit: int | None = Field(None, ge=1, description="Use only the first N documents (None: all).")
+    every: int = Field(
+        1, ge=1, description="Index only every `every`-th document (corpus rank % every == every_offset, after "
+        "`limit`): a quick first slice of a corpus (`trustray quickstart` answers from one while the full index builds)."
+    )
+    every_offset: int = Field(0, ge=0, description="Which of each `every` documents is kept (below `every`).")
     passage_tokens: int = Field(
         200, ge=8, description="Token budget per passage (embedder tokens; MiniLM's max_seq_length is 256)."
     )
@@ -52,6 +57,20 @@ class BuildIndexConfig(PipelineConfig):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Passage embedder.")
     batch_size: int = Field(256, ge=1, description="Passages per map_batches call on an embedding actor.")
     resources: PoolResources = Field(default_factory=PoolResources, description="Embedding actor pool.")
+    split_cpus: float = Field(1.0, gt=0, description="CPUs each passage-splitting task reserves (fractional to "
+                              "build beside other work, e.g. a Serve app holding most of a small machine).")
+
+
+    @model_validator(mode="after")
+    def _offset_below_every(self) -> BuildIndexConfig:
+        if self.every_offset >= self.every:
+            raise ValueError(f"every_offset={self.every_offset} must be below every={self.every}")
+        return self
+
+
+def corpus_rows(config: BuildIndexConfig) -> list[dict[str, str]]:
+    """The documents the index holds: the corpus (its first `limit`), every `every`-th from `every_offset`."""
+    return load_corpus(config.corpus, config.limit)[config.every_offset :: config.every]
 
 
 def corpus_fingerprint(rows: list[dict[str, str]]) -> str:
@@ -69,6 +88,8 @@ def expected_metadata(config: BuildIndexConfig, rows: list[dict[str, str]]) -> d
         "kind": ARTIFACT_KIND,
         "corpus": config.corpus,
         "limit": config.limit,
+        # Recorded only for a slice, so indexes built before slices existed are still reused.
+        **({"every": config.every, "every_offset": config.every_offset} if config.every > 1 else {}),
         "num_docs": len(rows),
         "corpus_fingerprint": corpus_fingerprint(rows),
         "embedder": config.embedder.model,
@@ -149,6 +170,7 @@ def passage_dataset(config: BuildIndexConfig, rows: list[dict[str, str]]):
         ray.data.from_items(items, override_num_blocks=num_blocks)
         .flat_map(
             split_document,
+            num_cpus=config.split_cpus,
             fn_kwargs={
                 "model": config.embedder.model,
                 "passage_tokens": config.passage_tokens,
@@ -186,10 +208,16 @@ def embed_passages(config: BuildIndexConfig, rows: list[dict[str, str]]) -> dict
     return collect_passages(dataset.iter_batches(batch_size=None, batch_format="numpy"))
 
 
+def is_built(config: BuildIndexConfig) -> bool:
+    """True when `run(config)` would reuse a finished index (an index made with other settings raises)."""
+    return not config.force and check_metadata(config.output_path(), expected_metadata(config, corpus_rows(config)),
+                                               kind="passage index")
+
+
 def run(config: BuildIndexConfig) -> Path:
     """Build (or reuse) the passage index described by `config`; returns its folder."""
     output_dir = prepare_output(config)
-    rows = load_corpus(config.corpus, config.limit)
+    rows = corpus_rows(config)
     expected = expected_metadata(config, rows)
     if check_metadata(output_dir, expected, kind="passage index"):
         logger.info("reusing the passage index at %s (same corpus, embedder and settings)", output_dir)
