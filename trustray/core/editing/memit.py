@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -163,6 +164,15 @@ class PromptPositions:
             return None
         tokens = self.tokens_within(found, found + len(subject))
         return tokens[-1] if tokens else None
+
+
+@dataclass
+class MemitTargets:
+    """What `MemitEditor.target_plan` found for some records: their prompts, key positions and targets z."""
+
+    prompts: list[PromptPositions]
+    positions: list[int]
+    targets: Tensor
 
 
 @register
@@ -339,18 +349,27 @@ class MemitEditor(Editor):
 
     def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
         """`{down_proj name: ΔW}` (float32, shaped like the weight) writing every record's `target_new` at once."""
+        return self.spread(self.target_plan(records))
+
+    def target_plan(self, records: Sequence[EditRecord]) -> MemitTargets:
+        """Each record's key position and target z on the current weights: the part of an edit that does not
+        depend on the covariance weight or the scope, so settings of those can be compared on one plan."""
         if not records:
             raise ValueError("compute_deltas needs at least one edit record")
         prompts = [PromptPositions(self.tokenizer, r["prompt"]) for r in records]
         positions = self.key_positions(prompts, [r.get("subject") or "" for r in records])
-        targets = self.targets(records, positions)
+        return MemitTargets(prompts, positions, self.targets(records, positions))
+
+    def spread(self, plan: MemitTargets) -> dict[str, Tensor]:
+        """The residual of `plan`'s targets spread over the layers from the bottom up, one closed form per layer."""
+        prompts, positions, targets = plan.prompts, plan.positions, plan.targets
         moments = self.moments()
         deltas: dict[str, Tensor] = {}
         edit_keys: dict[str, Tensor] = {}
         self._scope = None
         for done, name in enumerate(self.module_names):
             keys, hidden = [], []
-            for start in range(0, len(records), self.settings.batch_size):
+            for start in range(0, len(prompts), self.settings.batch_size):
                 part = slice(start, start + self.settings.batch_size)
                 k, h = self.hidden_at(prompts[part], positions[part], deltas, name)
                 keys.append(k)
