@@ -9,7 +9,8 @@
 - `--editor memit`: MEMIT on layers 3-7 (`benchmarks/edit_causal_trace.py`) with the covariance of 512 Wikipedia
   intros' keys (as `configs/eval_edit/cpu.yaml` gives it); the grid is over its covariance weight λ (15,000 is
   MEMIT's GPT-J weight, the published setting) and its target optimisation. Writes
-  benchmarks/results/edit_memit_tune.json.
+  benchmarks/results/edit_memit_tune.json. `--editor memit_top`: the same on layers 24-28, the top 5 of MALMEN's 6
+  (edit_memit_top_tune.json).
 
 Every point edits `--edits` dev records at once and is scored as `trustray eval edit` scores (teacher-forced ES ×
 strict LS, the issue's product, chooses; off-template agreement and the paper-LS drawdown are reported too).
@@ -69,6 +70,15 @@ EDITORS = {
         "grid": {"covariance_weight": [15000.0, 3000.0, 1000.0, 300.0, 100.0, 30.0]},
         "solve_only": ["covariance_weight"],
         "result": RESULTS / "edit_memit_tune.json",
+    },
+    # The same closed form on the top 5 of MALMEN's 6 layers (the 6th would hold the targets, and MEMIT needs a
+    # layer above the edited ones).
+    "memit_top": {
+        "editor": "memit", "untrained": False, "general_texts": 512, "prefix_layers": 24, "edits": 128,
+        "settings": {"modules": {"layers": [24, 25, 26, 27, 28]}, "scope_threshold": None},
+        "grid": {"covariance_weight": [15000.0, 3000.0, 1000.0, 300.0, 100.0, 30.0]},
+        "solve_only": ["covariance_weight"],
+        "result": RESULTS / "edit_memit_top_tune.json",
     },
 }
 
