@@ -359,6 +359,20 @@ def table_retrieval_recall(report: dict[str, Any]) -> str:
     return markdown_table(["retriever", "part / source", "questions", *[f"{k} %" for k in ks]], rows)
 
 
+def table_edit_tune(report: dict[str, Any]) -> str:
+    """One row per grid point of a baseline editor's dev tuning (`benchmarks/edit_tune.py`), the chosen one in bold."""
+    names = list(report["best"])
+    metrics = (("ES", "es"), ("ES exact", "es_exact"), ("GS", "gs"), ("strict LS", "ls"), ("ES×LS", "es_times_ls"),
+               ("off-template agreement", "offtemplate_agreement"), ("gold drawdown", "ls_gold_drawdown"))
+    rows = []
+    for point in report["grid"]:
+        cells = [f"{point[name]:g}" for name in names]
+        cells += [fmt(point[key], "+f3" if key == "ls_gold_drawdown" else "f2") for _, key in metrics]
+        chosen = all(point[name] == report["best"][name] for name in names)
+        rows.append([f"**{cell}**" for cell in cells] if chosen else cells)
+    return markdown_table([*names, *(label for label, _ in metrics)], rows)
+
+
 def table_embedder_backends(report: dict[str, Any]) -> str:
     """Per embedder backend: its pipeline's rate against the same loop, its vectors' cosine to the first
     backend's, and recall@1 / @5 of the gold page on each part of the evaluation set."""
@@ -579,6 +593,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "compression": table_compression,
     "retrieval_recall": table_retrieval_recall,
     "embedder_backends": table_embedder_backends,
+    "edit_tune": table_edit_tune,
     "weak_to_strong": table_weak_to_strong,
     "active_preference": table_active_preference,
     "edit_scaling": table_edit_scaling,
