@@ -126,3 +126,28 @@ def test_preserved_chats_can_use_the_models_own_replies(loaded):
     assert own.preserved_conversations() == (prompts, [r.strip() or c["answer"] for r, c in zip(replies, CHATS, strict=True)])
     # The random tiny Llama replies with blank lines only: each preserved chat keeps its given answer then.
     assert all(not reply.strip() for reply in replies)
+
+
+def test_the_statistics_pass_stops_above_the_edited_layers_and_matches_a_full_pass(loaded):
+    from trustray.core.editing.memit import _token_batch
+    from trustray.core.editing.tracing import KeyMoments
+
+    model, tokenizer = loaded
+    editor = build_editor("memit", model, tokenizer, "tiny", settings=SETTINGS)
+    above = []
+    handle = model.model.layers[1].register_forward_hook(lambda *args: above.append(1))
+    try:
+        moments = editor.moments()
+    finally:
+        handle.remove()
+    assert above == []  # the layer above the edited one never ran
+    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in editor.modules.items()}
+    rows, count = editor._statistics_ids(), 0
+    with KeyMoments(editor.modules, sums) as tracer, torch.no_grad():
+        for start in range(0, len(rows), editor.settings.batch_size):
+            batch = _token_batch(rows[start : start + editor.settings.batch_size], torch.device("cpu"))
+            tracer.mask = batch["attention_mask"].bool()
+            model(**batch)
+            count += int(tracer.mask.sum())
+    for name, total in sums.items():
+        torch.testing.assert_close(moments[name], total / count)

@@ -35,6 +35,7 @@ position alone). The solve is the same; only where its result is applied changes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -166,6 +167,14 @@ class PromptPositions:
         return tokens[-1] if tokens else None
 
 
+class _KeysCollected(Exception):
+    """Ends a statistics pass once the top edited module has seen its inputs."""
+
+
+def _stop_forward(module: nn.Module, args: tuple, output: Tensor) -> None:
+    raise _KeysCollected
+
+
 @dataclass
 class MemitTargets:
     """What `MemitEditor.target_plan` found for some records: their prompts, key positions and targets z."""
@@ -212,14 +221,22 @@ class MemitEditor(Editor):
                     for name, m in self.modules.items()}
             count = 0
             progress = ProgressLog("memit preserved keys", len(rows), "sequences")
+            top_module = self.modules[max(self.module_names, key=lambda name: int(name.split(".")[2]))]
             with KeyMoments(self.modules, sums) as tracer, torch.no_grad():
-                for start in range(0, len(rows), self.settings.batch_size):
-                    chunk = rows[start : start + self.settings.batch_size]
-                    batch = _token_batch(chunk, self.device)
-                    tracer.mask = batch["attention_mask"].bool()
-                    self.model(**batch, logits_to_keep=1)
-                    count += int(tracer.mask.sum())
-                    progress.update(len(chunk))
+                # The layers above the top edited module add nothing to C: each pass stops once that module has
+                # run (this hook is registered after the tracer's, so it runs after the keys are counted).
+                stop = top_module.register_forward_hook(_stop_forward)
+                try:
+                    for start in range(0, len(rows), self.settings.batch_size):
+                        chunk = rows[start : start + self.settings.batch_size]
+                        batch = _token_batch(chunk, self.device)
+                        tracer.mask = batch["attention_mask"].bool()
+                        with contextlib.suppress(_KeysCollected):
+                            self.model(**batch, logits_to_keep=1)
+                        count += int(tracer.mask.sum())
+                        progress.update(len(chunk))
+                finally:
+                    stop.remove()
             LOG.info("memit: second moments of %d preserved keys per layer", count)
             self._moments = {name: total / count for name, total in sums.items()}
         return self._moments
