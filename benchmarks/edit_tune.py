@@ -55,6 +55,13 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 # intros it is given as general text, the lowest edited layer (the layers below it run once for every point),
 # the default grid and edit count, the settings that change only the final solve (for them the editor's targets are
 # found once), and the results file.
+MEMIT = {
+    "editor": "memit", "untrained": False, "general_texts": 512, "prefix_layers": 3, "edits": 128,
+    "settings": {"modules": {"layers": [3, 4, 5, 6, 7]}, "scope_threshold": None},
+    "grid": {"covariance_weight": [15000.0, 3000.0, 1000.0, 300.0, 100.0, 30.0]},
+    "solve_only": ["covariance_weight"],
+    "result": RESULTS / "edit_memit_tune.json",
+}
 EDITORS = {
     "malmen_identity": {
         "editor": "malmen", "untrained": True, "general_texts": 0, "prefix_layers": 24, "edits": 256,
@@ -64,20 +71,13 @@ EDITORS = {
         "grid": {"lr_init": [1e-3, 0.03, 0.1, 0.3, 1.0, 3.0], "log_lambda_init": [0.0, 4.0]},
         "result": RESULTS / "edit_identity_tune.json",
     },
-    "memit": {
-        "editor": "memit", "untrained": False, "general_texts": 512, "prefix_layers": 3, "edits": 128,
-        "settings": {"modules": {"layers": [3, 4, 5, 6, 7]}, "scope_threshold": None},
-        "grid": {"covariance_weight": [15000.0, 3000.0, 1000.0, 300.0, 100.0, 30.0]},
-        "solve_only": ["covariance_weight"],
-        "result": RESULTS / "edit_memit_tune.json",
-    },
+    "memit": MEMIT,
     # The same closed form on the top 5 of MALMEN's 6 layers (the 6th would hold the targets, and MEMIT needs a
-    # layer above the edited ones).
+    # layer above the edited ones). At the default target step 0.1 no target there reached its answer.
     "memit_top": {
-        "editor": "memit", "untrained": False, "general_texts": 512, "prefix_layers": 24, "edits": 128,
+        **MEMIT, "prefix_layers": 24,
         "settings": {"modules": {"layers": [24, 25, 26, 27, 28]}, "scope_threshold": None},
-        "grid": {"covariance_weight": [15000.0, 3000.0, 1000.0, 300.0, 100.0, 30.0]},
-        "solve_only": ["covariance_weight"],
+        "grid": {"target_lr": [0.5, 2.0], "covariance_weight": [3000.0, 1000.0, 300.0, 100.0]},
         "result": RESULTS / "edit_memit_top_tune.json",
     },
 }
