@@ -5,8 +5,9 @@ edit_scaling.json (rows {editor, n_edits, es, es_exact, gs, ls, ls_known, ls_gol
 known_kept, ppl_ratio, seconds, peak_mem_mb, scored_records, ...}, the unedited baseline, the machine) and
 edit_scaling.png. The cpu preset's meta-trained editors come first: `trustray run edit_train --config
 configs/edit_train/cpu_scale.yaml` (cut at its newest checkpoint with `steps=K`) and `cpu_mend.yaml`. Rows are kept
-as they finish and a rerun computes only the missing ones, so the grid can be run over several sessions.
-Run: .venv/bin/python benchmarks/edit_eval.py [--preset cpu] [key=value ...]
+as they finish and a rerun computes only the missing ones, so the grid can be run over several sessions;
+`--report-only` copies a report of the rows computed so far (its `missing` lists the others) and computes none.
+Run: .venv/bin/python benchmarks/edit_eval.py [--preset cpu] [--report-only] [key=value ...]
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "gpu"])
+    parser.add_argument("--report-only", action="store_true", help="Report the rows at hand; compute none.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.report_only:
+        args.overrides.append("report_only=true")
     config = ROOT / "configs" / "eval_edit" / f"{args.preset}.yaml"
     report = run_module("eval_edit", ["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides],
                         log_table=False)

@@ -409,16 +409,23 @@ def table_served_edit_tuning(report: dict[str, Any]) -> str:
 
 
 def table_edit_scaling(report: dict[str, Any]) -> str:
+    """One row per editor and N of `eval_edit`'s comparison; "–" where a row has no value (rows made before a
+    metric existed, or `known_kept` when the unedited model answers no off-template question exactly)."""
+    def cell(value: Any, spec: str) -> str:
+        return "–" if value is None else fmt(value, spec)
+
     rows = []
     for r in report["rows"]:
         rows.append([
-            r["editor"], fmt(r["n_edits"], None), fmt(r["es"], "f2"), fmt(r["gs"], "f2"), fmt(r["ls"], "f2"),
-            fmt(r["es"] * r["ls"], "f2"), ratio(r["ppl_ratio"]), fmt(r["es_generate"], "f2"),
+            r["editor"], fmt(r["n_edits"], None), fmt(r["es"], "f2"), cell(r.get("es_exact"), "f2"),
+            cell(r.get("es_generate"), "f2"), fmt(r["gs"], "f2"), cell(r.get("offtemplate_agreement"), "f2"),
+            cell(r.get("ls_gold_drawdown"), "+f3"), fmt(r["ls"], "f2"), fmt(r["es"] * r["ls"], "f2"),
+            cell(r.get("known_tokens_kept"), "f2"), ratio(r["ppl_ratio"]),
             f"{fmt(r['rag_dev_closed_book'], 'f2')} / {fmt(r['rag_dev_rag'], 'f2')}", fmt(r["seconds"], "f0"),
-            fmt(r["peak_mem_mb"], "f0"),
         ])
-    return markdown_table(["editor", "N", "ES", "GS", "LS", "ES×LS", "ppl ×", "ES gen", "RAG dev cb / rag", "s",
-                           "peak MB"], rows)
+    return markdown_table(["editor", "N", "ES", "ES exact", "ES gen", "GS", "off-template agreement",
+                           "gold drawdown", "strict LS", "ES × strict LS", "known tokens kept", "ppl ×",
+                           "RAG dev cb / rag", "s"], rows)
 
 
 def table_edit_locality(report: dict[str, Any]) -> str:

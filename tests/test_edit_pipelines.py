@@ -53,7 +53,7 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
                           f"results_dir={tmp_path / 'results'}"])
     report = eval_edit.run(config)
     rows = {(row["editor"], row["n_edits"]): row for row in report["rows"]}
-    assert set(rows) == {("ft", 1), ("ft", 4), ("ft_kl", 1)}
+    assert set(rows) == {("ft", 1), ("ft", 4), ("ft_kl", 1)} and report["missing"] == []
     for row in rows.values():
         assert {"es", "gs", "ls", "ppl_ratio", "seconds", "peak_mem_mb", "es_generate", "rag_dev_closed_book", "es_exact",
                 "offtemplate_agreement", "ls_gold_drawdown", "known_kept", "known_tokens_kept", "scored_records"} <= row.keys()
@@ -95,6 +95,15 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
         eval_edit.EvalEditConfig(editors=[{"editor": "ft"}], only=["ft"], results_dir="x")
     with pytest.raises(ValueError, match="does not have"):
         eval_edit.EvalEditConfig(editors=[{"editor": "ft"}], only=["memit"])
+    # A grid run over several sessions: report_only reports the rows at hand, lists the others and computes none.
+    pending = raised.model_copy(update={"report_only": True, "editors": [
+        *raised.editors, first.model_copy(update={"label": "ft_later"})]})
+    partial = eval_edit.run(pending)
+    assert partial["missing"] == ["ft_later-1", "ft_later-4"]
+    assert {(row["editor"], row["n_edits"]) for row in partial["rows"]} == set(grown) | {("ft_kl", 4)}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(FileNotFoundError, match="base.json"):
+        eval_edit.run(pending.model_copy(update={"output_dir": str(tmp_path / "empty")}))
     changed = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
                           [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "locality_scored=1"])
     with pytest.raises(ArtifactMismatchError, match="locality_scored"):

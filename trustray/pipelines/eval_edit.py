@@ -24,7 +24,8 @@ predictions; rows whose edits all lie at layer k or above are then scored on tha
 
 Each row is saved as it finishes; a rerun computes only missing rows, and a folder made with other settings is
 refused. The report (`edit_scaling.json` + `edit_scaling.png`) goes to `output_dir/report` and, when set,
-`results_dir`.
+`results_dir`; its `missing` lists the rows of the grid not computed yet (`report_only=true` assembles a report
+from the rows at hand without computing any, for a grid run over several sessions).
 """
 
 from __future__ import annotations
@@ -149,6 +150,10 @@ class EvalEditConfig(PipelineConfig):
         None, description="Run and report just these of `editors` (names or labels), e.g. the baselines first of a grid "
         "run over several sessions; rows are shared with the full run. A partial report is not copied: set "
         "results_dir to null.",
+    )
+    report_only: bool = Field(
+        False, description="Compute no row: report the rows already in the folder (the unedited model's must be "
+        "there) and list the grid's other rows under `missing`.",
     )
 
     @field_validator("editors")
@@ -494,7 +499,8 @@ def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     """What every row of an output folder shares (editors and N may grow between runs; resources may change)."""
     return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
-                                                                 "output_dir", "force", "results_dir", "only"})}
+                                                                 "output_dir", "force", "results_dir", "only",
+                                                                 "report_only"})}
 
 
 def scoring_expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
@@ -548,6 +554,15 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
                   if k not in EditorRun.NOT_IN_METADATA} != editor_run.expected_metadata():
                 raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
                                             "delete it (or its folder) to recompute")
+    if config.report_only:
+        if not (rows_dir / "base.json").is_file():
+            raise FileNotFoundError(f"report_only needs the unedited model's row, {rows_dir / 'base.json'}: run the "
+                                    "grid (or part of it, with `only`) first")
+        if todo:
+            logger.warning("report_only: %d of the grid's rows are not computed yet: %s", len(todo), sorted(todo))
+        missing, todo = sorted(todo), {}
+    else:
+        missing = []
     cache_path = None
     if config.scoring_prefix_layers and todo:
         cache_path = folder / "scoring-cache"
@@ -574,7 +589,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
                          "ppl_ratio": row["ppl"] / base["ppl"]})
     # `force` says how this run started, not what the rows were made with.
     report = {"machine": machine_info(), "model": config.model, "split": config.split, "fill_split": config.fill_split,
-              "base": base, "rows": rows,
+              "base": base, "rows": rows, "missing": missing,
               "config": config.model_dump(mode="json", exclude={"force"})}
     report_dir = folder / "report"
     report_dir.mkdir(exist_ok=True)
