@@ -428,6 +428,18 @@ def table_edit_scaling(report: dict[str, Any]) -> str:
                            "RAG dev cb / rag", "s"], rows)
 
 
+def table_edit_train_progress(report: dict[str, Any]) -> str:
+    """Per meta-training run and marked step: the in-step scores (mean of the window ending there) and the dev
+    scores recorded in that window."""
+    rows = []
+    for name, run in report["runs"].items():
+        for point in run["points"]:
+            dev = [fmt(point[key], "f2") if key in point else "–" for key in ("dev_es", "dev_es_exact", "dev_gs", "dev_ls")]
+            rows.append([name, fmt(point["step"], None), fmt(point["es"], "f2"), fmt(point["gs"], "f2"),
+                         fmt(point["ls"], "f2"), *dev])
+    return markdown_table(["run", "step", "ES", "GS", "LS", "dev ES", "dev ES exact", "dev GS", "dev LS"], rows)
+
+
 def table_edit_locality(report: dict[str, Any]) -> str:
     rows = []
     for r in report["rows"].values():
@@ -607,6 +619,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "served_edit_locality": table_served_edit_locality,
     "served_edit_tuning": table_served_edit_tuning,
     "edit_locality": table_edit_locality,
+    "edit_train_progress": table_edit_train_progress,
     "edit_keys": table_edit_keys,
     "influence_fidelity": table_influence_fidelity,
     "influence_lds": table_influence_lds,

@@ -65,6 +65,7 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
         assert row["ls_gold_drawdown"] == pytest.approx(row["offtemplate_gold_before"] - row["offtemplate_gold"])
     # N = 1 is the mean of single edits (two in the tiny preset), N = 4 one edit of four records.
     assert rows[("ft", 1)]["single_edit_runs"] == 2 == rows[("ft", 1)]["scored_records"]
+    assert rows[("ft", 1)]["offtemplate_runs"] == 1  # the off-template questions on the first single edit only
     assert rows[("ft", 4)]["scored_records"] == 4 and "single_edit_runs" not in rows[("ft", 4)]
     saved = json.loads((tmp_path / "results" / "edit_scaling.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["rows"]) == 3

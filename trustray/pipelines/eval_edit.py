@@ -128,6 +128,10 @@ class EvalEditConfig(PipelineConfig):
         4, ge=1, description="Of those single edits, how many also measure perplexity and RAG dev accuracy (each "
         "costs a perplexity pass and the dev questions' generations).",
     )
+    single_offtemplate_runs: int = Field(
+        16, ge=1, description="Of those single edits, how many also score the off-template questions (each run "
+        "scores all of them, the bulk of a single edit's time; one edit moves them little).",
+    )
     data: EditDataSettings = Field(default_factory=EditDataSettings, description="Where the records come from.")
     split: str = Field("test", description="Split edited and scored.")
     fill_split: str | None = Field(
@@ -388,8 +392,9 @@ class RowScorer:
             self.probe_reference = (probe_reference(engine.model, engine.tokenizer, self.probes, config.batch_size)
                                     if self.probes is not None else None)
 
-    def teacher_forced(self, index: int | None = None) -> dict[str, Any]:
-        """ES / GS / LS (with `ls_known`) on every scored record, or on record `index` alone, and off-template."""
+    def teacher_forced(self, index: int | None = None, offtemplate: bool = True) -> dict[str, Any]:
+        """ES / GS / LS (with `ls_known`) on every scored record, or on record `index` alone, and (`offtemplate`)
+        the off-template questions."""
         from trustray.core.editing.evaluation import PrefixCache, probe_scores
 
         records, reference, prefix = self.scored, self.reference, self.prefix
@@ -400,7 +405,7 @@ class RowScorer:
                 prefix = PrefixCache(prefix.layers, {**prefix.states, **{kind: prefix.states[kind][span]
                                                                          for kind, span in spans.items()}})
         row = self.maker.scores(records, reference, self.config.batch_size, prefix)
-        if self.probes is not None:
+        if self.probes is not None and offtemplate:
             row.update(probe_row(probe_scores(self.engine.model, self.engine.tokenizer, self.probes,
                                               self.probe_reference, self.config.batch_size, prefix=prefix)))
         return row
@@ -470,7 +475,8 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
 def single_edit_row(config: EvalEditConfig, maker: Any, given: list[dict], scored: list[dict],
                     general: dict[str, Any], engine: Any, cache_path: str | None) -> dict[str, Any]:
     """The N = 1 row: each scored record edited alone, measured and reverted; the mean over the runs (perplexity
-    and RAG dev accuracy over the first `single_general_runs`), the slowest run's memory."""
+    and RAG dev accuracy over the first `single_general_runs`, off-template scores over the first
+    `single_offtemplate_runs`), the slowest run's memory."""
     from trustray.core.editing.base import ProgressLog
 
     runs, peak, scorer = [], 0.0, None
@@ -482,7 +488,8 @@ def single_edit_row(config: EvalEditConfig, maker: Any, given: list[dict], score
         if scorer is None:
             scorer = RowScorer(config, engine, maker, scored, cache_path, edited_layers(edit_set.deltas))
         with maker.applied(edit_set):
-            row = {**scorer.teacher_forced(index), "seconds": seconds}
+            row = {**scorer.teacher_forced(index, offtemplate=index < config.single_offtemplate_runs),
+                   "seconds": seconds}
             if index < config.generation_sample:
                 row.update(scorer.generation(scored[index : index + 1]))
             if index < config.single_general_runs:
@@ -492,6 +499,7 @@ def single_edit_row(config: EvalEditConfig, maker: Any, given: list[dict], score
     row = mean_rows(runs)
     return {**row, "seconds": round(row["seconds"], 2), "peak_mem_mb": round(peak, 1), "scored_records": len(runs),
             "single_edit_runs": len(runs), "general_runs": min(len(runs), config.single_general_runs),
+            "offtemplate_runs": min(len(runs), config.single_offtemplate_runs) if config.offtemplate else 0,
             "prefix_cached": scorer is not None and scorer.prefix is not None}
 
 
