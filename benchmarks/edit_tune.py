@@ -5,7 +5,8 @@
   and value gradient, and one ridge solve per layer combines them: a closed-form, gradient-driven editor with two
   settings (η = `lr_init`, log λ = `log_lambda_init`). Raw gradients are small, so η's scale is far above the η₀ a
   trained network starts from (1e-3 on standardised inputs). It is the baseline that shows what meta-training buys.
-  Writes benchmarks/results/edit_identity_tune.json.
+  Writes benchmarks/results/edit_identity_tune.json. `--editor malmen_identity_subject`: the same keyed at the
+  subject's last token on layers 3-7 (edit_identity_subject_tune.json).
 - `--editor memit`: MEMIT on layers 3-7 (`benchmarks/edit_causal_trace.py`) with the covariance of 512 Wikipedia
   intros' keys (as `configs/eval_edit/cpu.yaml` gives it); the grid is over its covariance weight λ (15,000 is
   MEMIT's GPT-J weight, the published setting) and its target optimisation. Writes
@@ -70,6 +71,15 @@ EDITORS = {
                      "batch_size": 16, "rank": 1024, "prefix_layers": 24},
         "grid": {"lr_init": [1e-3, 0.03, 0.1, 0.3, 1.0, 3.0], "log_lambda_init": [0.0, 4.0]},
         "result": RESULTS / "edit_identity_tune.json",
+    },
+    # The same at the subject's last token on MEMIT's layers 3-7 (configs/edit_train/cpu_subject.yaml's keys):
+    # what one value gradient there writes before any meta-training.
+    "malmen_identity_subject": {
+        "editor": "malmen", "untrained": True, "general_texts": 0, "prefix_layers": 3, "edits": 128,
+        "settings": {"modules": {"layers": [3, 4, 5, 6, 7], "module": "mlp.down_proj"}, "key_position": "subject",
+                     "max_length": 96, "batch_size": 16, "rank": 1024, "prefix_layers": 3},
+        "grid": {"lr_init": [1.0, 3.0, 10.0, 30.0, 100.0], "log_lambda_init": [0.0]},
+        "result": RESULTS / "edit_identity_subject_tune.json",
     },
     "memit": MEMIT,
     # The same closed form on the top 5 of MALMEN's 6 layers (the 6th would hold the targets, and MEMIT needs a
