@@ -428,6 +428,16 @@ def table_edit_scaling(report: dict[str, Any]) -> str:
                            "RAG dev cb / rag", "s"], rows)
 
 
+def table_edit_missing(report: dict[str, Any]) -> str:
+    """Per editor, the N of the grid whose rows `eval_edit` has not computed yet (its report's `missing`)."""
+    missing: dict[str, list[int]] = {}
+    for key in report["missing"]:
+        editor, n_edits = key.rsplit("-", 1)
+        missing.setdefault(editor, []).append(int(n_edits))
+    return markdown_table(["editor", "N not computed yet"],
+                          [[editor, ", ".join(fmt(n, None) for n in sorted(ns))] for editor, ns in missing.items()])
+
+
 def table_edit_train_progress(report: dict[str, Any]) -> str:
     """Per meta-training run and marked step: the in-step scores (mean of the window ending there) and the dev
     scores recorded in that window."""
@@ -620,6 +630,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "served_edit_tuning": table_served_edit_tuning,
     "edit_locality": table_edit_locality,
     "edit_train_progress": table_edit_train_progress,
+    "edit_missing": table_edit_missing,
     "edit_keys": table_edit_keys,
     "influence_fidelity": table_influence_fidelity,
     "influence_lds": table_influence_lds,
