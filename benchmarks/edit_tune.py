@@ -12,6 +12,7 @@
   MEMIT's GPT-J weight, the published setting) and its target optimisation. Writes
   benchmarks/results/edit_memit_tune.json. `--editor memit_top`: the same on layers 24-28, the top 5 of MALMEN's 6
   (edit_memit_top_tune.json).
+- `--editor ft` / `ft_kl`: fine-tuning's epochs and learning rate (edit_ft_tune.json, edit_ft_kl_tune.json).
 
 Every point edits `--edits` dev records at once and is scored as `trustray eval edit` scores (teacher-forced ES ×
 strict LS, the issue's product, chooses; off-template agreement and the paper-LS drawdown are reported too).
@@ -82,6 +83,20 @@ EDITORS = {
         "result": RESULTS / "edit_identity_subject_tune.json",
     },
     "memit": MEMIT,
+    # Fine-tuning the top 6 layers' MLP output projections (configs/eval_edit/cpu.yaml's `ft`): epochs and step
+    # size (ROME's FT-L: 25 epochs at 5e-4). `ft_kl` adds its locality KL and the replay of 64 intros.
+    "ft": {
+        "editor": "ft", "untrained": False, "general_texts": 0, "prefix_layers": 24, "edits": 128,
+        "settings": {"modules": {"layers": [-6, -5, -4, -3, -2, -1]}, "max_length": 96, "prefix_layers": 24},
+        "grid": {"steps": [5, 25], "lr": [5e-4, 2e-3]},
+        "result": RESULTS / "edit_ft_tune.json",
+    },
+    "ft_kl": {
+        "editor": "ft_kl", "untrained": False, "general_texts": 64, "prefix_layers": 24, "edits": 128,
+        "settings": {"modules": {"layers": [-6, -5, -4, -3, -2, -1]}, "max_length": 96, "prefix_layers": 24},
+        "grid": {"steps": [5, 25], "lr": [5e-4, 2e-3]},
+        "result": RESULTS / "edit_ft_kl_tune.json",
+    },
     # The same closed form on the top 5 of MALMEN's 6 layers (the 6th would hold the targets, and MEMIT needs a
     # layer above the edited ones). At the default target step 0.1 no target there reached its answer.
     "memit_top": {
