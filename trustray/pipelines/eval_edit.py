@@ -622,8 +622,10 @@ def write_plot(path: Path, rows: list[dict[str, Any]], machine: dict[str, Any]) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(16, 3.8))
+    sizes = sorted({row["n_edits"] for row in rows})
     for editor in sorted({row["editor"] for row in rows}):
         for axis, (key, title) in zip(axes, PLOT_PANELS, strict=True):
             mine = [row for row in rows if row["editor"] == editor and row.get(key) is not None]
@@ -632,8 +634,20 @@ def write_plot(path: Path, rows: list[dict[str, Any]], machine: dict[str, Any]) 
             axis.set_xscale("log")
             axis.set_xlabel("edits at once")
             axis.grid(alpha=0.3)
+    # The edit counts themselves as ticks: a log axis over 16-256 would label its minor ticks on top of each other.
+    for axis in axes:
+        axis.set_xticks(sizes)
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.tick_params(axis="x", labelrotation=45 if len(sizes) > 4 else 0)
     # A broken model's ratio is orders of magnitude above 1 (MEND at 4,096 edits): only a log axis shows the rest.
-    axes[-1].set_yscale("log")
+    # Within one decade its minor ticks are the only ones, so they are labelled too.
+    ratio_axis = axes[-1]
+    ratio_axis.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ratio_axis.yaxis.set_major_formatter(plain)
+    low, high = ratio_axis.get_ylim()
+    ratio_axis.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
     axes[0].legend(fontsize=8)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     save_figure(figure, path, machine)
