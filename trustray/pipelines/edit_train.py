@@ -153,7 +153,7 @@ class EditorTraining:
             count = self.editor.fit_preservation([r["prompt"] for r in preserved], [r["target_true"] for r in preserved],
                                                  [r.get("subject") for r in preserved])
             logger.info("preserved keys: %d %s positions of %d held-out training records", count,
-                        getattr(self.editor.settings, "key_position", "answer"), len(preserved))
+                        self.editor.settings.key_position, len(preserved))
         if data["preserved_texts"]:
             count = self.editor.fit_text_preservation(data["preserved_texts"])
             logger.info("preserved text keys: %d positions of %d Wikipedia intros", count, len(data["preserved_texts"]))

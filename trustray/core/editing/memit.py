@@ -168,7 +168,7 @@ class PromptPositions:
 
 
 class _KeysCollected(Exception):
-    """Ends a statistics pass once the top edited module has seen its inputs."""
+    """Ends a statistics pass once the top edited layer has run."""
 
 
 def _stop_forward(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -221,11 +221,10 @@ class MemitEditor(Editor):
                     for name, m in self.modules.items()}
             count = 0
             progress = ProgressLog("memit preserved keys", len(rows), "sequences")
-            top_module = self.modules[max(self.module_names, key=lambda name: int(name.split(".")[2]))]
             with KeyMoments(self.modules, sums) as tracer, torch.no_grad():
-                # The layers above the top edited module add nothing to C: each pass stops once that module has
-                # run (this hook is registered after the tracer's, so it runs after the keys are counted).
-                stop = top_module.register_forward_hook(_stop_forward)
+                # The layers above the top edited one add nothing to C: each pass stops once that layer has run
+                # (its modules' keys are counted by then).
+                stop = decoder_layers(self.model)[self.top_layer].register_forward_hook(_stop_forward)
                 try:
                     for start in range(0, len(rows), self.settings.batch_size):
                         chunk = rows[start : start + self.settings.batch_size]
