@@ -67,6 +67,7 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert rows[("ft", 1)]["single_edit_runs"] == 2 == rows[("ft", 1)]["scored_records"]
     assert rows[("ft", 1)]["offtemplate_runs"] == 1  # the off-template questions on the first single edit only
     assert rows[("ft", 4)]["scored_records"] == 4 and "single_edit_runs" not in rows[("ft", 4)]
+    assert rows[("ft", 4)]["reused_seconds"] == 0  # ft keeps no work between rows (memit keeps its targets)
     saved = json.loads((tmp_path / "results" / "edit_scaling.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["rows"]) == 3
     assert (tmp_path / "results" / "edit_scaling.png").read_bytes()[:4] == b"\x89PNG"

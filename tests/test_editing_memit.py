@@ -151,3 +151,36 @@ def test_the_statistics_pass_stops_above_the_edited_layers_and_matches_a_full_pa
             count += int(tracer.mask.sum())
     for name, total in sums.items():
         torch.testing.assert_close(moments[name], total / count)
+
+
+def test_targets_resume_from_a_work_cache_and_match_a_fresh_search(loaded, tmp_path):
+    """A search stopped after some records resumes with only the others, and its targets are those of a search
+    run in one go and in one batch (each record's δ is its own); a change of the search's settings is another
+    key (the batch size is not one)."""
+    from trustray.artifacts import TensorFiles
+
+    model, tokenizer = loaded
+    settings = {**SETTINGS, "target_steps": 5, "batch_size": 1}
+    records = RECORDS + [{"prompt": "Who guards the hill?", "subject": "the hill", "target_new": "an old dog"}]
+    one_batch = build_editor("memit", model, tokenizer, "tiny", settings={**settings, "batch_size": 16})
+    prompts = [PromptPositions(tokenizer, r["prompt"]) for r in records]
+    positions = one_batch.key_positions(prompts, [r["subject"] for r in records])
+    fresh = one_batch.targets(records, positions)
+    assert one_batch.reused_seconds == 0.0
+    editor = build_editor("memit", model, tokenizer, "tiny", settings=settings)
+
+    cache = TensorFiles(tmp_path / "work")
+    editor.work_cache = cache
+    editor.targets(records[:2], positions[:2])  # the search that stopped after two records
+    assert len(cache) == 2
+    resumed = editor.targets(records, positions)
+    assert len(cache) == 3
+    stored = [cache[editor.target_key(r, p)]["seconds"] for r, p in zip(records[:2], positions[:2], strict=True)]
+    assert editor.reused_seconds == pytest.approx(sum(stored)) and editor.reused_seconds > 0
+    torch.testing.assert_close(resumed, fresh)
+
+    assert one_batch.target_key(records[0], positions[0]) == editor.target_key(records[0], positions[0])
+    other = build_editor("memit", model, tokenizer, "tiny", settings={**settings, "target_lr": 0.2})
+    assert other.target_key(records[0], positions[0]) != editor.target_key(records[0], positions[0])
+    with pytest.raises(KeyError, match="file-name safe"):
+        cache["../outside"] = {}

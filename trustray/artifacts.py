@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,47 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class TensorFiles(MutableMapping[str, Any]):
+    """A folder of values saved with `torch.save`, one file per key, each written atomically: a cache of per-record
+    work that survives a crash. Keys are file-name safe (letters, digits, `-`, `_`)."""
+
+    KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)  # made by the first write
+
+    def _path(self, key: str) -> Path:
+        if not self.KEY.fullmatch(key):
+            raise KeyError(f"not a file-name safe key: {key!r}")
+        return self.folder / f"{key}.pt"
+
+    def __getitem__(self, key: str) -> Any:
+        import torch
+
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyError(key)
+        return torch.load(path, weights_only=True)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        import torch
+
+        path = self._path(key)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+
+    def __delitem__(self, key: str) -> None:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyError(key)
+        path.unlink()
+
+    def __iter__(self) -> Iterator[str]:
+        return (path.stem for path in sorted(self.folder.glob("*.pt")))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("*.pt"))

@@ -442,10 +442,13 @@ def base_row(config: EvalEditConfig, engine: Any, general: dict[str, Any]) -> di
 
 
 def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
-             fingerprint: str, cache_path: str | None, n_edits: int = 0) -> dict[str, Any]:
+             fingerprint: str, cache_path: str | None, n_edits: int = 0, work_path: str | None = None) -> dict[str, Any]:
     """One point of the curve (`run=None`: the unedited model's baseline). At N = 1 (`n_edits`) each of `records`
-    is edited on its own and the runs are averaged; otherwise all of `records` are edited at once."""
+    is edited on its own and the runs are averaged; otherwise all of `records` are edited at once. `work_path`:
+    the folder where the editor keeps per-record work on the unedited weights (MEMIT's targets), so a row that
+    stops resumes its search."""
     from trustray.actors.editor import EditSetMaker
+    from trustray.artifacts import TensorFiles
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
     engine = task_engine(config)
@@ -455,6 +458,8 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     scored = scored_records(config, records)
     maker = EditSetMaker(engine.model, engine.tokenizer, fingerprint, run.editor, run.editor_dir, run.editor_settings,
                          general_text=replay, untrained=run.untrained)
+    if work_path:
+        maker.editor.work_cache = TensorFiles(work_path)
     given = editor_records(config, records)
     if n_edits == 1:
         row = single_edit_row(config, maker, given, scored, general, engine, cache_path)
@@ -467,7 +472,8 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
             if config.generation_sample:
                 row.update(scorer.generation(scored[: config.generation_sample]))
             row.update(scorer.general(general))
-        row.update({"seconds": round(seconds, 2), "peak_mem_mb": round(memory.peak_mb, 1),
+        row.update({"seconds": round(seconds, 2), "reused_seconds": round(maker.editor.reused_seconds, 2),
+                    "peak_mem_mb": round(memory.peak_mb, 1),
                     "scored_records": len(scored), "prefix_cached": scorer.prefix is not None})
     return {**row, "run": run.model_dump(mode="json")}
 
@@ -585,7 +591,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     for key, (editor_run, n) in todo.items():
         chosen = records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
         jobs[key] = task.remote(config, editor_run, chosen, general, fingerprint,
-                                str(cache_path) if cache_path else None, n)
+                                str(cache_path) if cache_path else None, n, str(folder / "work-cache"))
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []

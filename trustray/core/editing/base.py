@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -130,6 +130,10 @@ class Editor(ABC):
         self.model = model
         self.tokenizer = tokenizer
         self.module_names = self.settings.modules.names(model.config.num_hidden_layers)
+        # Per-record work an editor may keep between calls (MEMIT's targets): a mapping the caller owns, valid only
+        # for the weights that work was done on. None: nothing is kept.
+        self.work_cache: MutableMapping[str, Any] | None = None
+        self.reused_seconds = 0.0  # seconds of the last compute_deltas' work taken from `work_cache`, not redone
 
     @abstractmethod
     def compute_deltas(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:

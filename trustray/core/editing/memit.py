@@ -36,8 +36,11 @@ position alone). The solve is the same; only where its result is applied changes
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -306,15 +309,46 @@ class MemitEditor(Editor):
         return (keys[index].float() if keys is not None else None), captured["hidden"][index].float()
 
     def targets(self, records: Sequence[EditRecord], positions: Sequence[int]) -> Tensor:
-        """z [n, hidden] per record: the top layer's hidden state at its key position plus the optimised δ."""
-        targets = []
-        progress = ProgressLog("memit targets", len(records))
+        """z [n, hidden] per record: the top layer's hidden state at its key position plus the optimised δ. With a
+        `work_cache`, a record found there is not optimised again and each optimised batch is stored as it ends, so
+        a search of hours that stops resumes where it stopped (each record's δ is its own: batching does not
+        change it)."""
+        cache = self.work_cache
+        keys = [self.target_key(record, position) for record, position in zip(records, positions, strict=True)]
+        found: dict[int, Tensor] = {}
+        self.reused_seconds = 0.0
+        if cache is not None:
+            for index, key in enumerate(keys):
+                entry = cache.get(key)
+                if entry is not None:
+                    found[index] = entry["target"].to(self.device)
+                    self.reused_seconds += float(entry["seconds"])
+            if found:
+                LOG.info("memit: %d of %d targets taken from the work cache (%.0f s of earlier search)", len(found),
+                         len(records), self.reused_seconds)
+        todo = [index for index in range(len(records)) if index not in found]
+        progress = ProgressLog("memit targets", len(todo))
         size = self.settings.batch_size
-        for start in range(0, len(records), size):
-            chunk, chunk_positions = records[start : start + size], positions[start : start + size]
-            targets.append(self._optimise_targets(chunk, chunk_positions))
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            began = time.perf_counter()
+            targets = self._optimise_targets([records[i] for i in chunk], [positions[i] for i in chunk])
+            share = (time.perf_counter() - began) / len(chunk)
+            for index, target in zip(chunk, targets, strict=True):
+                found[index] = target
+                if cache is not None:
+                    cache[keys[index]] = {"target": target.cpu().clone(), "seconds": share}  # a row, not its batch
             progress.update(len(chunk))
-        return torch.cat(targets)
+        return torch.stack([found[index] for index in range(len(records))])
+
+    def target_key(self, record: EditRecord, position: int) -> str:
+        """What a record's target depends on besides the weights: its conversation, key position, top layer and
+        the search's settings (a hex digest, usable as a file name)."""
+        search = self.settings.model_dump(include={"max_length", "target_steps", "target_lr", "target_stop_nll",
+                                                   "target_weight_decay", "target_clamp", "learn_end_of_turn"})
+        described = {"prompt": record["prompt"], "target_new": record["target_new"], "position": position,
+                     "top_layer": self.top_layer, **search}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
     def _optimise_targets(self, records: Sequence[EditRecord], positions: Sequence[int]) -> Tensor:
         """z for a batch of records. The layers up to L do not depend on δ: their output is computed once and fed
