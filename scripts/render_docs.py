@@ -438,6 +438,45 @@ def table_edit_missing(report: dict[str, Any]) -> str:
                           [[editor, ", ".join(fmt(n, None) for n in sorted(ns))] for editor, ns in missing.items()])
 
 
+# Issue 21's targets at N = 1,024: (label, row field, comparison, threshold). "known tokens kept" stands in for
+# "known facts kept": the unedited model answers no off-template question exactly (docs/editing.md).
+EDIT_TARGETS = (("ES (teacher-forced)", "es", ">=", 0.85), ("GS", "gs", ">=", 0.6),
+                ("off-template agreement", "offtemplate_agreement", ">=", 0.85),
+                ("gold drawdown", "ls_gold_drawdown", "<=", 0.02), ("strict LS (round one's ft_kl)", "ls", ">", 0.62),
+                ("perplexity ratio", "ppl_ratio", "<=", 1.10), ("known tokens kept", "known_tokens_kept", ">=", 0.7))
+EDIT_TARGET_RIVALS = ("ft_kl", "memit")  # ES × strict LS must beat both at N = 128 and N = 1,024
+
+
+def _target_cell(value: float | None, comparison: str, threshold: float | None) -> str:
+    """`value (met)` or `value (short by d)`; "–" without a value or a threshold."""
+    if value is None or threshold is None:
+        return "–" if value is None else f"{fmt(value, 'f2')} (no rival row yet)"
+    met = {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold}[comparison]
+    return f"{fmt(value, 'f2')} (met)" if met else f"{fmt(value, 'f2')} (short by {fmt(abs(value - threshold), 'f3')})"
+
+
+def table_edit_targets(report: dict[str, Any], n_edits: str) -> str:
+    """Issue 21's targets, one column per editor with a row at `n_edits`: each value, met or short by how much
+    (ES × strict LS against the best rival of ft_kl and memit at N = 128 and at `n_edits`)."""
+    n_edits = int(n_edits)
+    rows = {(r["editor"], r["n_edits"]): r for r in report["rows"]}
+    editors = [editor for editor, n in rows if n == n_edits]
+    symbols = {">=": "≥", "<=": "≤", ">": ">"}
+    lines = [[f"{label} {symbols[comparison]} {fmt(threshold, 'f2')}",
+              *(_target_cell(rows[(editor, n_edits)].get(field), comparison, threshold) for editor in editors)]
+             for label, field, comparison, threshold in EDIT_TARGETS]
+    for n in sorted({128, n_edits}):
+        cells = []
+        for editor in editors:
+            rivals = [rows[(rival, n)]["es"] * rows[(rival, n)]["ls"] for rival in EDIT_TARGET_RIVALS
+                      if rival != editor and (rival, n) in rows]
+            complete = len(rivals) == sum(rival != editor for rival in EDIT_TARGET_RIVALS)
+            mine = rows.get((editor, n))
+            cells.append(_target_cell(mine["es"] * mine["ls"] if mine else None, ">", max(rivals) if complete else None))
+        lines.append([f"ES × strict LS > ft_kl's and memit's at N = {fmt(n, None)}", *cells])
+    return markdown_table(["target", *editors], lines)
+
+
 def table_edit_train_progress(report: dict[str, Any]) -> str:
     """Per meta-training run and marked step: the in-step scores (mean of the window ending there) and the dev
     scores recorded in that window."""
@@ -631,6 +670,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "edit_locality": table_edit_locality,
     "edit_train_progress": table_edit_train_progress,
     "edit_missing": table_edit_missing,
+    "edit_targets": table_edit_targets,
     "edit_keys": table_edit_keys,
     "influence_fidelity": table_influence_fidelity,
     "influence_lds": table_influence_lds,

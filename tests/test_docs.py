@@ -129,3 +129,20 @@ def test_ruff_targets_the_oldest_allowed_python():
     allowed = SpecifierSet(pyproject["project"]["requires-python"])
     oldest = min(minor for minor in range(8, 20) if f"3.{minor}.0" in allowed)
     assert pyproject["tool"]["ruff"]["target-version"] == f"py3{oldest}"
+
+
+def test_the_edit_targets_table_says_met_or_short_by_how_much():
+    def row(editor, n, es, ls, **more):
+        return {"editor": editor, "n_edits": n, "es": es, "ls": ls, "gs": 0.7, "offtemplate_agreement": 0.8,
+                "ls_gold_drawdown": 0.01, "ppl_ratio": 1.2, "known_tokens_kept": None, **more}
+
+    report = {"rows": [row("malmen", 1024, 0.9, 0.7), row("ft_kl", 1024, 0.5, 0.6), row("malmen", 128, 0.9, 0.9),
+                       row("ft_kl", 128, 0.6, 0.6), row("memit", 128, 0.8, 0.8)]}
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in
+             render_docs.table_edit_targets(report, "1024").splitlines()[2:]}
+    assert lines["ES (teacher-forced) ≥ 0.85"] == "| ES (teacher-forced) ≥ 0.85 | 0.90 (met) | 0.50 (short by 0.350) |"
+    assert "1.20 (short by 0.100)" in lines["perplexity ratio ≤ 1.10"] and "–" in lines["known tokens kept ≥ 0.70"]
+    # N = 128: malmen's 0.81 against memit's 0.64; ft_kl's 0.36 against memit's alone.
+    assert lines["ES × strict LS > ft_kl's and memit's at N = 128"].endswith("| 0.81 (met) | 0.36 (short by 0.280) |")
+    # N = 1,024 has no memit row: no verdict yet.
+    assert lines["ES × strict LS > ft_kl's and memit's at N = 1,024"].count("no rival row yet") == 2
