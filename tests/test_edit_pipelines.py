@@ -106,6 +106,18 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     with pytest.raises(FileNotFoundError, match="base.json"):
         eval_edit.run(pending.model_copy(update={"output_dir": str(tmp_path / "empty")}))
+    # A meta-trained editor exported again into its folder (trained on) makes its rows stale: an error, not reuse.
+    trained_dir = tmp_path / "trained"
+    trained_dir.mkdir()
+    (trained_dir / "metadata.json").write_text(json.dumps({"settings": {"steps": 30}, "created_at": "later"}))
+    trained_run = eval_edit.EditorRun(editor="malmen", editor_dir=str(trained_dir))
+    assert trained_run.trained_editor() == {"steps": 30, "created_at": "later"}
+    (tmp_path / "eval" / "rows" / "malmen-4.json").write_text(json.dumps(
+        {"run": trained_run.model_dump(mode="json"), "trained_editor": {"steps": 20, "created_at": "earlier"}}))
+    with pytest.raises(ArtifactMismatchError, match="as trained then"):
+        eval_edit.run(raised.model_copy(update={"editors": [trained_run]}))
+    with pytest.raises(FileNotFoundError, match="steps=K"):
+        eval_edit.EditorRun(editor="malmen", editor_dir=str(tmp_path / "untrained")).trained_editor()
     changed = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
                           [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "locality_scored=1"])
     with pytest.raises(ArtifactMismatchError, match="locality_scored"):

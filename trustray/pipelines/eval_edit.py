@@ -44,6 +44,7 @@ from trustray.artifacts import (
     atomic_folder,
     atomic_write_text,
     check_metadata,
+    read_metadata,
     write_metadata,
 )
 from trustray.config import ActorResources, BaseConfig, PipelineConfig
@@ -82,6 +83,17 @@ class EditorRun(BaseConfig):
     def expected_metadata(self) -> dict[str, Any]:
         """What a stored row must have been made with."""
         return self.model_dump(mode="json", exclude=set(self.NOT_IN_METADATA))
+
+    def trained_editor(self) -> dict[str, Any] | None:
+        """Which training of `editor_dir` a row was made with (its steps and when it was written): a run that is
+        trained on and exported again into the same folder makes the old rows stale. None without a folder."""
+        if not self.editor_dir:
+            return None
+        metadata = read_metadata(self.editor_dir)
+        if metadata is None:
+            raise FileNotFoundError(f"{self.editor_dir} holds no trained {self.editor} editor (no metadata.json): "
+                                    "meta-train it first (trustray run edit_train; `steps=K` exports a checkpoint)")
+        return {"steps": metadata.get("settings", {}).get("steps"), "created_at": metadata.get("created_at")}
 
 
 class GeneralAbility(BaseConfig):
@@ -564,10 +576,17 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             path = rows_dir / f"{key}.json"
             if not path.is_file():
                 todo[key] = (editor_run, n)
-            elif {k: v for k, v in json.loads(path.read_text()).get("run", {}).items()
-                  if k not in EditorRun.NOT_IN_METADATA} != editor_run.expected_metadata():
-                raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
-                                            "delete it (or its folder) to recompute")
+            else:
+                row = json.loads(path.read_text())
+                if {k: v for k, v in row.get("run", {}).items()
+                        if k not in EditorRun.NOT_IN_METADATA} != editor_run.expected_metadata():
+                    raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
+                                                "delete it (or its folder) to recompute")
+                if row.get("trained_editor") != editor_run.trained_editor():
+                    raise ArtifactMismatchError(
+                        f"{path} was made with the editor in {editor_run.editor_dir} as trained then "
+                        f"({row.get('trained_editor')}), not as it is now ({editor_run.trained_editor()}); delete "
+                        "the rows of that editor to recompute them")
     if config.report_only:
         if not (rows_dir / "base.json").is_file():
             raise FileNotFoundError(f"report_only needs the unedited model's row, {rows_dir / 'base.json'}: run the "
@@ -588,11 +607,14 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     jobs: dict[str, Any] = {}
     if not (rows_dir / "base.json").is_file():
         jobs["base"] = task.remote(config, None, [], general, fingerprint, None)
+    # Taken when the row starts: an editor folder exported again while a row runs must not pass for its source.
+    trained = {key: editor_run.trained_editor() for key, (editor_run, _) in todo.items()}
     for key, (editor_run, n) in todo.items():
         chosen = records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
         jobs[key] = task.remote(config, editor_run, chosen, general, fingerprint,
                                 str(cache_path) if cache_path else None, n, str(folder / "work-cache"))
-    gather(jobs, "edit scaling", lambda key, row: atomic_write_text(rows_dir / f"{key}.json", json.dumps(row)))
+    gather(jobs, "edit scaling", lambda key, row: atomic_write_text(
+        rows_dir / f"{key}.json", json.dumps({**row, "trained_editor": trained.get(key)})))
     base = json.loads((rows_dir / "base.json").read_text())
     rows = []
     for editor_run in editors:
