@@ -447,12 +447,12 @@ EDIT_TARGETS = (("ES (teacher-forced)", "es", ">=", 0.85), ("GS", "gs", ">=", 0.
 EDIT_TARGET_RIVALS = ("ft_kl", "memit")  # ES × strict LS must beat both at N = 128 and N = 1,024
 
 
-def _target_cell(value: float | None, comparison: str, threshold: float | None) -> str:
+def _target_cell(value: float | None, comparison: str, threshold: float | None, spec: str = "f2") -> str:
     """`value (met)` or `value (short by d)`; "–" without a value or a threshold."""
     if value is None or threshold is None:
-        return "–" if value is None else f"{fmt(value, 'f2')} (no rival row yet)"
+        return "–" if value is None else f"{fmt(value, spec)} (no rival row yet)"
     met = {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold}[comparison]
-    return f"{fmt(value, 'f2')} (met)" if met else f"{fmt(value, 'f2')} (short by {fmt(abs(value - threshold), 'f3')})"
+    return f"{fmt(value, spec)} (met)" if met else f"{fmt(value, spec)} (short by {fmt(abs(value - threshold), 'f3')})"
 
 
 def table_edit_targets(report: dict[str, Any], n_edits: str) -> str:
@@ -463,7 +463,8 @@ def table_edit_targets(report: dict[str, Any], n_edits: str) -> str:
     editors = [editor for editor, n in rows if n == n_edits]
     symbols = {">=": "≥", "<=": "≤", ">": ">"}
     lines = [[f"{label} {symbols[comparison]} {fmt(threshold, 'f2')}",
-              *(_target_cell(rows[(editor, n_edits)].get(field), comparison, threshold) for editor in editors)]
+              *(_target_cell(rows[(editor, n_edits)].get(field), comparison, threshold,
+                             "f3" if field == "ls_gold_drawdown" else "f2") for editor in editors)]
              for label, field, comparison, threshold in EDIT_TARGETS]
     for n in sorted({128, n_edits}):
         cells = []
