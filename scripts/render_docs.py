@@ -452,7 +452,10 @@ def _target_cell(value: float | None, comparison: str, threshold: float | None, 
     if value is None or threshold is None:
         return "–" if value is None else f"{fmt(value, spec)} (no rival row yet)"
     met = {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold}[comparison]
-    return f"{fmt(value, spec)} (met)" if met else f"{fmt(value, spec)} (short by {fmt(abs(value - threshold), 'f3')})"
+    if met:
+        return f"{fmt(value, spec)} (met)"
+    margin = abs(value - threshold)
+    return f"{fmt(value, spec)} (short by {fmt(margin, 'f3') if margin >= 5e-4 else 'less than 0.001'})"
 
 
 def table_edit_targets(report: dict[str, Any], n_edits: str) -> str:
