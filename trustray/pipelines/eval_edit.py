@@ -41,6 +41,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trustray.artifacts import (
     ArtifactMismatchError,
+    TensorFiles,
     atomic_folder,
     atomic_write_text,
     check_metadata,
@@ -460,7 +461,6 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     the folder where the editor keeps per-record work on the unedited weights (MEMIT's targets), so a row that
     stops resumes its search."""
     from trustray.actors.editor import EditSetMaker
-    from trustray.artifacts import TensorFiles
 
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
     engine = task_engine(config)
@@ -568,12 +568,17 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     options = {**config.resources.ray_options(), "max_calls": 1}
     editors = [run for run in config.editors if config.only is None or run.name in config.only]
     todo: dict[str, tuple[EditorRun, int]] = {}
+    # Which training of a meta-trained editor the rows are made with, read once before any row starts: a folder
+    # exported again while a row runs must not pass for its source.
+    trained: dict[str, dict[str, Any] | None] = {}
     for editor_run in editors:
+        stamp = editor_run.trained_editor()
         for n in sorted({min(n, len(records)) for n in config.n_edits}):
             if editor_run.max_edits and n > editor_run.max_edits:
                 continue
             key = f"{editor_run.name}-{n}"
             path = rows_dir / f"{key}.json"
+            trained[key] = stamp
             if not path.is_file():
                 todo[key] = (editor_run, n)
             else:
@@ -582,11 +587,11 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
                         if k not in EditorRun.NOT_IN_METADATA} != editor_run.expected_metadata():
                     raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
                                                 "delete it (or its folder) to recompute")
-                if row.get("trained_editor") != editor_run.trained_editor():
+                if row.get("trained_editor") != stamp:
                     raise ArtifactMismatchError(
                         f"{path} was made with the editor in {editor_run.editor_dir} as trained then "
-                        f"({row.get('trained_editor')}), not as it is now ({editor_run.trained_editor()}); delete "
-                        "the rows of that editor to recompute them")
+                        f"({row.get('trained_editor')}), not as it is now ({stamp}); delete the rows of that editor "
+                        "to recompute them")
     if config.report_only:
         if not (rows_dir / "base.json").is_file():
             raise FileNotFoundError(f"report_only needs the unedited model's row, {rows_dir / 'base.json'}: run the "
@@ -607,8 +612,6 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     jobs: dict[str, Any] = {}
     if not (rows_dir / "base.json").is_file():
         jobs["base"] = task.remote(config, None, [], general, fingerprint, None)
-    # Taken when the row starts: an editor folder exported again while a row runs must not pass for its source.
-    trained = {key: editor_run.trained_editor() for key, (editor_run, _) in todo.items()}
     for key, (editor_run, n) in todo.items():
         chosen = records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
         jobs[key] = task.remote(config, editor_run, chosen, general, fingerprint,
