@@ -7,12 +7,15 @@ edit_scaling.png. The cpu preset's meta-trained editors come first: `trustray ru
 configs/edit_train/cpu_scale.yaml` (cut at its newest checkpoint with `steps=K`) and `cpu_mend.yaml`. Rows are kept
 as they finish and a rerun computes only the missing ones, so the grid can be run over several sessions;
 `--report-only` copies a report of the rows computed so far (its `missing` lists the others) and computes none.
+The rows of the published report of the same preset are taken in first (`rows_from`): a fresh machine, whose
+outputs/ is empty, adds rows to the published grid instead of replacing it.
 Run: .venv/bin/python benchmarks/edit_eval.py [--preset cpu] [--report-only] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from trustray.pipelines import eval_edit, run_module
@@ -29,6 +32,9 @@ def main() -> None:
     if args.report_only:
         args.overrides.append("report_only=true")
     config = ROOT / "configs" / "eval_edit" / f"{args.preset}.yaml"
+    published = ROOT / "benchmarks" / "results" / "edit_scaling.json"
+    if published.is_file() and json.loads(published.read_text())["config"]["name"] == args.preset:
+        args.overrides.append(f"rows_from={published}")
     report = run_module("eval_edit", ["--config", str(config), f"results_dir={ROOT / 'benchmarks' / 'results'}", *args.overrides],
                         log_table=False)
     print(eval_edit.format_table(report))

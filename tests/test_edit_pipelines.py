@@ -106,6 +106,15 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     with pytest.raises(FileNotFoundError, match="base.json"):
         eval_edit.run(pending.model_copy(update={"output_dir": str(tmp_path / "empty")}))
+    # A fresh machine (empty outputs/): the published report's rows are taken in, reported, and not recomputed.
+    published = str(tmp_path / "results" / "edit_scaling.json")
+    fresh = eval_edit.run(pending.model_copy(update={"output_dir": str(tmp_path / "fresh"), "rows_from": published}))
+    assert json.loads(Path(published).read_text())["rows"] == partial["rows"]  # the last report copied there
+    assert fresh["rows"] == partial["rows"] and fresh["base"] == report["base"]
+    assert fresh["missing"] == ["ft_later-1", "ft_later-4"]
+    with pytest.raises(ArtifactMismatchError, match="other settings of the comparison"):
+        eval_edit.run(pending.model_copy(update={"output_dir": str(tmp_path / "other"), "rows_from": published,
+                                                 "locality_scored": 1}))
     # A meta-trained editor exported again into its folder (trained on) makes its rows stale: an error, not reuse.
     trained_dir = tmp_path / "trained"
     trained_dir.mkdir()
@@ -113,8 +122,15 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     trained_run = eval_edit.EditorRun(editor="malmen", editor_dir=str(trained_dir))
     assert trained_run.trained_editor() == {"steps": 30, "created_at": "later"}
     (tmp_path / "eval" / "rows" / "malmen-4.json").write_text(json.dumps(
-        {"run": trained_run.model_dump(mode="json"), "trained_editor": {"steps": 20, "created_at": "earlier"}}))
+        {"run": trained_run.model_dump(mode="json"), "trained_editor": {"steps": 20, "created_at": "earlier"},
+         "ppl": report["base"]["ppl"]}))
     with pytest.raises(ArtifactMismatchError, match="as trained then"):
+        eval_edit.run(raised.model_copy(update={"editors": [trained_run]}))
+    # Its folder gone (a fresh machine): the rows made with it are still reported; a row to compute needs it.
+    shutil.rmtree(trained_dir)
+    kept = eval_edit.run(raised.model_copy(update={"editors": [trained_run], "report_only": True}))
+    assert [(row["editor"], row["n_edits"]) for row in kept["rows"]] == [("malmen", 4)] and kept["missing"] == ["malmen-1"]
+    with pytest.raises(FileNotFoundError, match="steps=K"):
         eval_edit.run(raised.model_copy(update={"editors": [trained_run]}))
     with pytest.raises(FileNotFoundError, match="steps=K"):
         eval_edit.EditorRun(editor="malmen", editor_dir=str(tmp_path / "untrained")).trained_editor()

@@ -25,7 +25,8 @@ predictions; rows whose edits all lie at layer k or above are then scored on tha
 Each row is saved as it finishes; a rerun computes only missing rows, and a folder made with other settings is
 refused. The report (`edit_scaling.json` + `edit_scaling.png`) goes to `output_dir/report` and, when set,
 `results_dir`; its `missing` lists the rows of the grid not computed yet (`report_only=true` assembles a report
-from the rows at hand without computing any, for a grid run over several sessions).
+from the rows at hand without computing any, for a grid run over several sessions; `rows_from` takes in the rows
+of a published report, so a fresh machine goes on with such a grid).
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ class EvalEditConfig(PipelineConfig):
     report_only: bool = Field(
         False, description="Compute no row: report the rows already in the folder (the unedited model's must be "
         "there) and list the grid's other rows under `missing`.",
+    )
+    rows_from: str | None = Field(
+        None, description="An earlier report of this comparison (its edit_scaling.json, e.g. the one in "
+        "benchmarks/results) whose rows the folder lacks are taken in before the run, so a fresh machine continues a "
+        "published grid instead of recomputing it. The report must have been made with the same settings.",
     )
 
     @field_validator("editors")
@@ -526,7 +532,7 @@ def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
                                                                  "output_dir", "force", "results_dir", "only",
-                                                                 "report_only"})}
+                                                                 "report_only", "rows_from"})}
 
 
 def scoring_expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
@@ -552,6 +558,26 @@ def load_all_records(config: EvalEditConfig) -> list[dict]:
     return records
 
 
+def take_in_rows(config: EvalEditConfig, rows_dir: Path) -> int:
+    """Copy the rows of the report `config.rows_from` that `rows_dir` lacks into it; returns how many. Each row
+    keeps its `run` and `trained_editor`, so the checks on reuse apply to it as to a row computed here."""
+    report = json.loads(Path(config.rows_from).read_text())
+    theirs = EvalEditConfig.model_validate(report["config"])
+    if expected_metadata(theirs) != expected_metadata(config):
+        raise ArtifactMismatchError(f"{config.rows_from} was made with other settings of the comparison (or another "
+                                    "model): its rows cannot be taken in")
+    rows = {"base": report["base"]} | {f"{row['editor']}-{row['n_edits']}": {
+        k: v for k, v in row.items() if k not in ("editor", "n_edits", "ppl_ratio")} for row in report["rows"]}
+    taken = 0
+    for key, row in rows.items():
+        path = rows_dir / f"{key}.json"
+        if not path.is_file():
+            atomic_write_text(path, json.dumps(row))
+            taken += 1
+    logger.info("took %d rows from %s (%d were already here)", taken, config.rows_from, len(rows) - taken)
+    return taken
+
+
 def run(config: EvalEditConfig) -> dict[str, Any]:
     """The scaling curve of every editor; returns the report (also written as JSON and PNG)."""
     import ray
@@ -562,6 +588,8 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     if not check_metadata(folder, expected, kind="edit-scaling rows"):
         rows_dir.mkdir(parents=True, exist_ok=True)
         write_metadata(folder, expected)
+    if config.rows_from:
+        take_in_rows(config, rows_dir)
     records = load_all_records(config)
     fingerprint = model_fingerprint(config.model)
     general = general_requests(config)
@@ -572,7 +600,12 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     # exported again while a row runs must not pass for its source.
     trained: dict[str, dict[str, Any] | None] = {}
     for editor_run in editors:
-        stamp = editor_run.trained_editor()
+        # A meta-trained editor whose folder is gone (a fresh machine) keeps the rows made with it; only a row still
+        # to compute needs the folder.
+        try:
+            stamp, absent = editor_run.trained_editor(), None
+        except FileNotFoundError as error:
+            stamp, absent = None, error
         for n in sorted({min(n, len(records)) for n in config.n_edits}):
             if editor_run.max_edits and n > editor_run.max_edits:
                 continue
@@ -580,6 +613,8 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             path = rows_dir / f"{key}.json"
             trained[key] = stamp
             if not path.is_file():
+                if absent is not None and not config.report_only:
+                    raise absent
                 todo[key] = (editor_run, n)
             else:
                 row = json.loads(path.read_text())
@@ -587,7 +622,7 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
                         if k not in EditorRun.NOT_IN_METADATA} != editor_run.expected_metadata():
                     raise ArtifactMismatchError(f"{path} was made with other settings of editor {editor_run.name!r}; "
                                                 "delete it (or its folder) to recompute")
-                if row.get("trained_editor") != stamp:
+                if absent is None and row.get("trained_editor") != stamp:
                     raise ArtifactMismatchError(
                         f"{path} was made with the editor in {editor_run.editor_dir} as trained then "
                         f"({row.get('trained_editor')}), not as it is now ({stamp}); delete the rows of that editor "
