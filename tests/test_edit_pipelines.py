@@ -45,6 +45,22 @@ def test_edit_apply_writes_an_edit_set_that_applies_and_reverts(tiny_llama_dir, 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_eval_edit_memit_row_from_parts_searched_in_parallel(tiny_llama_dir, tmp_path, ray_local):
+    """work_parts = 2: two tasks search MEMIT's targets for halves of the records first; the row then finds all of
+    them in the work cache and counts their time."""
+    from trustray.pipelines import eval_edit
+
+    memit = {"editor": "memit", "general_texts": 4, "editor_settings": {
+        "modules": {"layers": [0]}, "covariance_weight": 1.0, "target_steps": 3, "batch_size": 2}}
+    config = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'eval'}", "results_dir=null",
+                          "n_edits=[4]", "generation_sample=0", "offtemplate=null", "work_parts=2"])
+    row = eval_edit.run(config.model_copy(update={"editors": [eval_edit.EditorRun(**memit)]}))["rows"][0]
+    assert row["editor"] == "memit" and row["n_edits"] == 4
+    assert 0 < row["reused_seconds"] <= row["seconds"]
+    assert len(list((tmp_path / "eval" / "work-cache").glob("*.pt"))) == 4
+
+
 def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_local):
     from trustray.pipelines import eval_edit
 

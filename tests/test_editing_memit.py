@@ -184,3 +184,31 @@ def test_targets_resume_from_a_work_cache_and_match_a_fresh_search(loaded, tmp_p
     assert other.target_key(records[0], positions[0]) != editor.target_key(records[0], positions[0])
     with pytest.raises(KeyError, match="file-name safe"):
         cache["../outside"] = {}
+
+
+def test_parts_worked_on_apart_give_the_edit_of_one_process(loaded, tmp_path):
+    """Records split at a multiple of the batch size and searched by separate editors into one cache: the edit
+    then searches nothing and equals the edit of one editor that did all the work itself."""
+    from trustray.artifacts import TensorFiles
+
+    model, tokenizer = loaded
+    settings = {**SETTINGS, "target_steps": 5, "batch_size": 2}
+    records = RECORDS + [{"prompt": "Who guards the hill?", "subject": "the hill", "target_new": "an old dog"}]
+    alone = build_editor("memit", model, tokenizer, "tiny", settings=settings).compute_deltas(records)
+    cache = TensorFiles(tmp_path / "work")
+    for part in (records[:2], records[2:]):
+        worker = build_editor("memit", model, tokenizer, "tiny", settings=settings)
+        worker.work_cache = cache
+        worker.do_work(part)
+    assert len(cache) == 3
+    solver = build_editor("memit", model, tokenizer, "tiny", settings=settings)
+    solver.work_cache = cache
+    shared = solver.compute_deltas(records)
+    assert solver.reused_seconds > 0
+    assert shared.keys() == alone.keys()
+    for name, delta in alone.items():
+        torch.testing.assert_close(shared[name], delta)
+    with pytest.raises(ValueError, match="work_cache"):
+        build_editor("memit", model, tokenizer, "tiny", settings=settings).do_work(records)
+    with pytest.raises(ValueError, match="no per-record work"):
+        build_editor("ft", model, tokenizer, "tiny", settings={"modules": {"layers": [0]}}).do_work(records)

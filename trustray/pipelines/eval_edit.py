@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -163,6 +164,12 @@ class EvalEditConfig(PipelineConfig):
     general: GeneralAbility = Field(default_factory=GeneralAbility, description="General-ability checks.")
     batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
     resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Each task.")
+    work_parts: int = Field(
+        1, ge=1, description="Tasks that do an editor's per-record work for a row in parallel (MEMIT's target "
+        "search; editors without such work ignore it), each on a part of the records split at the editor's batches, "
+        "into the row's work cache; the row then finds every record's work there. The edit equals one task's; the "
+        "row's `seconds` adds up the parts' work as one task would have spent it. N = 1 rows do their own.",
+    )
     results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
     only: list[str] | None = Field(
         None, description="Run and report just these of `editors` (names or labels), e.g. the baselines first of a grid "
@@ -460,24 +467,49 @@ def base_row(config: EvalEditConfig, engine: Any, general: dict[str, Any]) -> di
     return row
 
 
-def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
-             fingerprint: str, cache_path: str | None, n_edits: int = 0, work_path: str | None = None) -> dict[str, Any]:
-    """One point of the curve (`run=None`: the unedited model's baseline). At N = 1 (`n_edits`) each of `records`
-    is edited on its own and the runs are averaged; otherwise all of `records` are edited at once. `work_path`:
-    the folder where the editor keeps per-record work on the unedited weights (MEMIT's targets), so a row that
-    stops resumes its search."""
+def row_maker(config: EvalEditConfig, run: EditorRun, engine: Any, fingerprint: str, work_path: str | None) -> Any:
+    """The editor of `run` on the task's model, keeping its per-record work in `work_path` when given."""
     from trustray.actors.editor import EditSetMaker
 
-    setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
-    engine = task_engine(config)
-    if run is None:
-        return base_row(config, engine, general)
     _, replay = edit_eval_texts(config.general.ppl_texts, run.general_texts or config.replay_texts)
-    scored = scored_records(config, records)
     maker = EditSetMaker(engine.model, engine.tokenizer, fingerprint, run.editor, run.editor_dir, run.editor_settings,
                          general_text=replay, untrained=run.untrained)
     if work_path:
         maker.editor.work_cache = TensorFiles(work_path)
+    return maker
+
+
+def work_part_task(config: EvalEditConfig, run: EditorRun, records: list[dict], fingerprint: str, work_path: str,
+                   part: int) -> int:
+    """Part `part` of `config.work_parts` of a row's per-record work, done into the row's work cache. The parts
+    split the records at multiples of the editor's batch size, so each batch is the one a single task would form.
+    Returns how many records the part holds."""
+    setup_logging()
+    engine = task_engine(config)
+    maker = row_maker(config, run, engine, fingerprint, work_path)
+    given = editor_records(config, records)
+    batch = maker.editor.settings.batch_size
+    size = math.ceil(math.ceil(len(given) / batch) / config.work_parts) * batch
+    mine = given[part * size : (part + 1) * size]
+    if mine:
+        maker.editor.do_work(mine)
+    return len(mine)
+
+
+def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
+             fingerprint: str, cache_path: str | None, n_edits: int = 0, work_path: str | None = None,
+             *parts_done: int) -> dict[str, Any]:
+    """One point of the curve (`run=None`: the unedited model's baseline). At N = 1 (`n_edits`) each of `records`
+    is edited on its own and the runs are averaged; otherwise all of `records` are edited at once. `work_path`:
+    the folder where the editor keeps per-record work on the unedited weights (MEMIT's targets), so a row that
+    stops resumes its search. `parts_done`: the record counts of the `work_part_task`s that did that work first
+    (Ray starts the row once they are done)."""
+    setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
+    engine = task_engine(config)
+    if run is None:
+        return base_row(config, engine, general)
+    scored = scored_records(config, records)
+    maker = row_maker(config, run, engine, fingerprint, work_path)
     given = editor_records(config, records)
     if n_edits == 1:
         row = single_edit_row(config, maker, given, scored, general, engine, cache_path)
@@ -532,7 +564,7 @@ def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
     return {"kind": "edit-scaling", "model": config.model, "model_fingerprint": model_fingerprint(config.model),
             "settings": config.model_dump(mode="json", exclude={"name", "editors", "n_edits", "resources",
                                                                  "output_dir", "force", "results_dir", "only",
-                                                                 "report_only", "rows_from"})}
+                                                                 "report_only", "rows_from", "work_parts"})}
 
 
 def scoring_expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
@@ -581,6 +613,8 @@ def take_in_rows(config: EvalEditConfig, rows_dir: Path) -> int:
 def run(config: EvalEditConfig) -> dict[str, Any]:
     """The scaling curve of every editor; returns the report (also written as JSON and PNG)."""
     import ray
+
+    from trustray.core.editing.factory import registered_editor
 
     folder = prepare_output(config)
     rows_dir = folder / "rows"
@@ -647,10 +681,16 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     jobs: dict[str, Any] = {}
     if not (rows_dir / "base.json").is_file():
         jobs["base"] = task.remote(config, None, [], general, fingerprint, None)
+    part_task = ray.remote(**options)(work_part_task)
+    work_path = str(folder / "work-cache")
     for key, (editor_run, n) in todo.items():
         chosen = records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
+        parts = []
+        if config.work_parts > 1 and n > 1 and registered_editor(editor_run.editor).keeps_work:
+            parts = [part_task.remote(config, editor_run, chosen, fingerprint, work_path, part)
+                     for part in range(config.work_parts)]
         jobs[key] = task.remote(config, editor_run, chosen, general, fingerprint,
-                                str(cache_path) if cache_path else None, n, str(folder / "work-cache"))
+                                str(cache_path) if cache_path else None, n, work_path, *parts)
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(
         rows_dir / f"{key}.json", json.dumps({**row, "trained_editor": trained.get(key)})))
     base = json.loads((rows_dir / "base.json").read_text())

@@ -124,6 +124,8 @@ class Editor(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type[EditorSettings]] = EditorSettings
     meta_learned: ClassVar[bool] = False
+    # True when `compute_deltas` begins with per-record work that it keeps in `work_cache` (MEMIT's target search).
+    keeps_work: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None) -> None:
         self.settings = settings if isinstance(settings, self.Settings) else self.Settings.model_validate(settings or {})
@@ -143,6 +145,13 @@ class Editor(ABC):
         """The scope of the deltas the last `compute_deltas` returned; None (most editors): they are plain weight
         changes that apply everywhere."""
         return None
+
+    def do_work(self, records: Sequence[EditRecord]) -> None:
+        """Do the per-record part of `compute_deltas(records)` into `work_cache`, and nothing else. Parts of a large
+        edit, split at multiples of `settings.batch_size` (the work is done a batch at a time), can so be worked on
+        in parallel processes sharing one cache; `compute_deltas` on all the records then finds every record's work
+        there, as one process would have done it."""
+        raise ValueError(f"editor {self.name!r} does no per-record work to keep")
 
     def prepare(self) -> None:
         """Compute once what every edit needs (e.g. memit's preserved-key statistics), so a server can pay for it

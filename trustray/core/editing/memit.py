@@ -193,6 +193,7 @@ class MemitEditor(Editor):
 
     name = "memit"
     Settings = MemitSettings
+    keeps_work = True
 
     def __init__(self, model: nn.Module, tokenizer: Any, settings: EditorSettings | Mapping[str, Any] | None = None) -> None:
         super().__init__(model, tokenizer, settings)
@@ -311,8 +312,9 @@ class MemitEditor(Editor):
     def targets(self, records: Sequence[EditRecord], positions: Sequence[int]) -> Tensor:
         """z [n, hidden] per record: the top layer's hidden state at its key position plus the optimised δ. With a
         `work_cache`, a record found there is not optimised again and each optimised batch is stored as it ends, so
-        a search of hours that stops resumes where it stopped (each record's δ is its own: batching does not
-        change it)."""
+        a search of hours that stops resumes where it stopped. Each record's δ is its own, with one exception: a
+        record that reaches the stopping NLL still moves on its Adam momentum until its whole batch stops. A resumed
+        search, or parts split at multiples of the batch size (`do_work`), keep the batches of one search."""
         cache = self.work_cache
         keys = [self.target_key(record, position) for record, position in zip(records, positions, strict=True)]
         found: dict[int, Tensor] = {}
@@ -340,6 +342,11 @@ class MemitEditor(Editor):
                     cache[keys[index]] = {"target": target.cpu().clone(), "seconds": share}  # a row, not its batch
             progress.update(len(chunk))
         return torch.stack([found[index] for index in range(len(records))])
+
+    def do_work(self, records: Sequence[EditRecord]) -> None:
+        if self.work_cache is None:
+            raise ValueError("do_work needs a work_cache to keep the targets in")
+        self.target_plan(records)
 
     def target_key(self, record: EditRecord, position: int) -> str:
         """What a record's target depends on besides the weights: its conversation, key position, top layer and
