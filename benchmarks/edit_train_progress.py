@@ -6,8 +6,11 @@ dev records and scores them the same way (`dev_*`). The runs are the measurement
 this collects their histories from each run's newest checkpoint into benchmarks/results/edit_train_progress.json:
 per run the preset, the settings that tell the runs apart, the newest step, and every `--every` steps the mean of
 the `--window` steps ending there (one step's batch moves ES by several points), with the dev scores as recorded.
-Step times are medians; other jobs often shared the cores, so they are upper bounds.
-Run: .venv/bin/python benchmarks/edit_train_progress.py [--runs cpu_scale cpu_subject] [--every 5] [--window 5]
+Step times are medians; other jobs often shared the cores, so they are upper bounds. A run whose checkpoints are
+not on this machine (outputs/ stays on the machine that trained it) keeps its entry from the published file, with
+the machine it was collected on.
+Run: .venv/bin/python benchmarks/edit_train_progress.py [--runs cpu_scale cpu_subject cpu_scale_text] [--every 5]
+[--window 5]
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from trustray.runtime import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("es", "gs", "ls", "loss", "log_eta", "log_lambda")
 DEV_METRICS = ("dev_es", "dev_es_exact", "dev_gs", "dev_ls", "dev_ls_known")
-DISTINGUISHING = ("modules", "key_position", "prefix_layers", "preserve_weight", "preserve_units", "lr_init")
+DISTINGUISHING = ("modules", "key_position", "prefix_layers", "preserve_weight", "preserve_units", "lr_init",
+                  "retention_coef")
 
 
 def summarise(history: list[dict], every: int, window: int) -> list[dict]:
@@ -45,16 +49,22 @@ def summarise(history: list[dict], every: int, window: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["cpu_scale", "cpu_subject"])
+    parser.add_argument("--runs", nargs="+", default=["cpu_scale", "cpu_subject", "cpu_scale_text"])
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "edit_train_progress.json")
     args = parser.parse_args()
+    before = json.loads(args.output.read_text()) if args.output.is_file() else {"runs": {}}
+    machine = machine_info()
     runs = {}
     for name in args.runs:
         folder = ROOT / "outputs" / "edit_train" / name / "checkpoints"
         newest = latest_checkpoint(folder)
         if newest is None:
+            if name in before["runs"]:
+                print(f"{name}: no checkpoint here; its entry is kept from {args.output}")
+                runs[name] = {"machine": before.get("machine"), **before["runs"][name]}
+                continue
             raise FileNotFoundError(f"no finished checkpoint under {folder}: run `trustray run edit_train --config "
                                     f"configs/edit_train/{name}.yaml` first")
         history = read_step(newest)["history"]
@@ -65,9 +75,9 @@ def main() -> None:
             "edits_per_step": settings["edits_per_step"],
             "settings": {key: editor_settings.get(key) for key in DISTINGUISHING},
             "step_seconds_median": statistics.median(step["step_seconds"] for step in history),
-            "points": summarise(history, args.every, args.window),
+            "points": summarise(history, args.every, args.window), "machine": machine,
         }
-    report = {"machine": machine_info(), "every": args.every, "window": args.window, "runs": runs}
+    report = {"machine": machine, "every": args.every, "window": args.window, "runs": runs}
     atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
     for name, run in runs.items():
         for point in run["points"]:
