@@ -590,8 +590,8 @@ def load_all_records(config: EvalEditConfig) -> list[dict]:
     return records
 
 
-def take_in_rows(config: EvalEditConfig, rows_dir: Path) -> int:
-    """Copy the rows of the report `config.rows_from` that `rows_dir` lacks into it; returns how many. Each row
+def take_in_rows(config: EvalEditConfig, rows_dir: Path) -> None:
+    """Copy the rows of the report `config.rows_from` that `rows_dir` lacks into it. Each row
     keeps its `run` and `trained_editor`, so the checks on reuse apply to it as to a row computed here."""
     report = json.loads(Path(config.rows_from).read_text())
     theirs = EvalEditConfig.model_validate(report["config"])
@@ -607,7 +607,6 @@ def take_in_rows(config: EvalEditConfig, rows_dir: Path) -> int:
             atomic_write_text(path, json.dumps(row))
             taken += 1
     logger.info("took %d rows from %s (%d were already here)", taken, config.rows_from, len(rows) - taken)
-    return taken
 
 
 def run(config: EvalEditConfig) -> dict[str, Any]:
