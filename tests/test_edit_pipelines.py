@@ -160,6 +160,42 @@ def test_eval_edit_scaling_rows_plot_and_reuse(tiny_llama_dir, tmp_path, ray_loc
     assert sorted(path.stem for path in (tmp_path / "eval" / "rows").glob("*.json")) == ["base", "ft-1"]
 
 
+def test_eval_edit_single_edit_row_in_parts_resumes_from_its_runs(tiny_llama_dir, tmp_path, ray_local):
+    """N = 1 with work_parts = 2: two tasks share the single edits (every other one), each run saved as it ends;
+    the row equals one task's. A row that stopped redoes only the runs it lacks; runs of other settings are refused."""
+    from trustray.pipelines import eval_edit
+
+    config = load_config(eval_edit.EvalEditConfig, CONFIGS / "eval_edit" / "tiny.yaml",
+                         [f"model={tiny_llama_dir}", f"output_dir={tmp_path / 'one'}", "results_dir=null",
+                          "n_edits=[1]", "single_edit_runs=3", "generation_sample=0"])
+    config = config.model_copy(update={"editors": config.editors[:1]})
+    measured = ("es", "gs", "ls", "es_exact", "ppl", "offtemplate_agreement", "rag_dev_closed_book")
+
+    def metrics(row):
+        return {key: row[key] for key in measured}
+
+    alone = eval_edit.run(config)["rows"][0]
+    split_config = config.model_copy(update={"output_dir": str(tmp_path / "two"), "work_parts": 2})
+    split = eval_edit.run(split_config)["rows"][0]
+    assert split["single_edit_runs"] == 3 and split["general_runs"] == 1 and split["offtemplate_runs"] == 1
+    assert metrics(split) == pytest.approx(metrics(alone), abs=1e-6)
+    runs = tmp_path / "two" / "single-runs" / "ft-1"
+    assert sorted(path.name for path in runs.iterdir()) == ["0.json", "1.json", "2.json", "metadata.json"]
+    assert json.loads((runs / "0.json").read_text())["ppl"] > 0 and "ppl" not in json.loads((runs / "1.json").read_text())
+    (tmp_path / "two" / "rows" / "ft-1.json").unlink()
+    (runs / "1.json").unlink()
+    kept = {name: (runs / name).stat().st_mtime_ns for name in ("0.json", "2.json")}
+    resumed = eval_edit.run(split_config.model_copy(update={"work_parts": 1}))["rows"][0]
+    assert {name: (runs / name).stat().st_mtime_ns for name in kept} == kept and (runs / "1.json").is_file()
+    assert metrics(resumed) == pytest.approx(metrics(alone), abs=1e-6)
+    (tmp_path / "two" / "rows" / "ft-1.json").unlink()
+    first = split_config.editors[0]
+    other = split_config.model_copy(update={"editors": [first.model_copy(update={
+        "editor_settings": {**first.editor_settings, "steps": 2}})]})
+    with pytest.raises(ArtifactMismatchError, match="single-edit runs"):
+        eval_edit.run(other)
+
+
 def test_single_edit_rows_average_runs_and_slice_each_records_pairs():
     from trustray.pipelines import eval_edit
 

@@ -22,8 +22,8 @@ the split, `fill_split` supplies the remaining edits (edited, never scored). Wit
 first task runs the decoder layers below k once for every scored pair and computes the unedited model's locality
 predictions; rows whose edits all lie at layer k or above are then scored on that cache (identical results).
 
-Each row is saved as it finishes; a rerun computes only missing rows, and a folder made with other settings is
-refused. The report (`edit_scaling.json` + `edit_scaling.png`) goes to `output_dir/report` and, when set,
+Each row is saved as it finishes (an N = 1 row's single edits each as they end, in `single-runs/`); a rerun
+computes only what is missing, and a folder made with other settings is refused. The report (`edit_scaling.json` + `edit_scaling.png`) goes to `output_dir/report` and, when set,
 `results_dir`; its `missing` lists the rows of the grid not computed yet (`report_only=true` assembles a report
 from the rows at hand without computing any, for a grid run over several sessions; `rows_from` takes in the rows
 of a published report, so a fresh machine goes on with such a grid).
@@ -36,6 +36,7 @@ import logging
 import math
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -165,10 +166,12 @@ class EvalEditConfig(PipelineConfig):
     batch_size: int = Field(16, ge=1, description="Conversations per scoring pass.")
     resources: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=1), description="Each task.")
     work_parts: int = Field(
-        1, ge=1, description="Tasks that do an editor's per-record work for a row in parallel (MEMIT's target "
-        "search; editors without such work ignore it), each on a part of the records split at the editor's batches, "
-        "into the row's work cache; the row then finds every record's work there. The edit equals one task's; the "
-        "row's `seconds` adds up the parts' work as one task would have spent it. N = 1 rows do their own.",
+        1, ge=1, description="Tasks that share a row's work. N > 1: an editor's per-record work (MEMIT's target "
+        "search; editors without such work ignore it), each task on a part of the records split at the editor's "
+        "batches, into the row's work cache (started before the scoring cache, which they do not need); the row then "
+        "finds every record's work there, the edit equals one task's and its `seconds` add up the parts' work. "
+        "N = 1: the single edits, every K-th to each task, into the row's runs folder. Tasks sharing the cores "
+        "slow each other, and the times reported include that.",
     )
     results_dir: str | None = Field(None, description="Also copy the report here (e.g. benchmarks/results).")
     only: list[str] | None = Field(
@@ -496,24 +499,52 @@ def work_part_task(config: EvalEditConfig, run: EditorRun, records: list[dict], 
     return len(mine)
 
 
+def single_runs_folder(path: Path, run: EditorRun, trained: dict[str, Any] | None) -> Path:
+    """The folder where an N = 1 row keeps each single edit's scores as it ends, so a row of hours that stops
+    resumes (and parts of it run in parallel); runs made with other settings of the editor are refused."""
+    expected = {"kind": "single-edit runs", "run": run.expected_metadata(), "trained_editor": trained}
+    if not check_metadata(path, expected, kind="single-edit runs"):
+        path.mkdir(parents=True, exist_ok=True)
+        write_metadata(path, expected)
+    return path
+
+
+def single_runs_task(config: EvalEditConfig, run: EditorRun, records: list[dict], general: dict[str, Any],
+                     fingerprint: str, cache_path: str | None, runs_path: str, part: int) -> int:
+    """Part `part` of `config.work_parts` of an N = 1 row: every `work_parts`-th single edit from `part` on (so the
+    first runs, which also measure perplexity and the off-template questions, are shared out), each saved in
+    `runs_path`. Returns how many runs the part holds."""
+    setup_logging()
+    engine = task_engine(config)
+    maker = row_maker(config, run, engine, fingerprint, None)
+    mine = range(part, len(records), config.work_parts)
+    single_edit_runs(config, maker, editor_records(config, records), scored_records(config, records), general,
+                     engine, cache_path, Path(runs_path), mine)
+    return len(mine)
+
+
 def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict], general: dict[str, Any],
              fingerprint: str, cache_path: str | None, n_edits: int = 0, work_path: str | None = None,
-             *parts_done: int) -> dict[str, Any]:
+             runs_path: str | None = None, *parts_done: int) -> dict[str, Any]:
     """One point of the curve (`run=None`: the unedited model's baseline). At N = 1 (`n_edits`) each of `records`
-    is edited on its own and the runs are averaged; otherwise all of `records` are edited at once. `work_path`:
-    the folder where the editor keeps per-record work on the unedited weights (MEMIT's targets), so a row that
-    stops resumes its search. `parts_done`: the record counts of the `work_part_task`s that did that work first
-    (Ray starts the row once they are done)."""
+    is edited on its own, each run kept in `runs_path`, and the runs are averaged; otherwise all of `records` are
+    edited at once. `work_path`: the folder where the editor keeps per-record work on the unedited weights (MEMIT's
+    targets), so a row that stops resumes its search. `parts_done`: the counts of the parts (`work_part_task`,
+    `single_runs_task`) that did that work or those runs first (Ray starts the row once they are done)."""
     setup_logging()  # a Ray worker has no log handler: the editor's progress lines would be dropped
     engine = task_engine(config)
     if run is None:
         return base_row(config, engine, general)
     scored = scored_records(config, records)
-    maker = row_maker(config, run, engine, fingerprint, work_path)
     given = editor_records(config, records)
     if n_edits == 1:
-        row = single_edit_row(config, maker, given, scored, general, engine, cache_path)
+        if runs_path is None:
+            raise ValueError("an N = 1 row needs runs_path, the folder of its single edits")
+        maker = row_maker(config, run, engine, fingerprint, None)
+        row = single_edit_row(config, single_edit_runs(config, maker, given, scored, general, engine, cache_path,
+                                                       Path(runs_path), range(len(scored))))
     else:
+        maker = row_maker(config, run, engine, fingerprint, work_path)
         with PeakMemory(engine.device) as memory:
             edit_set, seconds = maker.compute_deltas(given)
         scorer = RowScorer(config, engine, maker, scored, cache_path, edited_layers(edit_set.deltas))
@@ -528,35 +559,47 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
     return {**row, "run": run.model_dump(mode="json")}
 
 
-def single_edit_row(config: EvalEditConfig, maker: Any, given: list[dict], scored: list[dict],
-                    general: dict[str, Any], engine: Any, cache_path: str | None) -> dict[str, Any]:
-    """The N = 1 row: each scored record edited alone, measured and reverted; the mean over the runs (perplexity
-    and RAG dev accuracy over the first `single_general_runs`, off-template scores over the first
-    `single_offtemplate_runs`), the slowest run's memory."""
+def single_edit_runs(config: EvalEditConfig, maker: Any, given: list[dict], scored: list[dict],
+                     general: dict[str, Any], engine: Any, cache_path: str | None, runs_dir: Path,
+                     indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The single edits `indices` of an N = 1 row, each on its own record with the model restored between
+    (perplexity and RAG dev accuracy on the first `single_general_runs`, off-template scores on the first
+    `single_offtemplate_runs`). A run already in `runs_dir` is read, not redone; a new one is written there as it
+    ends."""
     from trustray.core.editing.base import ProgressLog
 
-    runs, peak, scorer = [], 0.0, None
-    progress = ProgressLog("single edits", len(scored))
-    for index in range(len(scored)):
+    runs = {index: json.loads((runs_dir / f"{index}.json").read_text()) for index in indices
+            if (runs_dir / f"{index}.json").is_file()}
+    if runs:
+        logger.info("single edits: %d of %d runs taken from %s", len(runs), len(indices), runs_dir)
+    todo = [index for index in indices if index not in runs]
+    scorer = None
+    progress = ProgressLog("single edits", len(todo))
+    for index in todo:
         with PeakMemory(engine.device) as memory:
             edit_set, seconds = maker.compute_deltas(given[index : index + 1])
-        peak = max(peak, memory.peak_mb)
         if scorer is None:
             scorer = RowScorer(config, engine, maker, scored, cache_path, edited_layers(edit_set.deltas))
         with maker.applied(edit_set):
-            row = {**scorer.teacher_forced(index, offtemplate=index < config.single_offtemplate_runs),
-                   "seconds": seconds}
+            run = {**scorer.teacher_forced(index, offtemplate=index < config.single_offtemplate_runs),
+                   "seconds": seconds, "peak_mem_mb": memory.peak_mb, "prefix_cached": scorer.prefix is not None}
             if index < config.generation_sample:
-                row.update(scorer.generation(scored[index : index + 1]))
+                run.update(scorer.generation(scored[index : index + 1]))
             if index < config.single_general_runs:
-                row.update(scorer.general(general))
-        runs.append(row)
+                run.update(scorer.general(general))
+        atomic_write_text(runs_dir / f"{index}.json", json.dumps(run))
+        runs[index] = run
         progress.update()
+    return [runs[index] for index in indices]
+
+
+def single_edit_row(config: EvalEditConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The N = 1 row: the mean over its single edits, the slowest run's memory."""
     row = mean_rows(runs)
-    return {**row, "seconds": round(row["seconds"], 2), "peak_mem_mb": round(peak, 1), "scored_records": len(runs),
-            "single_edit_runs": len(runs), "general_runs": min(len(runs), config.single_general_runs),
-            "offtemplate_runs": min(len(runs), config.single_offtemplate_runs) if config.offtemplate else 0,
-            "prefix_cached": scorer is not None and scorer.prefix is not None}
+    return {**row, "seconds": round(row["seconds"], 2), "peak_mem_mb": round(max(run["peak_mem_mb"] for run in runs), 1),
+            "scored_records": len(runs), "single_edit_runs": len(runs),
+            "general_runs": min(len(runs), config.single_general_runs),
+            "offtemplate_runs": min(len(runs), config.single_offtemplate_runs) if config.offtemplate else 0}
 
 
 def expected_metadata(config: EvalEditConfig) -> dict[str, Any]:
@@ -669,6 +712,16 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
         missing, todo = sorted(todo), {}
     else:
         missing = []
+    # MEMIT's target search starts first: it needs no scoring cache, and building that cache takes one core only.
+    part_task = ray.remote(**options)(work_part_task)
+    work_path = str(folder / "work-cache")
+    chosen = {key: records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
+              for key, (_, n) in todo.items()}
+    parts: dict[str, list[Any]] = {key: [] for key in todo}
+    for key, (editor_run, n) in todo.items():
+        if config.work_parts > 1 and n > 1 and registered_editor(editor_run.editor).keeps_work:
+            parts[key] = [part_task.remote(config, editor_run, chosen[key], fingerprint, work_path, part)
+                          for part in range(config.work_parts)]
     cache_path = None
     if config.scoring_prefix_layers and todo:
         cache_path = folder / "scoring-cache"
@@ -676,20 +729,19 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
             task = ray.remote(**options)(scoring_cache_task)
             gather({"cache": task.remote(config, scored_records(config, records), str(cache_path))}, "scoring cache",
                    lambda key, value: None)
+    cache = str(cache_path) if cache_path else None
     task = ray.remote(**options)(row_task)
+    single_task = ray.remote(**options)(single_runs_task)
     jobs: dict[str, Any] = {}
     if not (rows_dir / "base.json").is_file():
         jobs["base"] = task.remote(config, None, [], general, fingerprint, None)
-    part_task = ray.remote(**options)(work_part_task)
-    work_path = str(folder / "work-cache")
     for key, (editor_run, n) in todo.items():
-        chosen = records[: min(config.single_edit_runs, config.eval_sample)] if n == 1 else records[:n]
-        parts = []
-        if config.work_parts > 1 and n > 1 and registered_editor(editor_run.editor).keeps_work:
-            parts = [part_task.remote(config, editor_run, chosen, fingerprint, work_path, part)
-                     for part in range(config.work_parts)]
-        jobs[key] = task.remote(config, editor_run, chosen, general, fingerprint,
-                                str(cache_path) if cache_path else None, n, work_path, *parts)
+        runs_path = str(single_runs_folder(folder / "single-runs" / key, editor_run, trained[key])) if n == 1 else None
+        if config.work_parts > 1 and n == 1:
+            parts[key] = [single_task.remote(config, editor_run, chosen[key], general, fingerprint, cache, runs_path,
+                                             part) for part in range(config.work_parts)]
+        jobs[key] = task.remote(config, editor_run, chosen[key], general, fingerprint, cache, n, work_path,
+                                runs_path, *parts[key])
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(
         rows_dir / f"{key}.json", json.dumps({**row, "trained_editor": trained.get(key)})))
     base = json.loads((rows_dir / "base.json").read_text())
