@@ -23,10 +23,11 @@ first task runs the decoder layers below k once for every scored pair and comput
 predictions; rows whose edits all lie at layer k or above are then scored on that cache (identical results).
 
 Each row is saved as it finishes (an N = 1 row's single edits each as they end, in `single-runs/`); a rerun
-computes only what is missing, and a folder made with other settings is refused. The report (`edit_scaling.json`
-+ `edit_scaling.png`) goes to `output_dir/report` and, when set, `results_dir`; its `missing` lists the rows of the grid not computed yet (`report_only=true` assembles a report
-from the rows at hand without computing any, for a grid run over several sessions; `rows_from` takes in the rows
-of a published report, so a fresh machine goes on with such a grid).
+computes only what is missing, and a folder made with other settings is refused. The report (`edit_scaling.json` +
+`edit_scaling.png`) goes to `output_dir/report` and, when set, `results_dir`; its `missing` lists the rows of the
+grid not computed yet (`report_only=true` assembles a report from the rows at hand without computing any, for a
+grid run over several sessions; `rows_from` takes in the rows of a published report, so a fresh machine goes on
+with such a grid).
 """
 
 from __future__ import annotations
