@@ -511,13 +511,13 @@ def single_runs_folder(path: Path, run: EditorRun, trained: dict[str, Any] | Non
 
 
 def single_runs_task(config: EvalEditConfig, run: EditorRun, records: list[dict], general: dict[str, Any],
-                     fingerprint: str, cache_path: str | None, runs_path: str, part: int) -> int:
+                     fingerprint: str, cache_path: str | None, work_path: str, runs_path: str, part: int) -> int:
     """Part `part` of `config.work_parts` of an N = 1 row: every `work_parts`-th single edit from `part` on (so the
     first runs, which also measure perplexity and the off-template questions, are shared out), each saved in
     `runs_path`. Returns how many runs the part holds."""
     setup_logging()
     engine = task_engine(config)
-    maker = row_maker(config, run, engine, fingerprint, None)
+    maker = row_maker(config, run, engine, fingerprint, work_path)
     mine = range(part, len(records), config.work_parts)
     single_edit_runs(config, maker, editor_records(config, records), scored_records(config, records), general,
                      engine, cache_path, Path(runs_path), mine)
@@ -538,14 +538,13 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
         return base_row(config, engine, general)
     scored = scored_records(config, records)
     given = editor_records(config, records)
+    maker = row_maker(config, run, engine, fingerprint, work_path)
     if n_edits == 1:
         if runs_path is None:
             raise ValueError("an N = 1 row needs runs_path, the folder of its single edits")
-        maker = row_maker(config, run, engine, fingerprint, None)
         row = single_edit_row(config, single_edit_runs(config, maker, given, scored, general, engine, cache_path,
                                                        Path(runs_path), range(len(scored))))
     else:
-        maker = row_maker(config, run, engine, fingerprint, work_path)
         with PeakMemory(engine.device) as memory:
             edit_set, seconds = maker.compute_deltas(given)
         scorer = RowScorer(config, engine, maker, scored, cache_path, edited_layers(edit_set.deltas))
@@ -739,8 +738,8 @@ def run(config: EvalEditConfig) -> dict[str, Any]:
     for key, (editor_run, n) in todo.items():
         runs_path = str(single_runs_folder(folder / "single-runs" / key, editor_run, trained[key])) if n == 1 else None
         if config.work_parts > 1 and n == 1:
-            parts[key] = [single_task.remote(config, editor_run, chosen[key], general, fingerprint, cache, runs_path,
-                                             part) for part in range(config.work_parts)]
+            parts[key] = [single_task.remote(config, editor_run, chosen[key], general, fingerprint, cache, work_path,
+                                             runs_path, part) for part in range(config.work_parts)]
         jobs[key] = task.remote(config, editor_run, chosen[key], general, fingerprint, cache, n, work_path,
                                 runs_path, *parts[key])
     gather(jobs, "edit scaling", lambda key, row: atomic_write_text(
