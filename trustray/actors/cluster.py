@@ -23,6 +23,18 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# Ray Train's placement-group cleaner asks the dashboard's state API once a second whether the train controller is
+# alive. The local cluster starts no dashboard (2 cores), so every ask fails with a warning, for the whole run. With
+# no state API it can never clean up anyway; the local cluster frees a dead controller's placement groups when it
+# stops.
+TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_train_cleaner() -> None:
+    """Worker setup hook of the local cluster: only errors from Ray Train's placement-group cleaner."""
+    logging.getLogger(TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     """Connect to `address` (or `$RAY_ADDRESS`); without one, start a local cluster bound to 127.0.0.1.
 
@@ -39,6 +51,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     logger.info("starting a local Ray cluster on 127.0.0.1")
+    runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_train_cleaner"
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
