@@ -309,3 +309,17 @@ def test_edit_train_starts_from_an_editor_and_fits_preserved_keys(tiny_llama_dir
     assert metadata["train_records"] == len(load_records(warm.data, "train")) - 64
     with pytest.raises(FileNotFoundError, match="init_from"):
         run(warm.model_copy(update={"init_from": str(tmp_path), "output_dir": str(tmp_path / "bad")}))
+
+
+def test_a_rows_phases_are_logged_with_their_seconds_and_a_failed_one_is_not_called_done(caplog):
+    from trustray.pipelines import eval_edit
+
+    caplog.set_level("INFO", logger=eval_edit.logger.name)
+    with eval_edit.logged_phase("memit-1024: generation on 64 records"):
+        pass
+    assert [r.getMessage() for r in caplog.records] == ["memit-1024: generation on 64 records ...",
+                                                        "memit-1024: generation on 64 records: done in 0 s"]
+    caplog.clear()
+    with pytest.raises(RuntimeError), eval_edit.logged_phase("scoring"):
+        raise RuntimeError("out of memory")
+    assert [r.getMessage() for r in caplog.records] == ["scoring ..."]
