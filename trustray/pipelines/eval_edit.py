@@ -566,8 +566,9 @@ def row_task(config: EvalEditConfig, run: EditorRun | None, records: list[dict],
             with logged_phase(f"{label}: teacher-forced scores of {len(scored)} records{offtemplate}"):
                 row = scorer.teacher_forced()
             if config.generation_sample:
-                with logged_phase(f"{label}: generation on {len(scored[: config.generation_sample])} records"):
-                    row.update(scorer.generation(scored[: config.generation_sample]))
+                sample = scored[: config.generation_sample]
+                with logged_phase(f"{label}: generation on {len(sample)} records"):
+                    row.update(scorer.generation(sample))
             with logged_phase(f"{label}: perplexity and RAG dev accuracy"):
                 row.update(scorer.general(general))
         row.update({"seconds": round(seconds, 2), "reused_seconds": round(maker.editor.reused_seconds, 2),
